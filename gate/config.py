@@ -1,0 +1,359 @@
+"""The YAML configuration, validated into frozen dataclasses with every problem located.
+
+One spec class per listener kind (as mitmproxy's mode_specs): the kind's own fields are checked here,
+and ``gate.listeners`` maps each spec class to the server that runs it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, ClassVar, TypeVar
+
+import yaml
+
+from gate.addr import Endpoint, parse_endpoint
+from gate.errors import ConfigError
+
+__all__ = [
+    "ACTIONS",
+    "RELAY_MODES",
+    "ForwardSpec",
+    "GateConfig",
+    "HttpSpec",
+    "ListenerSpec",
+    "LogSpec",
+    "Match",
+    "Route",
+    "Socks5Spec",
+    "Timeouts",
+    "load_config",
+    "parse_config",
+]
+
+RELAY_MODES = ("auto", "splice", "copy")
+ACTIONS = ("direct", "upstream", "reject")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds. ``handshake``: until the client has said where it goes; ``idle``: no byte either way;
+    ``drain``: how long flows may finish after SIGTERM before they are cut."""
+
+    handshake: float = 10.0
+    connect: float = 10.0
+    idle: float = 300.0
+    drain: float = 5.0
+
+
+@dataclass(frozen=True)
+class ListenerSpec:
+    """What every listener kind has."""
+
+    kind: ClassVar[str] = ""
+    name: str
+    listen: Endpoint
+    timeouts: Timeouts
+    # Each relayed flow holds 2 sockets (and 2 pipes while data moves); 4096 flows stay far below the
+    # 20000-descriptor limits common on these machines, for every listener of a small config together.
+    max_flows: int = 4096
+    relay: str = "auto"
+
+
+@dataclass(frozen=True)
+class Socks5Spec(ListenerSpec):
+    """SOCKS5 (and SOCKS4/4a, which has no authentication and is refused when users are set)."""
+
+    kind: ClassVar[str] = "socks5"
+    users: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class HttpSpec(ListenerSpec):
+    """HTTP proxy: CONNECT tunnels and absolute-URI forwarding."""
+
+    kind: ClassVar[str] = "http"
+    users: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    realm: str = "ugate"
+
+
+@dataclass(frozen=True)
+class ForwardSpec(ListenerSpec):
+    """Fixed port-forward: every flow's requested destination is ``to``."""
+
+    kind: ClassVar[str] = "forward"
+    to: Endpoint = Endpoint("127.0.0.1", 1)
+
+
+@dataclass(frozen=True)
+class Match:
+    """Conditions of a route; an empty tuple means "any". Within a field any item may match."""
+
+    listener: tuple[str, ...] = ()
+    dst: tuple[IPNetwork, ...] = ()
+    port: tuple[tuple[int, int], ...] = ()
+    src: tuple[IPNetwork, ...] = ()
+    host: tuple[str, ...] = ()  # lower-case; "*.suffix" matches the suffix's subdomains
+
+
+@dataclass(frozen=True)
+class Route:
+    index: int
+    name: str
+    match: Match
+    action: str
+    upstream: Endpoint | None = None
+
+
+@dataclass(frozen=True)
+class LogSpec:
+    level: str = "info"
+    access: str = "stderr"  # "stderr", "off", or a file path
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    listeners: tuple[ListenerSpec, ...]
+    routes: tuple[Route, ...]
+    timeouts: Timeouts = Timeouts()
+    log: LogSpec = LogSpec()
+
+
+class _Problems:
+    """Collects located problems so ``ugate check`` can report all of them at once."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, where: str, what: str) -> None:
+        self.items.append(f"{where}: {what}")
+
+    def get(self, raw: Mapping[str, Any], key: str, where: str, conv: Callable[[Any], T], default: T) -> T:
+        if key not in raw or raw[key] is None:
+            return default
+        try:
+            return conv(raw[key])
+        except (ValueError, TypeError) as e:
+            self.add(f"{where}.{key}", str(e))
+            return default
+
+    def mapping(self, raw: Any, where: str, allowed: tuple[str, ...]) -> Mapping[str, Any]:
+        if raw is None:
+            return {}
+        if not isinstance(raw, Mapping):
+            self.add(where, f"expected a mapping, got {type(raw).__name__}")
+            return {}
+        for key in raw:
+            if key not in allowed:
+                self.add(f"{where}.{key}", f"unknown key (expected one of: {', '.join(allowed)})")
+        return raw
+
+
+def _positive_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{value!r} is not a positive number of seconds")
+    return float(value)
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{value!r} is not a positive integer")
+    return value
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def conv(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of: {', '.join(choices)}")
+        return str(value)
+
+    return conv
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{value!r} is not a non-empty string")
+    return value
+
+
+def _users(value: Any) -> Mapping[str, str]:
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) and k for k, v in value.items()
+    ):
+        raise ValueError("expected a mapping of user name to password (strings)")
+    return MappingProxyType(dict(value))
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _networks(value: Any) -> tuple[IPNetwork, ...]:
+    nets = []
+    for item in _as_list(value):
+        try:
+            nets.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or CIDR") from None
+    return tuple(nets)
+
+
+def _ports(value: Any) -> tuple[tuple[int, int], ...]:
+    ranges = []
+    for item in _as_list(value):
+        lo, _, hi = str(item).partition("-")
+        if not lo.strip().isdigit() or not (hi.strip().isdigit() or not hi):
+            raise ValueError(f"{item!r} is not a port or a range like 8000-8999")
+        low, high = int(lo), int(hi or lo)
+        if not 0 < low <= high < 65536:
+            raise ValueError(f"{item!r} is not a port or a range like 8000-8999")
+        ranges.append((low, high))
+    return tuple(ranges)
+
+
+def _hosts(value: Any) -> tuple[str, ...]:
+    hosts = []
+    for item in _as_list(value):
+        if not isinstance(item, str) or not item or "*" in item.removeprefix("*."):
+            raise ValueError(f"{item!r} is not a host name or *.suffix")
+        hosts.append(item.lower().rstrip("."))
+    return tuple(hosts)
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    return tuple(_string(item) for item in _as_list(value))
+
+
+_COMMON_KEYS = ("name", "kind", "listen", "max_flows", "relay", "timeouts")
+_TIMEOUT_KEYS = ("handshake", "connect", "idle", "drain")
+_KIND_KEYS: dict[str, tuple[str, ...]] = {
+    "socks5": ("users",),
+    "http": ("users", "realm"),
+    "forward": ("to",),
+}
+
+
+def _timeouts(raw: Any, where: str, base: Timeouts, p: _Problems) -> Timeouts:
+    m = p.mapping(raw, where, _TIMEOUT_KEYS)
+    return Timeouts(**{k: p.get(m, k, where, _positive_number, getattr(base, k)) for k in _TIMEOUT_KEYS})
+
+
+def _listener(raw: Any, where: str, base: Timeouts, p: _Problems) -> ListenerSpec | None:
+    if not isinstance(raw, Mapping):
+        p.add(where, "expected a mapping with name, kind and listen")
+        return None
+    kind = raw.get("kind")
+    if kind not in _KIND_KEYS:
+        p.add(f"{where}.kind", f"{kind!r} is not one of: {', '.join(_KIND_KEYS)}")
+        return None
+    m = p.mapping(raw, where, _COMMON_KEYS + _KIND_KEYS[kind])
+    for required in ("name", "listen") + (("to",) if kind == "forward" else ()):
+        if required not in m:
+            p.add(f"{where}.{required}", "missing")
+    common: dict[str, Any] = {
+        "name": p.get(m, "name", where, _string, f"<{where}>"),
+        "listen": p.get(m, "listen", where, parse_endpoint, Endpoint("127.0.0.1", 1)),
+        "timeouts": _timeouts(m.get("timeouts"), f"{where}.timeouts", base, p),
+        "max_flows": p.get(m, "max_flows", where, _positive_int, ListenerSpec.max_flows),
+        "relay": p.get(m, "relay", where, _one_of(RELAY_MODES), "auto"),
+    }
+    if kind == "socks5":
+        return Socks5Spec(**common, users=p.get(m, "users", where, _users, MappingProxyType({})))
+    if kind == "http":
+        return HttpSpec(
+            **common,
+            users=p.get(m, "users", where, _users, MappingProxyType({})),
+            realm=p.get(m, "realm", where, _string, "ugate"),
+        )
+    return ForwardSpec(**common, to=p.get(m, "to", where, parse_endpoint, Endpoint("127.0.0.1", 1)))
+
+
+_MATCH_KEYS = ("listener", "dst", "port", "src", "host")
+_ROUTE_KEYS = ("name", "match", "action", "upstream")
+
+
+def _route(raw: Any, index: int, listeners: set[str], p: _Problems) -> Route | None:
+    where = f"routes[{index}]"
+    if not isinstance(raw, Mapping):
+        p.add(where, "expected a mapping with match and an action")
+        return None
+    m = p.mapping(raw, where, _ROUTE_KEYS)
+    mm = p.mapping(m.get("match"), f"{where}.match", _MATCH_KEYS)
+    w = f"{where}.match"
+    match = Match(
+        listener=p.get(mm, "listener", w, _names, ()),
+        dst=p.get(mm, "dst", w, _networks, ()),
+        port=p.get(mm, "port", w, _ports, ()),
+        src=p.get(mm, "src", w, _networks, ()),
+        host=p.get(mm, "host", w, _hosts, ()),
+    )
+    for name in match.listener:
+        if name not in listeners:
+            p.add(f"{w}.listener", f"no listener is named {name!r}")
+    upstream = p.get(m, "upstream", where, parse_endpoint, None)
+    action = p.get(m, "action", where, _one_of(ACTIONS), "upstream" if "upstream" in m else "")
+    if not action:
+        if "action" not in m:
+            p.add(where, "needs an action (direct, reject) or upstream: host:port")
+    elif action == "upstream" and "upstream" not in m:
+        p.add(f"{where}.upstream", "missing (action upstream needs upstream: host:port)")
+    elif action != "upstream" and "upstream" in m:
+        p.add(f"{where}.upstream", f"not allowed with action {action}")
+    name = p.get(m, "name", where, _string, f"#{index}")
+    return Route(index=index, name=name, match=match, action=action, upstream=upstream)
+
+
+def parse_config(raw: Any) -> GateConfig:
+    """Validate a parsed YAML document; raise ConfigError listing every problem."""
+    p = _Problems()
+    top = p.mapping(raw, "config", ("listeners", "routes", "timeouts", "log"))
+    timeouts = _timeouts(top.get("timeouts"), "timeouts", Timeouts(), p)
+    lm = p.mapping(top.get("log"), "log", ("level", "access"))
+    log = LogSpec(
+        level=p.get(lm, "level", "log", _one_of(LOG_LEVELS), "info"),
+        access=p.get(lm, "access", "log", _string, "stderr"),
+    )
+    raw_listeners = top.get("listeners")
+    if not isinstance(raw_listeners, list) or not raw_listeners:
+        p.add("listeners", "expected a non-empty list")
+        raw_listeners = []
+    listeners = []
+    for i, item in enumerate(raw_listeners):
+        before = len(p.items)
+        spec = _listener(item, f"listeners[{i}]", timeouts, p)
+        if spec is None or len(p.items) > before:
+            continue  # defaults stand in for its bad fields: comparing them would report nonsense
+        for other in listeners:
+            if other.name == spec.name:
+                p.add(f"listeners[{i}].name", f"{spec.name!r} is used twice")
+            if other.listen == spec.listen:
+                p.add(f"listeners[{i}].listen", f"{spec.listen} is used twice")
+        listeners.append(spec)
+    raw_routes = top.get("routes", [{"action": "direct"}])
+    if not isinstance(raw_routes, list):
+        p.add("routes", "expected a list")
+        raw_routes = []
+    names = {item.get("name") for item in raw_listeners if isinstance(item, Mapping)}
+    routes = [r for i, item in enumerate(raw_routes) if (r := _route(item, i, names, p)) is not None]
+    if p.items:
+        raise ConfigError(p.items)
+    return GateConfig(listeners=tuple(listeners), routes=tuple(routes), timeouts=timeouts, log=log)
+
+
+def load_config(path: str | Path) -> GateConfig:
+    """Read and validate a YAML file; raise ConfigError (located) on any problem."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError([f"{path}: {e.strerror}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
+    return parse_config(raw)

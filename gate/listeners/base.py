@@ -1,0 +1,246 @@
+"""What every TCP listener shares: the accept loop, flow limits, routing, dialing, relaying, logging.
+
+A kind only writes ``handle(sock, flow)``: read its handshake, then call ``connect`` and ``relay``
+(or answer an error). The accept loop backs off on descriptor exhaustion instead of dying, and stops
+accepting while ``max_flows`` flows are open (the kernel backlog holds the rest).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import struct
+from dataclasses import dataclass
+
+from gate.accesslog import AccessLog
+from gate.addr import Endpoint
+from gate.config import ListenerSpec
+from gate.dial import open_tcp, tune_socket
+from gate.errors import GateError, RejectedByRule
+from gate.flow import Flow
+from gate.router import Decision, FlowKey, Router
+from splice import Relay
+
+__all__ = ["Context", "Listener", "bind_listening_socket", "reset"]
+
+log = logging.getLogger("ugate")
+
+# Errors where accept() failing says "the process or the system is out of something", not "this client".
+_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+ACCEPT_BACKOFF_MAX = 1.0  # seconds; doubles from 10 ms while accept() keeps failing
+ACCEPTS_PER_WAKEUP = 64  # bounded so one busy listener cannot starve the relays
+BACKLOG = 4096  # capped by net.core.somaxconn
+
+
+@dataclass(frozen=True)
+class Context:
+    """What listeners share, built once by the app."""
+
+    router: Router
+    access_log: AccessLog
+
+
+def bind_listening_socket(at: Endpoint) -> socket.socket:
+    """A non-blocking listening socket; IPv6 sockets are v6-only so v4 and v6 listeners never collide."""
+    infos = socket.getaddrinfo(at.host, at.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(addr)
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def reset(sock: socket.socket) -> None:
+    """Make the coming close() send RST instead of FIN (SO_LINGER with a zero timeout)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+
+
+def _endpoint(addr: tuple[str, int] | tuple[str, int, int, int]) -> Endpoint:
+    return Endpoint(addr[0], addr[1])
+
+
+class Listener:
+    """Base of the TCP listener kinds; subclasses implement ``handle``."""
+
+    def __init__(self, spec: ListenerSpec, ctx: Context) -> None:
+        self.spec = spec
+        self.ctx = ctx
+        self.loop = asyncio.get_running_loop()
+        self.sock: socket.socket | None = None
+        self._accepting = False
+        self._backoff = 0.0
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._relays: set[Relay] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def active(self) -> int:
+        return len(self._handshakes) + len(self._relays)
+
+    def start(self) -> None:
+        self.sock = bind_listening_socket(self.spec.listen)
+        self._resume_accepting()
+        log.info("listener %s (%s) on %s", self.spec.name, self.spec.kind, self.spec.listen)
+
+    def _resume_accepting(self) -> None:
+        if self.sock is not None and not self._accepting and self.active < self.spec.max_flows:
+            self.loop.add_reader(self.sock.fileno(), self._on_accept)
+            self._accepting = True
+
+    def _pause_accepting(self) -> None:
+        if self._accepting and self.sock is not None:
+            self.loop.remove_reader(self.sock.fileno())
+            self._accepting = False
+
+    def _on_accept(self) -> None:
+        assert self.sock is not None
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                conn, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionAbortedError:
+                continue  # the client gave up while queued
+            except OSError as e:
+                if e.errno not in _EXHAUSTED:
+                    raise
+                self._pause_accepting()
+                self._backoff = min(max(self._backoff * 2, 0.01), ACCEPT_BACKOFF_MAX)
+                log.warning("%s: accept failed (%s); retrying in %.2fs", self.spec.name, e.strerror, self._backoff)
+                self.loop.call_later(self._backoff, self._resume_accepting)
+                return
+            self._backoff = 0.0
+            tune_socket(conn)
+            flow = Flow(listener=self.spec.name, client=_endpoint(addr))
+            task = self.loop.create_task(self._serve(conn, flow))
+            self._handshakes.add(task)
+            self._idle.clear()
+            if self.active >= self.spec.max_flows:
+                self._pause_accepting()
+                break
+
+    async def _serve(self, conn: socket.socket, flow: Flow) -> None:
+        try:
+            await self.handle(conn, flow)
+        except GateError as e:
+            flow.close_reason = flow.close_reason if flow.close_reason != "open" else str(e) or type(e).__name__
+        except (ConnectionError, TimeoutError, OSError) as e:
+            flow.close_reason = f"client error: {e.strerror or type(e).__name__}"
+        except asyncio.CancelledError:
+            flow.close_reason = "shutdown"
+        except Exception:
+            log.exception("%s: bug while serving %s", self.spec.name, flow.client)
+            flow.close_reason = "internal error"
+        finally:
+            task = asyncio.current_task()
+            self._handshakes.discard(task)  # type: ignore[arg-type]
+            if flow.relay is None:  # no relay took the sockets over
+                conn.close()
+                self._flow_done(flow)
+
+    async def handle(self, conn: socket.socket, flow: Flow) -> None:
+        """Read the kind's handshake, then ``connect`` + ``relay``; answer errors in the protocol."""
+        raise NotImplementedError
+
+    # -- the shared steps of a flow --------------------------------------------------------------
+
+    def decide(self, flow: Flow) -> Decision:
+        """Route the flow and record the decision in it."""
+        assert flow.dst is not None
+        key = FlowKey(self.spec.name, flow.client.host, flow.dst.host, flow.dst.port, flow.host)
+        decision = self.ctx.router.decide(key)
+        flow.rule = decision.rule
+        flow.action = decision.action
+        flow.upstream = decision.upstream
+        return decision
+
+    async def connect(self, flow: Flow) -> socket.socket:
+        """Route ``flow`` and open its upstream; raise RejectedByRule or an UpstreamError."""
+        decision = self.decide(flow)
+        if decision.action == "reject":
+            flow.close_reason = f"rejected by {decision.rule}"
+            raise RejectedByRule(flow.close_reason)
+        target = decision.upstream or flow.dst
+        assert target is not None
+        try:
+            return await open_tcp(target, self.spec.timeouts.connect)
+        except GateError as e:
+            flow.close_reason = f"upstream: {e}"
+            raise
+
+    async def relay(self, flow: Flow, conn: socket.socket, upstream: socket.socket) -> None:
+        """Send what the handshake read ahead, then relay until the flow ends (logged by ``_flow_done``)."""
+        if flow.preread:
+            try:
+                await self.loop.sock_sendall(upstream, flow.preread)
+            except BaseException:
+                upstream.close()
+                raise
+            flow.bytes_up += len(flow.preread)
+        relay = Relay(
+            conn,
+            upstream,
+            splice=self.spec.relay != "copy",
+            idle_timeout=self.spec.timeouts.idle,
+            on_done=lambda r: self._relay_done(flow, r),
+            loop=self.loop,
+        )
+        flow.path = relay.path
+        flow.relay = relay
+        self._relays.add(relay)
+        relay.start()
+
+    def _relay_done(self, flow: Flow, relay: Relay) -> None:
+        self._relays.discard(relay)
+        flow.bytes_up += relay.bytes_up
+        flow.bytes_down += relay.bytes_down
+        flow.close_reason = relay.close_reason
+        self._flow_done(flow)
+
+    def log_flow(self, flow: Flow) -> None:
+        """Write the flow's access-log record, once."""
+        if not flow.logged:
+            flow.logged = True
+            self.ctx.access_log.write(flow.record())
+
+    def _flow_done(self, flow: Flow) -> None:
+        self.log_flow(flow)
+        if self.active == 0:
+            self._idle.set()
+        self._resume_accepting()
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        self._pause_accepting()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    async def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for open flows to end by themselves, then cut the rest."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            pass
+        for task in list(self._handshakes):
+            task.cancel()
+        if self._handshakes:
+            await asyncio.gather(*self._handshakes, return_exceptions=True)
+        for relay in list(self._relays):
+            relay.abort("shutdown")

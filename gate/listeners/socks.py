@@ -1,0 +1,112 @@
+"""SOCKS listener: SOCKS5 (RFC 1928, username/password per RFC 1929) and SOCKS4/4a CONNECT.
+
+The wire format is parsed by the pure ``gate.proto.socks``; this module reads bytes, applies
+authentication, and maps each failure to the reply code clients show their users.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import socket
+from collections.abc import Callable
+from typing import TypeVar
+
+from gate.addr import Endpoint, is_ip
+from gate.config import Socks5Spec
+from gate.errors import (
+    ClientProtocolError,
+    GateError,
+    RejectedByRule,
+    UpstreamRefused,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from gate.flow import Flow
+from gate.listeners.base import Listener
+from gate.proto import socks
+from gate.proto.socks import NEED_MORE, NeedMore, Reply, SocksError
+
+__all__ = ["SocksListener"]
+
+T = TypeVar("T")
+
+
+def socks5_code(error: GateError) -> int:
+    """The SOCKS5 reply for a failed CONNECT; a timeout reads as unreachable, as in Dante and 3proxy."""
+    if isinstance(error, RejectedByRule):
+        return Reply.NOT_ALLOWED
+    if isinstance(error, UpstreamRefused):
+        return Reply.CONNECTION_REFUSED
+    if isinstance(error, (UpstreamUnreachable, UpstreamTimeout)):
+        return Reply.HOST_UNREACHABLE
+    return Reply.GENERAL_FAILURE
+
+
+class SocksListener(Listener):
+    spec: Socks5Spec
+
+    async def handle(self, conn: socket.socket, flow: Flow) -> None:
+        buf = bytearray()
+        async with asyncio.timeout(self.spec.timeouts.handshake):
+            first = await self._read(conn, buf, socks.parse_first)
+            if isinstance(first, socks.Socks4Request):
+                if self.spec.users:  # SOCKS4 has no passwords: allowing it would bypass authentication
+                    await self.loop.sock_sendall(conn, socks.socks4_reply(False))
+                    raise ClientProtocolError("SOCKS4 refused: this listener requires authentication")
+                host, port, success, failure = first.host, first.port, socks.socks4_reply(True), None
+            else:
+                await self._negotiate(conn, buf, first)
+                request = await self._read(conn, buf, socks.parse_request)
+                host, port, success, failure = request.host, request.port, None, socks5_code
+        flow.dst = Endpoint(host, port)
+        flow.host = None if is_ip(host) else host.lower()
+        flow.preread = bytes(buf)  # an optimistic client may send data before our reply
+        try:
+            upstream = await self.connect(flow)
+        except GateError as e:
+            reply = socks.socks4_reply(False) if failure is None else socks.socks5_reply(failure(e))
+            await self.loop.sock_sendall(conn, reply)
+            raise
+        if success is None:
+            bound = upstream.getsockname()
+            success = socks.socks5_reply(Reply.SUCCEEDED, bound[0], bound[1])
+        try:
+            await self.loop.sock_sendall(conn, success)
+        except BaseException:
+            upstream.close()
+            raise
+        await self.relay(flow, conn, upstream)
+
+    async def _negotiate(self, conn: socket.socket, buf: bytearray, greeting: socks.Greeting) -> None:
+        """Pick the method (username/password if users are configured) and authenticate."""
+        method = socks.USERPASS if self.spec.users else socks.NO_AUTH
+        if method not in greeting.methods:
+            await self.loop.sock_sendall(conn, socks.method_reply(socks.NO_ACCEPTABLE))
+            raise ClientProtocolError("no acceptable SOCKS5 authentication method")
+        await self.loop.sock_sendall(conn, socks.method_reply(method))
+        if method == socks.USERPASS:
+            creds = await self._read(conn, buf, socks.parse_credentials)
+            expected = self.spec.users.get(creds.username)
+            ok = expected is not None and hmac.compare_digest(expected.encode(), creds.password.encode())
+            await self.loop.sock_sendall(conn, socks.auth_reply(ok))
+            if not ok:
+                raise ClientProtocolError(f"SOCKS5 authentication failed for {creds.username!r}")
+
+    async def _read(self, conn: socket.socket, buf: bytearray, parse: Callable[[bytes], T | NeedMore]) -> T:
+        """Read until ``parse`` has a whole message at the head of ``buf``; consume it."""
+        while True:
+            try:
+                result = parse(bytes(buf))
+            except SocksError as e:
+                if e.reply:
+                    await self.loop.sock_sendall(conn, e.reply)
+                raise ClientProtocolError(f"bad SOCKS handshake: {e}") from None
+            if result is not NEED_MORE:
+                assert not isinstance(result, NeedMore)
+                del buf[: result.consumed]  # type: ignore[attr-defined]
+                return result
+            data = await self.loop.sock_recv(conn, 4096)
+            if not data:
+                raise ClientProtocolError("client closed during the SOCKS handshake")
+            buf += data

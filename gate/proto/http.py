@@ -1,0 +1,106 @@
+"""Pure helpers of the HTTP proxy: request targets, hop-by-hop headers, Basic proxy credentials.
+
+h11 does the HTTP/1 framing; these functions only decide what a forwarding proxy changes (RFC 9110
+section 7.6, RFC 9112 section 3.2).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+from collections.abc import Iterable, Mapping
+from urllib.parse import urlsplit
+
+from gate.addr import Endpoint, parse_endpoint
+
+__all__ = [
+    "HOP_BY_HOP",
+    "TargetError",
+    "check_basic_auth",
+    "connect_authority",
+    "forward_headers",
+    "split_absolute_uri",
+]
+
+# Headers that describe one connection, never forwarded (RFC 9110 7.6.1); h11 regenerates framing.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"proxy-connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"upgrade",
+    }
+)
+
+Headers = Iterable[tuple[bytes, bytes]]
+
+
+class TargetError(ValueError):
+    """The request target is not something this proxy can forward (answered with 400)."""
+
+
+def connect_authority(target: bytes) -> Endpoint:
+    """The ``host:port`` of a CONNECT request (RFC 9110 9.3.6: authority-form, port required)."""
+    try:
+        return parse_endpoint(target.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise TargetError(f"CONNECT target {target[:100]!r} is not host:port") from None
+
+
+def split_absolute_uri(target: bytes) -> tuple[Endpoint, bytes]:
+    """Split ``http://host[:port]/path?q`` into the origin and the origin-form target to send it."""
+    try:
+        text = target.decode("ascii")
+        parts = urlsplit(text)
+        port = parts.port or 80
+        host = parts.hostname
+    except (UnicodeDecodeError, ValueError):
+        raise TargetError(f"request target {target[:100]!r} is not a URI") from None
+    if parts.scheme != "http" or not host:
+        if parts.scheme == "https":
+            raise TargetError("https:// targets need CONNECT (this proxy does not terminate TLS)")
+        raise TargetError(f"request target {target[:100]!r} is not an absolute http:// URI")
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    try:
+        origin = parse_endpoint(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    except ValueError:
+        raise TargetError(f"request target {target[:100]!r} has a bad host") from None
+    return origin, path.encode("ascii")
+
+
+def forward_headers(headers: Headers, via: bytes) -> list[tuple[bytes, bytes]]:
+    """Drop hop-by-hop headers (and those named in Connection), append our Via."""
+    items = [(name.lower(), value) for name, value in headers]
+    named = {
+        token.strip().lower()
+        for name, value in items
+        if name == b"connection"
+        for token in value.split(b",")
+    }
+    kept = [(n, v) for n, v in items if n not in HOP_BY_HOP and n not in named]
+    kept.append((b"via", via))
+    return kept
+
+
+def check_basic_auth(headers: Headers, users: Mapping[str, str]) -> bool:
+    """True if a ``Proxy-Authorization: Basic`` header names a user with the right password."""
+    for name, value in headers:
+        if name.lower() != b"proxy-authorization":
+            continue
+        scheme, _, token = value.partition(b" ")
+        if scheme.lower() != b"basic":
+            return False
+        try:
+            user, sep, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        expected = users.get(user)
+        return bool(sep) and expected is not None and hmac.compare_digest(expected.encode(), password.encode())
+    return False

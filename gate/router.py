@@ -1,0 +1,95 @@
+"""Route decisions: the first route whose match holds wins; ``explain`` says why for each route."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from gate.addr import Endpoint
+from gate.config import Match, Route
+
+__all__ = ["Decision", "FlowKey", "Router"]
+
+
+@dataclass(frozen=True, slots=True)
+class FlowKey:
+    """What routing may look at: a pure view of a Flow (also built by ``ugate route``)."""
+
+    listener: str
+    src: str | None
+    dst_host: str | None
+    port: int | None
+    host: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: str  # "direct" | "upstream" | "reject"
+    route: Route | None  # None: no route matched (then the action is reject)
+    upstream: Endpoint | None = None
+
+    @property
+    def rule(self) -> str:
+        return self.route.name if self.route else "no-match"
+
+
+def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if text is None:
+        return None
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
+
+
+def _host_matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("*."):
+        return name.endswith(pattern[1:])
+    return name == pattern
+
+
+def why_not(match: Match, key: FlowKey) -> str | None:
+    """None if ``match`` holds for ``key``; else the first failed condition, in words."""
+    if match.listener and key.listener not in match.listener:
+        return f"listener {key.listener!r} not in {list(match.listener)}"
+    if match.src:
+        src = _ip(key.src)
+        if src is None or not any(src in net for net in match.src):
+            return f"src {key.src} not in {[str(n) for n in match.src]}"
+    if match.dst:
+        dst = _ip(key.dst_host)
+        if dst is None or not any(dst in net for net in match.dst):
+            what = "is a name, not an address" if dst is None and key.dst_host else "not in"
+            return f"dst {key.dst_host} {what} {[str(n) for n in match.dst]}"
+    if match.port and (key.port is None or not any(lo <= key.port <= hi for lo, hi in match.port)):
+        return f"port {key.port} not in {[f'{lo}-{hi}' if lo != hi else str(lo) for lo, hi in match.port]}"
+    if match.host:
+        name = (key.host or (key.dst_host if _ip(key.dst_host) is None else None) or "").lower().rstrip(".")
+        if not name or not any(_host_matches(p, name) for p in match.host):
+            return f"host {name or '(none)'!r} does not match {list(match.host)}"
+    return None
+
+
+class Router:
+    def __init__(self, routes: tuple[Route, ...]) -> None:
+        self.routes = routes
+
+    def decide(self, key: FlowKey) -> Decision:
+        for route in self.routes:
+            if why_not(route.match, key) is None:
+                return Decision(route.action, route, route.upstream)
+        return Decision("reject", None)
+
+    def explain(self, key: FlowKey) -> list[str]:
+        """One line per route tried, ending with the decision."""
+        lines = []
+        for route in self.routes:
+            reason = why_not(route.match, key)
+            if reason is None:
+                target = f" -> {route.upstream}" if route.upstream else ""
+                lines.append(f"routes[{route.index}] {route.name}: MATCH: {route.action}{target}")
+                return lines
+            lines.append(f"routes[{route.index}] {route.name}: no: {reason}")
+        lines.append("no route matched: reject")
+        return lines

@@ -1,0 +1,5 @@
+"""Moving bytes between two endpoints, zero-copy (splice) where the kernel allows it."""
+
+from splice.relay import PIPE_POOL, PipePool, Relay, can_splice
+
+__all__ = ["PIPE_POOL", "PipePool", "Relay", "can_splice"]

@@ -1,0 +1,126 @@
+"""Config validation: good configs become frozen specs; every problem of a bad one is located."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gate.addr import Endpoint
+from gate.config import ForwardSpec, HttpSpec, Socks5Spec, load_config, parse_config
+from gate.errors import ConfigError
+from tests.conftest import ROOT
+
+
+def problems(raw: Any) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw)
+    return e.value.problems
+
+
+def test_default_config_is_socks_and_http_on_loopback_all_direct() -> None:
+    config = load_config(ROOT / "configs" / "gate.yaml")
+    assert [(type(s), s.listen) for s in config.listeners] == [
+        (Socks5Spec, Endpoint("127.0.0.1", 1080)),
+        (HttpSpec, Endpoint("127.0.0.1", 3128)),
+    ]
+    assert [r.action for r in config.routes] == ["direct"]
+
+
+def test_every_example_config_is_valid() -> None:
+    for path in (ROOT / "configs").glob("*.yaml"):
+        load_config(path)
+
+
+def test_full_listener_and_route_spellings() -> None:
+    config = parse_config({
+        "timeouts": {"connect": 3},
+        "listeners": [
+            {"name": "fwd", "kind": "forward", "listen": "[::1]:5201", "to": "example.test:5202",
+             "relay": "copy", "max_flows": 10, "timeouts": {"idle": 7}},
+            {"name": "s", "kind": "socks5", "listen": "0.0.0.0:1080", "users": {"alice": "pw"}},
+        ],
+        "routes": [
+            {"match": {"host": "*.Blocked.test."}, "action": "reject"},
+            {"match": {"listener": "fwd", "port": 5201}, "upstream": "127.0.0.1:5202"},
+            {"match": {"dst": ["10.0.0.0/8", "fd00::/8"], "port": "8000-8999", "src": "192.168.1.7"},
+             "action": "direct", "name": "lan"},
+            {"action": "direct"},
+        ],
+    })
+    fwd = config.listeners[0]
+    assert isinstance(fwd, ForwardSpec)
+    assert fwd.listen == Endpoint("::1", 5201) and fwd.to == Endpoint("example.test", 5202)
+    assert fwd.timeouts.idle == 7 and fwd.timeouts.connect == 3 and fwd.relay == "copy"
+    assert config.routes[0].match.host == ("*.blocked.test",)
+    assert config.routes[1].action == "upstream" and config.routes[1].upstream == Endpoint("127.0.0.1", 5202)
+    assert config.routes[2].match.port == ((8000, 8999),) and config.routes[2].name == "lan"
+    assert config.routes[3].match.listener == ()
+
+
+def test_routes_default_to_direct() -> None:
+    config = parse_config({"listeners": [{"name": "s", "kind": "socks5", "listen": "127.0.0.1:1"}]})
+    assert [r.action for r in config.routes] == ["direct"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"listeners": [{"name": "a", "kind": "socks5", "listen": "127.0.0.1:1080"},
+                        {"name": "b", "kind": "http", "listen": "x:99999"}]},
+         "listeners[1].listen: 'x:99999' is not host:port"),
+        ({"listeners": [{"name": "a", "kind": "ftp", "listen": "127.0.0.1:21"}]},
+         "listeners[0].kind: 'ftp' is not one of: socks5, http, forward"),
+        ({"listeners": [{"name": "a", "kind": "forward", "listen": "127.0.0.1:1"}]},
+         "listeners[0].to: missing"),
+        ({"listeners": [{"name": "a", "kind": "socks5", "listen": "127.0.0.1:1", "relay": "fast"}]},
+         "listeners[0].relay: 'fast' is not one of: auto, splice, copy"),
+        ({"listeners": [{"name": "a", "kind": "socks5", "listen": "127.0.0.1:1", "lsten": 1}]},
+         "listeners[0].lsten: unknown key"),
+        ({"listeners": []}, "listeners: expected a non-empty list"),
+        ({"listeners": [{"name": "a", "kind": "socks5", "listen": "127.0.0.1:1"}],
+          "routes": [{"match": {"port": 70000}, "action": "direct"}]},
+         "routes[0].match.port: 70000 is not a port or a range like 8000-8999"),
+        ({"listeners": [{"name": "a", "kind": "socks5", "listen": "127.0.0.1:1"}],
+          "routes": [{"match": {"dst": "10.0.0.0/33"}, "action": "direct"}]},
+         "routes[0].match.dst: '10.0.0.0/33' is not an IP address or CIDR"),
+        ({"listeners": [{"name": "a", "kind": "socks5", "listen": "127.0.0.1:1"}],
+          "routes": [{"match": {"listener": "nope"}, "action": "direct"}]},
+         "routes[0].match.listener: no listener is named 'nope'"),
+        ({"listeners": [{"name": "a", "kind": "socks5", "listen": "127.0.0.1:1"}],
+          "routes": [{"match": {"host": "x"}}]},
+         "routes[0]: needs an action"),
+        ({"listeners": [{"name": "a", "kind": "socks5", "listen": "127.0.0.1:1"}],
+          "routes": [{"action": "upstream"}]},
+         "routes[0].upstream: missing"),
+        ({"listeners": [{"name": "a", "kind": "socks5", "listen": "127.0.0.1:1"}],
+          "routes": [{"action": "reject", "upstream": "1.2.3.4:5"}]},
+         "routes[0].upstream: not allowed with action reject"),
+        ({"listeners": [{"name": "a", "kind": "socks5", "listen": "127.0.0.1:1"},
+                        {"name": "a", "kind": "http", "listen": "127.0.0.1:1"}]},
+         "listeners[1].name: 'a' is used twice"),
+        ({"listeners": [{"name": "a", "kind": "socks5", "listen": "127.0.0.1:1", "timeouts": {"idle": -1}}]},
+         "listeners[0].timeouts.idle: -1 is not a positive number of seconds"),
+        ("just a string", "config: expected a mapping"),
+    ],
+)
+def test_problems_are_located(raw: Any, expected: str) -> None:
+    assert any(p.startswith(expected) for p in problems(raw)), problems(raw)
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    found = problems({
+        "listeners": [{"name": "a", "kind": "socks5", "listen": "nope"},
+                      {"name": "b", "kind": "http", "listen": "127.0.0.1:0"}],
+        "routes": [{"action": "teleport"}],
+    })
+    assert len(found) == 3, found
+
+
+def test_unreadable_and_non_yaml_files(tmp_path: Any) -> None:
+    with pytest.raises(ConfigError, match="No such file"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listeners: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

@@ -1,0 +1,62 @@
+"""Routing: first match wins; explain says why each earlier route did not match."""
+
+from __future__ import annotations
+
+import pytest
+
+from gate.config import parse_config
+from gate.router import FlowKey, Router
+
+CONFIG = parse_config({
+    "listeners": [
+        {"name": "socks", "kind": "socks5", "listen": "127.0.0.1:1080"},
+        {"name": "fwd", "kind": "forward", "listen": "127.0.0.1:5201", "to": "127.0.0.1:5202"},
+    ],
+    "routes": [
+        {"name": "blocked", "match": {"host": "*.blocked.test"}, "action": "reject"},
+        {"name": "exact", "match": {"host": "exact.test"}, "upstream": "127.0.0.1:9000"},
+        {"name": "fwd-iperf", "match": {"listener": "fwd", "port": 5201}, "upstream": "127.0.0.1:5202"},
+        {"name": "lan", "match": {"dst": ["10.0.0.0/8", "fd00::/8"], "port": "8000-8999"}, "action": "direct"},
+        {"name": "from-guest", "match": {"src": "192.168.7.0/24"}, "action": "reject"},
+        {"name": "rest", "action": "direct"},
+    ],
+})
+ROUTER = Router(CONFIG.routes)
+
+
+@pytest.mark.parametrize(
+    ("key", "rule", "action"),
+    [
+        (FlowKey("socks", "127.0.0.1", "www.blocked.test", 443, "www.blocked.test"), "blocked", "reject"),
+        (FlowKey("socks", "127.0.0.1", "blocked.test", 443, "blocked.test"), "rest", "direct"),  # suffix only
+        (FlowKey("socks", "127.0.0.1", "EXACT.test", 80, "EXACT.test"), "exact", "upstream"),
+        (FlowKey("socks", "127.0.0.1", "1.2.3.4", 80, "exact.test"), "exact", "upstream"),
+        (FlowKey("fwd", "127.0.0.1", "127.0.0.1", 5201, None), "fwd-iperf", "upstream"),
+        (FlowKey("socks", "127.0.0.1", "127.0.0.1", 5201, None), "rest", "direct"),
+        (FlowKey("socks", "127.0.0.1", "10.1.2.3", 8080, None), "lan", "direct"),
+        (FlowKey("socks", "127.0.0.1", "fd00::1", 8999, None), "lan", "direct"),
+        (FlowKey("socks", "127.0.0.1", "10.1.2.3", 9000, None), "rest", "direct"),
+        (FlowKey("socks", "127.0.0.1", "lan.example", 8080, "lan.example"), "rest", "direct"),  # name, not IP
+        (FlowKey("socks", "192.168.7.9", "1.1.1.1", 53, None), "from-guest", "reject"),
+        (FlowKey("socks", "::ffff:192.168.7.9", "1.1.1.1", 53, None), "from-guest", "reject"),  # v4-mapped
+    ],
+)
+def test_first_match_wins(key: FlowKey, rule: str, action: str) -> None:
+    decision = ROUTER.decide(key)
+    assert (decision.rule, decision.action) == (rule, action)
+
+
+def test_no_route_matched_rejects() -> None:
+    router = Router(CONFIG.routes[:1])
+    decision = router.decide(FlowKey("socks", None, "1.2.3.4", 80, None))
+    assert (decision.action, decision.rule, decision.route) == ("reject", "no-match", None)
+
+
+def test_explain_lists_each_route_tried() -> None:
+    lines = ROUTER.explain(FlowKey("socks", "127.0.0.1", "10.1.2.3", 8080, None))
+    assert lines == [
+        "routes[0] blocked: no: host '(none)' does not match ['*.blocked.test']",
+        "routes[1] exact: no: host '(none)' does not match ['exact.test']",
+        "routes[2] fwd-iperf: no: listener 'socks' not in ['fwd']",
+        "routes[3] lan: MATCH: direct",
+    ]
