@@ -9,7 +9,8 @@ from dataclasses import dataclass
 __all__ = ["Endpoint", "is_ip", "parse_endpoint"]
 
 # RFC 1123 host names, plus "_" seen in the wild (SRV-style names), each label <= 63 chars.
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")
+_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,12 +83,12 @@ class HttpSpec(ListenerSpec):
     realm: str = "ugate"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ForwardSpec(ListenerSpec):
     """Fixed port-forward: every flow's requested destination is ``to``."""
 
     kind: ClassVar[str] = "forward"
-    to: Endpoint = Endpoint("127.0.0.1", 1)
+    to: Endpoint
 
 
 @dataclass(frozen=True)
@@ -323,7 +323,7 @@ def parse_config(raw: Any) -> GateConfig:
     if not isinstance(raw_listeners, list) or not raw_listeners:
         p.add("listeners", "expected a non-empty list")
         raw_listeners = []
-    listeners = []
+    listeners: list[ListenerSpec] = []
     for i, item in enumerate(raw_listeners):
         before = len(p.items)
         spec = _listener(item, f"listeners[{i}]", timeouts, p)
@@ -339,7 +339,7 @@ def parse_config(raw: Any) -> GateConfig:
     if not isinstance(raw_routes, list):
         p.add("routes", "expected a list")
         raw_routes = []
-    names = {item.get("name") for item in raw_listeners if isinstance(item, Mapping)}
+    names = {str(item.get("name")) for item in raw_listeners if isinstance(item, Mapping)}
     routes = [r for i, item in enumerate(raw_routes) if (r := _route(item, i, names, p)) is not None]
     if p.items:
         raise ConfigError(p.items)

@@ -138,7 +138,9 @@ class Listener:
             await self.handle(conn, flow)
         except GateError as e:
             flow.close_reason = flow.close_reason if flow.close_reason != "open" else str(e) or type(e).__name__
-        except (ConnectionError, TimeoutError, OSError) as e:
+        except TimeoutError:
+            flow.close_reason = "handshake timeout"  # connect timeouts arrive as UpstreamTimeout
+        except OSError as e:
             flow.close_reason = f"client error: {e.strerror or type(e).__name__}"
         except asyncio.CancelledError:
             flow.close_reason = "shutdown"
@@ -147,7 +149,8 @@ class Listener:
             flow.close_reason = "internal error"
         finally:
             task = asyncio.current_task()
-            self._handshakes.discard(task)  # type: ignore[arg-type]
+            assert task is not None
+            self._handshakes.discard(task)
             if flow.relay is None:  # no relay took the sockets over
                 conn.close()
                 self._flow_done(flow)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from dataclasses import replace
 from typing import Any
 
 import h11
@@ -202,10 +201,11 @@ class HttpListener(Listener):
                 if started:
                     raise ClientProtocolError("upstream closed mid-response")
                 raise UpstreamError("upstream closed without a response")
-            if isinstance(event, (h11.Response, h11.InformationalResponse)):
-                event = replace(event, headers=forward_headers(event.headers, VIA)) if isinstance(
-                    event, h11.Response) else event
-                started = started or isinstance(event, h11.Response)
+            if isinstance(event, h11.Response):
+                started = True
+                event = h11.Response(status_code=event.status_code, reason=event.reason,
+                                     headers=forward_headers(event.headers, VIA))
+            assert isinstance(event, (h11.InformationalResponse, h11.Response, h11.Data, h11.EndOfMessage))
             data = client.send(event)
             if data:
                 await self.loop.sock_sendall(conn, data)
@@ -226,9 +226,8 @@ class HttpListener(Listener):
         headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()),
                    (b"connection", b"close"), *(extra or [])]
         try:
-            data = client.send(h11.Response(status_code=status, headers=headers))
-            data = (data or b"") + (client.send(h11.Data(data=body)) or b"") + (
-                client.send(h11.EndOfMessage()) or b"")
+            data = b"".join(client.send(event) or b"" for event in (
+                h11.Response(status_code=status, headers=headers), h11.Data(data=body), h11.EndOfMessage()))
         except h11.LocalProtocolError:  # e.g. the request could not be parsed into a state we answer
             data = _raw_error(status, body, extra or [])
         try:

@@ -10,7 +10,7 @@ import asyncio
 import hmac
 import socket
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from gate.addr import Endpoint, is_ip
 from gate.config import Socks5Spec
@@ -25,14 +25,21 @@ from gate.errors import (
 from gate.flow import Flow
 from gate.listeners.base import Listener
 from gate.proto import socks
-from gate.proto.socks import NEED_MORE, NeedMore, Reply, SocksError
+from gate.proto.socks import NeedMore, Reply, SocksError
 
 __all__ = ["SocksListener"]
 
-T = TypeVar("T")
 
 
-def socks5_code(error: GateError) -> int:
+class _Message(Protocol):
+    @property
+    def consumed(self) -> int: ...
+
+
+T = TypeVar("T", bound=_Message)
+
+
+def socks5_code(error: GateError) -> Reply:
     """The SOCKS5 reply for a failed CONNECT; a timeout reads as unreachable, as in Dante and 3proxy."""
     if isinstance(error, RejectedByRule):
         return Reply.NOT_ALLOWED
@@ -102,9 +109,8 @@ class SocksListener(Listener):
                 if e.reply:
                     await self.loop.sock_sendall(conn, e.reply)
                 raise ClientProtocolError(f"bad SOCKS handshake: {e}") from None
-            if result is not NEED_MORE:
-                assert not isinstance(result, NeedMore)
-                del buf[: result.consumed]  # type: ignore[attr-defined]
+            if not isinstance(result, NeedMore):
+                del buf[: result.consumed]
                 return result
             data = await self.loop.sock_recv(conn, 4096)
             if not data:
