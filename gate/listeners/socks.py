@@ -56,7 +56,7 @@ class SocksListener(Listener):
     async def handle(self, conn: socket.socket, flow: Flow) -> None:
         buf = bytearray()
         async with asyncio.timeout(self.spec.timeouts.handshake):
-            first = await self._read(conn, buf, socks.parse_first)
+            first: socks.Greeting | socks.Socks4Request = await self._read(conn, buf, socks.parse_first)
             if isinstance(first, socks.Socks4Request):
                 if self.spec.users:  # SOCKS4 has no passwords: allowing it would bypass authentication
                     await self.loop.sock_sendall(conn, socks.socks4_reply(False))
