@@ -23,6 +23,10 @@ class AccessLog:
             self._stream = open(target, "a", buffering=1)  # noqa: SIM115 - lives as long as the gateway
             self._own = True
 
+    @property
+    def enabled(self) -> bool:
+        return self._stream is not None
+
     def write(self, record: dict[str, Any]) -> None:
         if self._stream is not None:
             self._stream.write(json.dumps(record, separators=(",", ":")) + "\n")

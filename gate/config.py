@@ -7,6 +7,7 @@ and ``gate.listeners`` maps each spec class to the server that runs it.
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,8 @@ class GateConfig:
     routes: tuple[Route, ...]
     timeouts: Timeouts = Timeouts()
     log: LogSpec = LogSpec()
+    # Processes sharing each listening port through SO_REUSEPORT: one event loop uses one core.
+    workers: int = 1
 
 
 class _Problems:
@@ -226,6 +229,12 @@ def _hosts(value: Any) -> tuple[str, ...]:
     return tuple(hosts)
 
 
+def _workers(value: Any) -> int:
+    if value == "auto":
+        return len(os.sched_getaffinity(0))
+    return _positive_int(value)
+
+
 def _names(value: Any) -> tuple[str, ...]:
     return tuple(_string(item) for item in _as_list(value))
 
@@ -312,7 +321,8 @@ def _route(raw: Any, index: int, listeners: set[str], p: _Problems) -> Route | N
 def parse_config(raw: Any) -> GateConfig:
     """Validate a parsed YAML document; raise ConfigError listing every problem."""
     p = _Problems()
-    top = p.mapping(raw, "config", ("listeners", "routes", "timeouts", "log"))
+    top = p.mapping(raw, "config", ("listeners", "routes", "timeouts", "log", "workers"))
+    workers = p.get(top, "workers", "config", _workers, 1)
     timeouts = _timeouts(top.get("timeouts"), "timeouts", Timeouts(), p)
     lm = p.mapping(top.get("log"), "log", ("level", "access"))
     log = LogSpec(
@@ -343,7 +353,7 @@ def parse_config(raw: Any) -> GateConfig:
     routes = [r for i, item in enumerate(raw_routes) if (r := _route(item, i, names, p)) is not None]
     if p.items:
         raise ConfigError(p.items)
-    return GateConfig(listeners=tuple(listeners), routes=tuple(routes), timeouts=timeouts, log=log)
+    return GateConfig(listeners=tuple(listeners), routes=tuple(routes), timeouts=timeouts, log=log, workers=workers)
 
 
 def load_config(path: str | Path) -> GateConfig:

@@ -1,57 +1,156 @@
-"""Opening upstream TCP connections, with the failure said in our error vocabulary."""
+"""Opening upstream TCP connections, with the failure said in our error vocabulary.
+
+``Connect`` is one non-blocking connect driven by a writability callback; ``open_tcp`` wraps it for
+coroutines (resolving names, trying each address). Not ``loop.sock_connect``: uvloop's sends every
+address through getaddrinfo on its thread pool, a thread wake-up per flow even for IP literals.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import functools
+import os
 import socket
+from collections.abc import Callable
 
 from gate.addr import Endpoint, is_ip
 from gate.errors import UpstreamError, UpstreamRefused, UpstreamTimeout, UpstreamUnreachable
 
-__all__ = ["open_tcp", "tune_socket"]
+__all__ = ["Connect", "literal_family", "open_tcp"]
 
 
-def tune_socket(sock: socket.socket) -> None:
-    """Non-blocking, and no Nagle delay: a relay must not hold back the small writes it forwards."""
-    sock.setblocking(False)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+@functools.lru_cache(maxsize=4096)
+def literal_family(host: str) -> int | None:
+    """AF_INET/AF_INET6 when ``host`` is an address literal, else None (cached: asked once per flow)."""
+    return (socket.AF_INET6 if ":" in host else socket.AF_INET) if is_ip(host) else None
 
 
-async def _addresses(dst: Endpoint) -> list[tuple[int, tuple[str, int]]]:
-    if is_ip(dst.host):
-        family = socket.AF_INET6 if ":" in dst.host else socket.AF_INET
-        return [(family, (dst.host, dst.port))]
+def upstream_error(dst: Endpoint, err: int) -> UpstreamError:
+    if err == errno.ECONNREFUSED:
+        return UpstreamRefused(f"{dst}: connection refused")
+    if err == errno.ETIMEDOUT:
+        return UpstreamTimeout(f"{dst}: connect timed out")
+    return UpstreamUnreachable(f"{dst}: {errno.errorcode.get(err, os.strerror(err))}")
+
+
+class Connect:
+    """Connect to one address; ``on_done(sock, None)`` or ``on_done(None, error)`` is called once.
+
+    On success ``on_done`` runs while the socket is still registered for writing and the registration
+    is dropped only afterwards, so a relay that starts reading in ``on_done`` reuses the event loop's
+    poll handle instead of closing and re-creating it.
+    """
+
+    __slots__ = ("_fd", "_loop", "_on_done", "_timer", "dst", "sock")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        dst: Endpoint,
+        family: int,
+        timeout: float,
+        on_done: Callable[[socket.socket | None, UpstreamError | None], None],
+    ) -> None:
+        self._loop = loop
+        self._on_done: Callable[[socket.socket | None, UpstreamError | None], None] | None = on_done
+        self.dst = dst
+        # SOCK_NONBLOCK at creation saves the ioctl that setblocking(False) would cost; no Nagle
+        # delay, since a relay must not hold back the small writes it forwards
+        self.sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._fd = self.sock.fileno()
+        err = self.sock.connect_ex((dst.host, dst.port))
+        if err not in (errno.EINPROGRESS, errno.EAGAIN):
+            self._timer: asyncio.TimerHandle | None = None
+            loop.call_soon(self._finish, err, False)
+            return
+        loop.add_writer(self._fd, self._writable)
+        self._timer = loop.call_later(timeout, self._timed_out, timeout)
+
+    def _writable(self) -> None:
+        self._finish(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), True)
+
+    def _timed_out(self, timeout: float) -> None:
+        self._timer = None
+        self._fail(UpstreamTimeout(f"{self.dst}: no answer within {timeout:g}s"), True)
+
+    def _finish(self, err: int, registered: bool) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if err:
+            self._fail(upstream_error(self.dst, err), registered)
+            return
+        on_done, self._on_done = self._on_done, None
+        if on_done is not None:
+            on_done(self.sock, None)
+        if registered:
+            self._loop.remove_writer(self._fd)
+
+    def _fail(self, error: UpstreamError, registered: bool) -> None:
+        if registered:
+            self._loop.remove_writer(self._fd)
+        self.sock.close()
+        on_done, self._on_done = self._on_done, None
+        if on_done is not None:
+            on_done(None, error)
+
+    def cancel(self) -> None:
+        """Give up (shutdown, or the caller's own timeout); ``on_done`` is not called."""
+        if self._on_done is None:
+            return
+        self._on_done = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._loop.remove_writer(self._fd)
+        self.sock.close()
+
+
+async def _addresses(dst: Endpoint) -> list[tuple[int, Endpoint]]:
+    family = literal_family(dst.host)
+    if family is not None:
+        return [(family, dst)]
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(dst.host, dst.port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise UpstreamUnreachable(f"{dst.host}: {e.strerror}") from None
-    return [(family, (str(addr[0]), int(addr[1]))) for family, _, _, _, addr in infos]
+    return [(family, Endpoint(str(addr[0]), int(addr[1]))) for family, _, _, _, addr in infos]
 
 
 async def open_tcp(dst: Endpoint, timeout: float) -> socket.socket:
     """Connect to ``dst`` (resolving a name, trying each address in turn) within ``timeout`` seconds."""
     loop = asyncio.get_running_loop()
     error: UpstreamError = UpstreamUnreachable(f"{dst}: no address")
+    deadline = loop.time() + timeout
     try:
-        async with asyncio.timeout(timeout):
-            for family, addr in await _addresses(dst):
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                try:
-                    tune_socket(sock)
-                    await loop.sock_connect(sock, addr)
-                    return sock
-                except ConnectionRefusedError:
-                    sock.close()
-                    error = UpstreamRefused(f"{dst}: connection refused")
-                except OSError as e:
-                    sock.close()
-                    name = errno.errorcode.get(e.errno or 0, str(e))
-                    error = UpstreamUnreachable(f"{dst}: {name}")
-                except BaseException:
-                    sock.close()
-                    raise
+        async with asyncio.timeout_at(deadline):
+            addresses = await _addresses(dst)
     except TimeoutError:
-        raise UpstreamTimeout(f"{dst}: no answer within {timeout:g}s") from None
+        raise UpstreamTimeout(f"{dst}: name not resolved within {timeout:g}s") from None
+    for family, addr in addresses:
+        fut: asyncio.Future[socket.socket] = loop.create_future()
+
+        def done(sock: socket.socket | None, err: UpstreamError | None,
+                 fut: asyncio.Future[socket.socket] = fut) -> None:
+            if fut.done():
+                return
+            if sock is not None:
+                fut.set_result(sock)
+            else:
+                assert err is not None
+                fut.set_exception(err)
+
+        attempt = Connect(loop, addr, family, max(deadline - loop.time(), 0.001), done)
+        try:
+            return await fut
+        except UpstreamError as e:
+            error = e if dst == addr else type(e)(str(e).replace(str(addr), f"{dst} ({addr})", 1))
+        except BaseException:
+            attempt.cancel()
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                fut.result().close()  # connected just as we were cancelled
+            raise
     raise error

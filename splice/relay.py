@@ -286,8 +286,7 @@ class Relay:
         return self.down.count
 
     def start(self) -> None:
-        for s in (self.client, self.upstream):
-            s.setblocking(False)
+        """Begin relaying; both sockets must already be non-blocking (the listener made them so)."""
         self.up.start()
         self.down.start()
         self._idle_timer = self.loop.call_at(self.last_active + self.idle_timeout, self._check_idle)
@@ -333,3 +332,6 @@ class Relay:
                     pass
             s.close()
         self.on_done(self)
+        # Break the relay <-> pump reference cycles so the flow is freed at once, not by the cycle
+        # collector (whose runs grow with the number of flows alive).
+        self.up.relay = self.down.relay = None  # type: ignore[assignment]

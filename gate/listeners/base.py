@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from gate.accesslog import AccessLog
 from gate.addr import Endpoint
 from gate.config import ListenerSpec
-from gate.dial import open_tcp, tune_socket
+from gate.dial import Connect, open_tcp
 from gate.errors import GateError, RejectedByRule
 from gate.flow import Flow
 from gate.router import Decision, FlowKey, Router
@@ -40,15 +40,24 @@ class Context:
 
     router: Router
     access_log: AccessLog
+    reuse_port: bool = False
 
 
-def bind_listening_socket(at: Endpoint) -> socket.socket:
-    """A non-blocking listening socket; IPv6 sockets are v6-only so v4 and v6 listeners never collide."""
+def bind_listening_socket(at: Endpoint, *, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking listening socket; IPv6 sockets are v6-only so v4 and v6 listeners never collide.
+
+    ``reuse_port``: several worker processes each bind the same port and the kernel spreads new
+    connections across them (SO_REUSEPORT).
+    """
     infos = socket.getaddrinfo(at.host, at.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, _, _, _, addr = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # accepted sockets inherit TCP_NODELAY from the listener: one setsockopt less per flow
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(addr)
@@ -84,15 +93,16 @@ class Listener:
         self._backoff = 0.0
         self._handshakes: set[asyncio.Task[None]] = set()
         self._relays: set[Relay] = set()
+        self._connecting: dict[Connect, tuple[socket.socket, Flow]] = {}
         self._idle = asyncio.Event()
         self._idle.set()
 
     @property
     def active(self) -> int:
-        return len(self._handshakes) + len(self._relays)
+        return len(self._handshakes) + len(self._connecting) + len(self._relays)
 
     def start(self) -> None:
-        self.sock = bind_listening_socket(self.spec.listen)
+        self.sock = bind_listening_socket(self.spec.listen, reuse_port=self.ctx.reuse_port)
         self._resume_accepting()
         log.info("listener %s (%s) on %s", self.spec.name, self.spec.kind, self.spec.listen)
 
@@ -124,14 +134,17 @@ class Listener:
                 self.loop.call_later(self._backoff, self._resume_accepting)
                 return
             self._backoff = 0.0
-            tune_socket(conn)
-            flow = Flow(listener=self.spec.name, client=_endpoint(addr))
-            task = self.loop.create_task(self._serve(conn, flow))
-            self._handshakes.add(task)
+            conn.setblocking(False)  # O_NONBLOCK is not inherited through accept(); TCP_NODELAY is
             self._idle.clear()
+            self.accepted(conn, Flow(listener=self.spec.name, client=_endpoint(addr)))
             if self.active >= self.spec.max_flows:
                 self._pause_accepting()
                 break
+
+    def accepted(self, conn: socket.socket, flow: Flow) -> None:
+        """A client connected: serve it in a task running ``handle`` (kinds without a handshake may
+        override this with the callback-only ``connect_and_relay``)."""
+        self._handshakes.add(self.loop.create_task(self._serve(conn, flow)))
 
     async def _serve(self, conn: socket.socket, flow: Flow) -> None:
         try:
@@ -185,6 +198,26 @@ class Listener:
             flow.close_reason = f"upstream: {e}"
             raise
 
+    def connect_and_relay(self, conn: socket.socket, flow: Flow, decision: Decision, family: int) -> None:
+        """The no-task path of a flow with nothing to say first: connect to the decided address
+        literal by callbacks, then relay (or reset the client). Per-flow cost is what limits the
+        connection rate, and a task with its coroutine frames is the largest part of it."""
+        target = decision.upstream or flow.dst
+        assert target is not None
+
+        def connected(upstream: socket.socket | None, error: GateError | None) -> None:
+            del self._connecting[attempt]
+            if upstream is None:
+                flow.close_reason = f"upstream: {error}"
+                reset(conn)
+                conn.close()
+                self._flow_done(flow)
+            else:
+                self._start_relay(flow, conn, upstream)
+
+        attempt = Connect(self.loop, target, family, self.spec.timeouts.connect, connected)
+        self._connecting[attempt] = (conn, flow)
+
     async def relay(self, flow: Flow, conn: socket.socket, upstream: socket.socket) -> None:
         """Send what the handshake read ahead, then relay until the flow ends (logged by ``_flow_done``)."""
         if flow.preread:
@@ -194,6 +227,9 @@ class Listener:
                 upstream.close()
                 raise
             flow.bytes_up += len(flow.preread)
+        self._start_relay(flow, conn, upstream)
+
+    def _start_relay(self, flow: Flow, conn: socket.socket, upstream: socket.socket) -> None:
         relay = Relay(
             conn,
             upstream,
@@ -209,6 +245,7 @@ class Listener:
 
     def _relay_done(self, flow: Flow, relay: Relay) -> None:
         self._relays.discard(relay)
+        flow.relay = None  # the relay's on_done refers to the flow: no cycle left behind
         flow.bytes_up += relay.bytes_up
         flow.bytes_down += relay.bytes_down
         flow.close_reason = relay.close_reason
@@ -218,7 +255,8 @@ class Listener:
         """Write the flow's access-log record, once."""
         if not flow.logged:
             flow.logged = True
-            self.ctx.access_log.write(flow.record())
+            if self.ctx.access_log.enabled:
+                self.ctx.access_log.write(flow.record())
 
     def _flow_done(self, flow: Flow) -> None:
         self.log_flow(flow)
@@ -241,6 +279,12 @@ class Listener:
                 await self._idle.wait()
         except TimeoutError:
             pass
+        for attempt, (conn, flow) in list(self._connecting.items()):
+            attempt.cancel()
+            del self._connecting[attempt]
+            conn.close()
+            flow.close_reason = "shutdown"
+            self._flow_done(flow)
         for task in list(self._handshakes):
             task.cancel()
         if self._handshakes:
