@@ -130,11 +130,11 @@ class _Pump:
         """``src`` finished sending: pass the half-close on and stop watching it."""
         self.eof = True
         self.stop()
-        try:
-            self.dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # dst already gone; its own pump reports that
-        self.relay.pump_finished()
+        if not self.relay.pump_finished():  # when both are done, close() sends the FIN anyway
+            try:
+                self.dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # dst already gone; its own pump reports that
 
     def stop(self) -> None:
         if self.reading:
@@ -299,9 +299,12 @@ class Relay:
         else:
             self._idle_timer = self.loop.call_at(deadline, self._check_idle)
 
-    def pump_finished(self) -> None:
+    def pump_finished(self) -> bool:
+        """A direction reached EOF; True if that ended the flow (both directions done)."""
         if self.up.eof and self.down.eof:
             self._close("eof", rst=False)
+            return True
+        return False
 
     def fail(self, side: str, error: OSError) -> None:
         """``side`` broke (reset, timeout, ...): pass a reset on to the other side too."""

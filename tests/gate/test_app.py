@@ -1,0 +1,75 @@
+"""The process: SIGTERM drains open flows for a bounded time and exits 0; workers share ports."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import time
+from typing import Any
+
+from tests.conftest import free_port
+
+
+def test_sigterm_lets_open_flows_finish(start_gate: Any, hash_echo: int) -> None:
+    port = free_port()
+    gate = start_gate([{"name": "f", "kind": "forward", "listen": f"127.0.0.1:{port}", "to": f"127.0.0.1:{hash_echo}"}],
+                      timeouts={"drain": 10})
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"x" * 1000)
+        time.sleep(0.2)
+        gate.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert gate.alive()  # draining, not dead
+        with socket.socket() as late:  # no new flows: the listener is closed
+            assert late.connect_ex(("127.0.0.1", port)) != 0
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(100).endswith(b" 1000")  # the open flow finished normally
+    assert gate.proc.wait(5) == 0
+    (record,) = gate.records()
+    assert record["close"] == "eof" and record["bytes_up"] == 1000
+
+
+def test_drain_is_bounded(start_gate: Any, hash_echo: int) -> None:
+    port = free_port()
+    gate = start_gate([{"name": "f", "kind": "forward", "listen": f"127.0.0.1:{port}", "to": f"127.0.0.1:{hash_echo}"}],
+                      timeouts={"drain": 0.5})
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"never finished")
+        time.sleep(0.2)
+        started = time.monotonic()
+        gate.proc.send_signal(signal.SIGINT)
+        assert gate.proc.wait(5) == 0
+        assert time.monotonic() - started < 3
+    (record,) = gate.records()
+    assert record["close"] == "shutdown"
+
+
+def test_workers_share_the_port_and_are_replaced(start_gate: Any, http_origin: int) -> None:
+    port = free_port()
+    gate = start_gate([{"name": "f", "kind": "forward", "listen": f"127.0.0.1:{port}", "to": f"127.0.0.1:{http_origin}"}],
+                      workers=2)
+
+    def ready_pids() -> list[int]:
+        return [int(p) for p in re.findall(r"ugate ready: .*\(pid (\d+)\)", gate.stderr())]
+
+    deadline = time.monotonic() + 10
+    while len(ready_pids()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = ready_pids()
+    assert len(set(workers)) == 2 and gate.proc.pid not in workers
+    for _ in range(40):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET /w HTTP/1.0\r\n\r\n")
+            s.shutdown(socket.SHUT_WR)
+            answer = b""
+            while chunk := s.recv(4096):
+                answer += chunk
+            assert answer.endswith(b"hello from %d /w\n" % http_origin)
+    os.kill(workers[0], signal.SIGKILL)
+    while len(ready_pids()) < 3 and time.monotonic() < deadline + 10:
+        time.sleep(0.05)
+    assert len(ready_pids()) == 3  # a replacement started
+    assert gate.stop() == 0
+    assert len(gate.records()) == 40
