@@ -48,8 +48,8 @@ def test_drain_is_bounded(start_gate: Any, hash_echo: int) -> None:
 
 def test_workers_share_the_port_and_are_replaced(start_gate: Any, http_origin: int) -> None:
     port = free_port()
-    gate = start_gate([{"name": "f", "kind": "forward", "listen": f"127.0.0.1:{port}", "to": f"127.0.0.1:{http_origin}"}],
-                      workers=2)
+    listener = {"name": "f", "kind": "forward", "listen": f"127.0.0.1:{port}", "to": f"127.0.0.1:{http_origin}"}
+    gate = start_gate([listener], workers=2)
 
     def ready_pids() -> list[int]:
         return [int(p) for p in re.findall(r"ugate ready: .*\(pid (\d+)\)", gate.stderr())]
