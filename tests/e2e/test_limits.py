@@ -1,0 +1,65 @@
+"""Limits: max_flows pauses accepting (the backlog waits), and running out of descriptors makes accept
+back off and recover instead of killing the gateway."""
+
+from __future__ import annotations
+
+import resource
+import socket
+import subprocess
+import time
+from typing import Any
+
+from tests.conftest import free_port
+
+
+def exchange(s: socket.socket, data: bytes) -> bytes:
+    s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+    answer = b""
+    while chunk := s.recv(4096):
+        answer += chunk
+    return answer
+
+
+def test_max_flows_holds_further_clients_in_the_backlog(start_gate: Any, hash_echo: int) -> None:
+    port = free_port()
+    gate = start_gate([{"name": "f", "kind": "forward", "listen": f"127.0.0.1:{port}",
+                        "to": f"127.0.0.1:{hash_echo}", "max_flows": 2}])
+    first = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    time.sleep(0.3)
+    third = socket.create_connection(("127.0.0.1", port), timeout=5)  # completes in the kernel backlog
+    third.sendall(b"abc")
+    third.shutdown(socket.SHUT_WR)
+    third.settimeout(0.5)
+    try:
+        early = third.recv(100)
+    except TimeoutError:
+        early = None
+    assert early is None  # not served while two flows are open
+    assert exchange(first[0], b"x").endswith(b" 1")
+    third.settimeout(5)
+    assert third.recv(100).endswith(b" 3")  # served as soon as a slot freed
+    for s in (first[1], third):
+        s.close()
+    assert gate.alive()
+
+
+def test_descriptor_exhaustion_backs_off_and_recovers(start_gate: Any, http_origin: int) -> None:
+    port = free_port()
+    gate = start_gate([{"name": "f", "kind": "forward", "listen": f"127.0.0.1:{port}",
+                        "to": f"127.0.0.1:{http_origin}"}])
+    pid = gate.proc.pid
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (gate.fd_count() + 6, hard))
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(20)]
+    deadline = time.monotonic() + 5
+    while "accept failed" not in gate.stderr() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "accept failed (Too many open files)" in gate.stderr()
+    assert gate.alive()
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    for c in clients:
+        c.close()
+    url = f"http://127.0.0.1:{port}/after"
+    got = subprocess.run(["curl", "-sf", "--max-time", "10", "--retry", "3", url], capture_output=True)
+    assert got.stdout == f"hello from {http_origin} /after\n".encode()
