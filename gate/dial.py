@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from gate.addr import Endpoint, is_ip
 from gate.errors import UpstreamError, UpstreamRefused, UpstreamTimeout, UpstreamUnreachable
+from splice import Sweeper
 
 __all__ = ["Connect", "literal_family", "open_tcp"]
 
@@ -39,10 +40,12 @@ class Connect:
 
     On success ``on_done`` runs while the socket is still registered for writing and the registration
     is dropped only afterwards, so a relay that starts reading in ``on_done`` reuses the event loop's
-    poll handle instead of closing and re-creating it.
+    poll handle instead of closing and re-creating it. With a ``sweeper`` the connect timeout is
+    checked by that shared coarse timer instead of a loop timer of its own.
     """
 
-    __slots__ = ("_fd", "_loop", "_on_done", "_timer", "dst", "sock")
+    __slots__ = ("_deadline", "_fd", "_loop", "_on_done", "_registered", "_sweeper", "_timeout", "_timer", "dst",
+                 "sock")
 
     def __init__(
         self,
@@ -51,9 +54,14 @@ class Connect:
         family: int,
         timeout: float,
         on_done: Callable[[socket.socket | None, UpstreamError | None], None],
+        sweeper: Sweeper | None = None,
     ) -> None:
         self._loop = loop
         self._on_done: Callable[[socket.socket | None, UpstreamError | None], None] | None = on_done
+        self._sweeper = sweeper
+        self._timer: asyncio.TimerHandle | None = None
+        self._timeout = timeout
+        self._deadline = loop.time() + timeout
         self.dst = dst
         # SOCK_NONBLOCK at creation saves the ioctl that setblocking(False) would cost; no Nagle
         # delay, since a relay must not hold back the small writes it forwards
@@ -61,36 +69,51 @@ class Connect:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._fd = self.sock.fileno()
         err = self.sock.connect_ex((dst.host, dst.port))
-        if err not in (errno.EINPROGRESS, errno.EAGAIN):
-            self._timer: asyncio.TimerHandle | None = None
-            loop.call_soon(self._finish, err, False)
+        self._registered = err in (errno.EINPROGRESS, errno.EAGAIN)
+        if not self._registered:
+            loop.call_soon(self._finish, err)
             return
         loop.add_writer(self._fd, self._writable)
-        self._timer = loop.call_later(timeout, self._timed_out, timeout)
+        if sweeper is not None:
+            sweeper.add(self)
+        else:
+            self._timer = loop.call_later(timeout, self.expire)
+
+    def deadline(self) -> float:
+        return self._deadline
+
+    def expire(self) -> None:
+        """The connect timeout passed."""
+        self._fail(UpstreamTimeout(f"{self.dst}: no answer within {self._timeout:g}s"))
 
     def _writable(self) -> None:
-        self._finish(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), True)
+        self._finish(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
 
-    def _timed_out(self, timeout: float) -> None:
-        self._timer = None
-        self._fail(UpstreamTimeout(f"{self.dst}: no answer within {timeout:g}s"), True)
-
-    def _finish(self, err: int, registered: bool) -> None:
+    def _stop_clock(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._sweeper is not None:
+            self._sweeper.discard(self)
+
+    def _unregister(self) -> None:
+        if self._registered:
+            self._registered = False
+            self._loop.remove_writer(self._fd)
+
+    def _finish(self, err: int) -> None:
         if err:
-            self._fail(upstream_error(self.dst, err), registered)
+            self._fail(upstream_error(self.dst, err))
             return
+        self._stop_clock()
         on_done, self._on_done = self._on_done, None
         if on_done is not None:
             on_done(self.sock, None)
-        if registered:
-            self._loop.remove_writer(self._fd)
+        self._unregister()
 
-    def _fail(self, error: UpstreamError, registered: bool) -> None:
-        if registered:
-            self._loop.remove_writer(self._fd)
+    def _fail(self, error: UpstreamError) -> None:
+        self._stop_clock()
+        self._unregister()
         self.sock.close()
         on_done, self._on_done = self._on_done, None
         if on_done is not None:
@@ -101,10 +124,8 @@ class Connect:
         if self._on_done is None:
             return
         self._on_done = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-            self._loop.remove_writer(self._fd)
+        self._stop_clock()
+        self._unregister()
         self.sock.close()
 
 

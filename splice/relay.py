@@ -21,6 +21,8 @@ import socket
 import struct
 from collections.abc import Callable
 
+from splice.sweep import Sweeper, sweep_interval
+
 __all__ = ["PIPE_POOL", "PipePool", "Relay", "can_splice"]
 
 F_SETPIPE_SZ = 1031  # fcntl.h; not exported by Python 3.11's fcntl module
@@ -29,6 +31,9 @@ PIPE_SIZE = 1 << 20
 # Bytes moved per callback before yielding to other flows (fairness), and per syscall on the copy path.
 SPLICE_CHUNK = PIPE_SIZE
 COPY_BUFFER_SIZE = 256 * 1024
+# "auto" relays copy (cheapest for the small exchanges most connections are) until one read returns this
+# much, which says the flow is bulk; that direction then moves to splice (as HAProxy's splice-auto).
+SPLICE_AUTO_THRESHOLD = 64 * 1024
 # Keep at most this many idle pipe pairs (2 fds each) for reuse; more are closed when returned.
 POOL_MAX_IDLE = 64
 
@@ -146,8 +151,8 @@ class _Pump:
 
 
 class _SplicePump(_Pump):
-    def __init__(self, *args: object) -> None:
-        super().__init__(*args)  # type: ignore[arg-type]
+    def __init__(self, relay: Relay, src: socket.socket, dst: socket.socket, src_name: str, dst_name: str):
+        super().__init__(relay, src, dst, src_name, dst_name)
         self.pipe: tuple[int, int] | None = None
         self.in_pipe = 0  # bytes read into the pipe and not yet written out
 
@@ -205,9 +210,10 @@ class _SplicePump(_Pump):
 
 
 class _CopyPump(_Pump):
-    def __init__(self, *args: object) -> None:
-        super().__init__(*args)  # type: ignore[arg-type]
+    def __init__(self, relay: Relay, src: socket.socket, dst: socket.socket, src_name: str, dst_name: str):
+        super().__init__(relay, src, dst, src_name, dst_name)
         self.pending = b""  # what dst could not take yet; empty unless backpressured
+        self.may_upgrade = False  # "auto": switch to splice once the flow shows it is bulk
 
     def on_readable(self) -> None:
         try:
@@ -232,6 +238,8 @@ class _CopyPump(_Pump):
         if sent < n:
             self.pending = bytes(_COPY_VIEW[sent:n])
             self._wait_writable()
+        elif n >= SPLICE_AUTO_THRESHOLD and self.may_upgrade:
+            self.relay.upgrade(self)
 
     def on_writable(self) -> None:
         try:
@@ -258,24 +266,44 @@ class Relay:
         client: socket.socket,
         upstream: socket.socket,
         *,
-        splice: bool,
+        mode: str,
         idle_timeout: float,
         on_done: Callable[[Relay], None],
         loop: asyncio.AbstractEventLoop | None = None,
+        sweeper: Sweeper | None = None,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
         self.client = client
         self.upstream = upstream
-        self.path = "splice" if splice and can_splice(client, upstream) else "copy"
-        pump = _SplicePump if self.path == "splice" else _CopyPump
-        self.up = pump(self, client, upstream, "client", "upstream")
-        self.down = pump(self, upstream, client, "upstream", "client")
+        splice = mode != "copy" and can_splice(client, upstream)
+        pump: type[_SplicePump | _CopyPump] = _SplicePump if splice and mode == "splice" else _CopyPump
+        self.up: _SplicePump | _CopyPump = pump(self, client, upstream, "client", "upstream")
+        self.down: _SplicePump | _CopyPump = pump(self, upstream, client, "upstream", "client")
+        if splice and mode == "auto":
+            self.up.may_upgrade = self.down.may_upgrade = True  # type: ignore[union-attr]
         self.idle_timeout = idle_timeout
         self.on_done = on_done
         self.last_active = self.loop.time()
         self.close_reason = "open"
-        self._idle_timer: asyncio.TimerHandle | None = None
+        # The idle deadline is watched by a sweeper shared with other flows (or one of our own).
+        self._sweeper = sweeper or Sweeper(self.loop, sweep_interval(idle_timeout))
         self._closed = False
+
+    @property
+    def path(self) -> str:
+        """"splice" once any direction spliced, else "copy"."""
+        return "splice" if isinstance(self.up, _SplicePump) or isinstance(self.down, _SplicePump) else "copy"
+
+    def upgrade(self, pump: _CopyPump) -> None:
+        """Move one direction of an "auto" relay from copy to splice (nothing is in flight)."""
+        spliced = _SplicePump(self, pump.src, pump.dst, pump.src_name, pump.dst_name)
+        spliced.count, spliced.reading = pump.count, pump.reading
+        if pump is self.up:
+            self.up = spliced
+        else:
+            self.down = spliced
+        self.loop.add_reader(spliced.src_fd, spliced.on_readable)  # replaces the copy pump's callback
+        spliced.reading = True
 
     @property
     def bytes_up(self) -> int:
@@ -289,15 +317,13 @@ class Relay:
         """Begin relaying; both sockets must already be non-blocking (the listener made them so)."""
         self.up.start()
         self.down.start()
-        self._idle_timer = self.loop.call_at(self.last_active + self.idle_timeout, self._check_idle)
+        self._sweeper.add(self)
 
-    def _check_idle(self) -> None:
-        deadline = self.last_active + self.idle_timeout
-        if self.loop.time() >= deadline:
-            self._idle_timer = None
-            self.abort("idle timeout")
-        else:
-            self._idle_timer = self.loop.call_at(deadline, self._check_idle)
+    def deadline(self) -> float:
+        return self.last_active + self.idle_timeout
+
+    def expire(self) -> None:
+        self.abort("idle timeout")
 
     def pump_finished(self) -> bool:
         """A direction reached EOF; True if that ended the flow (both directions done)."""
@@ -322,9 +348,7 @@ class Relay:
             return
         self._closed = True
         self.close_reason = reason
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self._sweeper.discard(self)
         self.up.stop()
         self.down.stop()
         for s in (self.client, self.upstream):

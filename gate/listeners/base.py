@@ -21,7 +21,7 @@ from gate.dial import Connect, open_tcp
 from gate.errors import GateError, RejectedByRule
 from gate.flow import Flow
 from gate.router import Decision, FlowKey, Router
-from splice import Relay
+from splice import Relay, Sweeper, sweep_interval
 
 __all__ = ["Context", "Listener", "bind_listening_socket", "reset"]
 
@@ -96,6 +96,9 @@ class Listener:
         self._connecting: dict[Connect, tuple[socket.socket, Flow]] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+        # Coarse shared timers for idle relays and pending connects (cheaper than one per flow).
+        self._idle_sweeper = Sweeper(self.loop, sweep_interval(spec.timeouts.idle))
+        self._connect_sweeper = Sweeper(self.loop, sweep_interval(spec.timeouts.connect))
 
     @property
     def active(self) -> int:
@@ -215,7 +218,7 @@ class Listener:
             else:
                 self._start_relay(flow, conn, upstream)
 
-        attempt = Connect(self.loop, target, family, self.spec.timeouts.connect, connected)
+        attempt = Connect(self.loop, target, family, self.spec.timeouts.connect, connected, self._connect_sweeper)
         self._connecting[attempt] = (conn, flow)
 
     async def relay(self, flow: Flow, conn: socket.socket, upstream: socket.socket) -> None:
@@ -233,10 +236,11 @@ class Listener:
         relay = Relay(
             conn,
             upstream,
-            splice=self.spec.relay != "copy",
+            mode=self.spec.relay,
             idle_timeout=self.spec.timeouts.idle,
             on_done=lambda r: self._relay_done(flow, r),
             loop=self.loop,
+            sweeper=self._idle_sweeper,
         )
         flow.path = relay.path
         flow.relay = relay
@@ -245,6 +249,7 @@ class Listener:
 
     def _relay_done(self, flow: Flow, relay: Relay) -> None:
         self._relays.discard(relay)
+        flow.path = relay.path  # an "auto" relay may have moved to splice since it started
         flow.relay = None  # the relay's on_done refers to the flow: no cycle left behind
         flow.bytes_up += relay.bytes_up
         flow.bytes_down += relay.bytes_down
@@ -291,3 +296,5 @@ class Listener:
             await asyncio.gather(*self._handshakes, return_exceptions=True)
         for relay in list(self._relays):
             relay.abort("shutdown")
+        self._idle_sweeper.close()
+        self._connect_sweeper.close()

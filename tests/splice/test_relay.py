@@ -36,7 +36,7 @@ async def _relayed(path: str, idle: float = 30.0) -> tuple[socket.socket, socket
     client, gw_client = await _pair(loop)
     gw_upstream, server = await _pair(loop)
     done: asyncio.Future[Relay] = loop.create_future()
-    relay = Relay(gw_client, gw_upstream, splice=path == "splice", idle_timeout=idle, on_done=done.set_result)
+    relay = Relay(gw_client, gw_upstream, mode=path, idle_timeout=idle, on_done=done.set_result)
     relay.start()
     return client, server, relay, done
 
@@ -160,5 +160,25 @@ def test_idle_spliced_flows_hold_no_pipes() -> None:
             relay.abort("test over")
             client.close()
             server.close()
+
+    run(test)
+
+
+def test_auto_copies_small_exchanges_and_splices_bulk() -> None:
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        client, server, relay, done = await _relayed("auto")
+        await loop.sock_sendall(client, b"GET / HTTP/1.0\r\n\r\n")
+        assert await loop.sock_recv(server, 100) == b"GET / HTTP/1.0\r\n\r\n"
+        assert relay.path == "copy"
+        bulk = os.urandom(4 << 20)
+        await loop.sock_sendall(server, bulk)
+        server.shutdown(socket.SHUT_WR)
+        client.shutdown(socket.SHUT_WR)
+        assert await _read_all(client) == bulk
+        assert relay.path == "splice"  # the bulk direction moved over
+        assert (await done).bytes_down == len(bulk)
+        client.close()
+        server.close()
 
     run(test)
