@@ -13,6 +13,7 @@ No task per direction: a readable/writable callback does the work, which keeps p
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import fcntl
@@ -82,9 +83,17 @@ _COPY_BUFFER = bytearray(COPY_BUFFER_SIZE)
 _COPY_VIEW = memoryview(_COPY_BUFFER)
 
 
+# socket.socket's family/type properties build enum members on every access, which showed per flow;
+# the C base class holds the same values as plain ints.
+_raw_family = _socket.socket.family.__get__
+_raw_type = _socket.socket.type.__get__
+_TCP_FAMILIES = (socket.AF_INET.value, socket.AF_INET6.value)
+
+
 def can_splice(a: socket.socket, b: socket.socket) -> bool:
     """Both ends are kernel stream sockets, so splice(2) can move bytes between them via a pipe."""
-    return all(s.type == socket.SOCK_STREAM and s.family in (socket.AF_INET, socket.AF_INET6) for s in (a, b))
+    return (_raw_type(a) & 0xF == _raw_type(b) & 0xF == socket.SOCK_STREAM.value
+            and _raw_family(a) in _TCP_FAMILIES and _raw_family(b) in _TCP_FAMILIES)
 
 
 class _Pump:
@@ -286,7 +295,7 @@ class Relay:
         self.last_active = self.loop.time()
         self.close_reason = "open"
         # The idle deadline is watched by a sweeper shared with other flows (or one of our own).
-        self._sweeper = sweeper or Sweeper(self.loop, sweep_interval(idle_timeout))
+        self._sweeper = sweeper if sweeper is not None else Sweeper(self.loop, sweep_interval(idle_timeout))
         self._closed = False
 
     @property

@@ -36,9 +36,6 @@ class Sweeper:
         self._items: set[Expiring] = set()
         self._timer: asyncio.TimerHandle | None = None
 
-    def __len__(self) -> int:
-        return len(self._items)
-
     def add(self, item: Expiring) -> None:
         self._items.add(item)
         if self._timer is None:
