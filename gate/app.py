@@ -17,6 +17,7 @@ import time
 import uvloop
 
 from gate.accesslog import AccessLog
+from gate.capture import applied
 from gate.config import GateConfig
 from gate.listeners import Context, Listener, make_listener
 from gate.listeners.base import bind_listening_socket
@@ -32,7 +33,8 @@ RESTART_DELAY = 1.0  # seconds before a crashed worker is replaced, so a crash l
 async def serve(config: GateConfig, stop: asyncio.Event, *, reuse_port: bool = False) -> None:
     """Run the listeners until ``stop`` is set, then stop accepting and drain within ``timeouts.drain``."""
     access_log = AccessLog(config.log.access)
-    ctx = Context(router=Router(config.routes), access_log=access_log, reuse_port=reuse_port)
+    ctx = Context(router=Router(config.routes), access_log=access_log, reuse_port=reuse_port, mark=config.mark,
+                  own=frozenset(spec.listen for spec in config.listeners))
     listeners: list[Listener] = []
     try:
         for spec in config.listeners:
@@ -125,6 +127,11 @@ def _supervise(config: GateConfig) -> int:
 
 def run(config: GateConfig) -> int:
     """Run the gateway; 0 after a signal-initiated stop, 1 if it could not start."""
-    if config.workers == 1:
-        return _run_loop(config, reuse_port=False)
-    return _supervise(config)
+    try:
+        with applied(config):
+            if config.workers == 1:
+                return _run_loop(config, reuse_port=False)
+            return _supervise(config)
+    except OSError as e:
+        log.error("cannot start: %s", e)
+        return 1

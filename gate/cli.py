@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("--port", type=int, required=True, help="destination port")
     route.add_argument("--src", default=None, help="client address")
     route.add_argument("--host", default=None, help="requested name (SOCKS domain, CONNECT authority, Host)")
+    rules = sub.add_parser("rules", parents=[common], help="firewall/routing rules of the capture section")
+    rules.add_argument("action", choices=["show", "apply", "clear"])
     return parser
 
 
@@ -59,6 +61,26 @@ def _explain(config: GateConfig, args: argparse.Namespace) -> int:
 
 
 
+def _rules(config: GateConfig, action: str) -> int:
+    from gate.capture import rules_of
+    from tproxy.rules import apply, clear
+
+    found = rules_of(config)
+    if found is None:
+        print("the config has no capture section: no rules", file=sys.stderr)
+        return EXIT_CONFIG
+    cap, rules = found
+    if action == "show":
+        print(rules.show(), end="")
+        return 0
+    try:
+        apply(rules, cap) if action == "apply" else clear(cap)
+    except OSError as e:
+        print(f"rules {action} failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     config = _load(args.config)
@@ -66,11 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     level = (args.log_level or config.log.level).upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("pyroute2", "asyncio"):  # their debug output drowns ours
+        logging.getLogger(chatty).setLevel(max(logging.getLogger().level, logging.WARNING))
     if args.command == "check":
         print(f"{args.config}: ok ({len(config.listeners)} listeners, {len(config.routes)} routes)")
         return 0
     if args.command == "route":
         return _explain(config, args)
+    if args.command == "rules":
+        return _rules(config, args.action)
     from gate.app import run  # uvloop is only needed to run
 
     return run(config)

@@ -22,15 +22,18 @@ from gate.errors import ConfigError
 __all__ = [
     "ACTIONS",
     "RELAY_MODES",
+    "CaptureSpec",
     "ForwardSpec",
     "GateConfig",
     "HttpSpec",
     "ListenerSpec",
     "LogSpec",
     "Match",
+    "RedirectSpec",
     "Route",
     "Socks5Spec",
     "Timeouts",
+    "TproxySpec",
     "load_config",
     "parse_config",
 ]
@@ -65,6 +68,8 @@ class ListenerSpec:
     # 20000-descriptor limits common on these machines, for every listener of a small config together.
     max_flows: int = 4096
     relay: str = "auto"
+    # Upstream connections leave from the client's own address (IP_TRANSPARENT), as uproxy does.
+    preserve_source: bool = False
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,20 @@ class ForwardSpec(ListenerSpec):
 
 
 @dataclass(frozen=True)
+class TproxySpec(ListenerSpec):
+    """Transparent TCP (TPROXY): the accepted socket's local address is the original destination."""
+
+    kind: ClassVar[str] = "tproxy"
+
+
+@dataclass(frozen=True)
+class RedirectSpec(ListenerSpec):
+    """REDIRECTed TCP: the original destination comes from conntrack (SO_ORIGINAL_DST)."""
+
+    kind: ClassVar[str] = "redirect"
+
+
+@dataclass(frozen=True)
 class Match:
     """Conditions of a route; an empty tuple means "any". Within a field any item may match."""
 
@@ -110,12 +129,31 @@ class Route:
     match: Match
     action: str
     upstream: Endpoint | None = None
+    preserve_source: bool = False
 
 
 @dataclass(frozen=True)
 class LogSpec:
     level: str = "info"
     access: str = "stderr"  # "stderr", "off", or a file path
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """Which traffic the firewall steers to ugate; see tproxy.rules for the rule sets built from it."""
+
+    mode: str  # "tproxy" | "redirect"
+    role: str  # "router" (forwarded traffic) | "egress" (this host's outbound) | "ingress" (inbound)
+    interfaces: tuple[str, ...] = ()  # router/ingress: capture what arrives on these (empty: any but lo)
+    ports: tuple[tuple[int, int], ...] = ()  # destination ports (empty: all)
+    exclude: tuple[IPNetwork, ...] = ()  # destinations never captured
+    sources: tuple[IPNetwork, ...] = ()  # only these sources (empty: any)
+    backend: str = "nftables"  # "nftables" | "iptables"
+    apply: str = "manual"  # "auto": apply on start, clear on exit
+    route_mark: int = 0x1  # fwmark of TPROXYed packets -> policy routing table below
+    table: int = 100
+    port4: int | None = None  # listener ports the rules steer to (from the config's listeners)
+    port6: int | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +164,10 @@ class GateConfig:
     log: LogSpec = LogSpec()
     # Processes sharing each listening port through SO_REUSEPORT: one event loop uses one core.
     workers: int = 1
+    # SO_MARK on every upstream socket (needs CAP_NET_ADMIN); capture rules skip it so ugate never
+    # captures its own traffic. Defaults to 0x2 when capture is configured, else unset.
+    mark: int | None = None
+    capture: CaptureSpec | None = None
 
 
 class _Problems:
@@ -229,6 +271,58 @@ def _hosts(value: Any) -> tuple[str, ...]:
     return tuple(hosts)
 
 
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
+    return value
+
+
+def _mark(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**32:
+        raise ValueError(f"{value!r} is not a firewall mark (1 .. 0xffffffff)")
+    return value
+
+
+def _interfaces(value: Any) -> tuple[str, ...]:
+    names = _names(value)
+    for name in names:
+        if len(name) > 15 or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise ValueError(f"{name!r} is not an interface name")
+    return names
+
+
+_CAPTURE_KEYS = ("mode", "role", "interfaces", "ports", "exclude", "sources", "backend", "apply", "route_mark",
+                 "table")
+
+
+def _capture(raw: Any, listeners: list[ListenerSpec], p: _Problems) -> CaptureSpec | None:
+    if raw is None:
+        return None
+    w = "capture"
+    m = p.mapping(raw, w, _CAPTURE_KEYS)
+    mode = p.get(m, "mode", w, _one_of(("tproxy", "redirect")), "tproxy")
+    role = p.get(m, "role", w, _one_of(("router", "egress", "ingress")), "router")
+    kind_listeners = [spec for spec in listeners if spec.kind == mode]
+    port4 = next((s.listen.port for s in kind_listeners if ":" not in s.listen.host), None)
+    port6 = next((s.listen.port for s in kind_listeners if ":" in s.listen.host), None)
+    if port4 is None and port6 is None:
+        p.add(f"{w}.mode", f"capture mode {mode} needs a listener of kind {mode}")
+    return CaptureSpec(
+        mode=mode,
+        role=role,
+        interfaces=p.get(m, "interfaces", w, _interfaces, ()),
+        ports=p.get(m, "ports", w, _ports, ()),
+        exclude=p.get(m, "exclude", w, _networks, ()),
+        sources=p.get(m, "sources", w, _networks, ()),
+        backend=p.get(m, "backend", w, _one_of(("nftables",)), "nftables"),
+        apply=p.get(m, "apply", w, _one_of(("auto", "manual")), "manual"),
+        route_mark=p.get(m, "route_mark", w, _mark, 0x1),
+        table=p.get(m, "table", w, _positive_int, 100),
+        port4=port4,
+        port6=port6,
+    )
+
+
 def _workers(value: Any) -> int:
     if value == "auto":
         return len(os.sched_getaffinity(0))
@@ -239,12 +333,14 @@ def _names(value: Any) -> tuple[str, ...]:
     return tuple(_string(item) for item in _as_list(value))
 
 
-_COMMON_KEYS = ("name", "kind", "listen", "max_flows", "relay", "timeouts")
+_COMMON_KEYS = ("name", "kind", "listen", "max_flows", "relay", "timeouts", "preserve_source")
 _TIMEOUT_KEYS = ("handshake", "connect", "idle", "drain")
 _KIND_KEYS: dict[str, tuple[str, ...]] = {
     "socks5": ("users",),
     "http": ("users", "realm"),
     "forward": ("to",),
+    "tproxy": (),
+    "redirect": (),
 }
 
 
@@ -271,7 +367,12 @@ def _listener(raw: Any, where: str, base: Timeouts, p: _Problems) -> ListenerSpe
         "timeouts": _timeouts(m.get("timeouts"), f"{where}.timeouts", base, p),
         "max_flows": p.get(m, "max_flows", where, _positive_int, ListenerSpec.max_flows),
         "relay": p.get(m, "relay", where, _one_of(RELAY_MODES), "auto"),
+        "preserve_source": p.get(m, "preserve_source", where, _bool, False),
     }
+    if kind == "tproxy":
+        return TproxySpec(**common)
+    if kind == "redirect":
+        return RedirectSpec(**common)
     if kind == "socks5":
         return Socks5Spec(**common, users=p.get(m, "users", where, _users, MappingProxyType({})))
     if kind == "http":
@@ -284,7 +385,7 @@ def _listener(raw: Any, where: str, base: Timeouts, p: _Problems) -> ListenerSpe
 
 
 _MATCH_KEYS = ("listener", "dst", "port", "src", "host")
-_ROUTE_KEYS = ("name", "match", "action", "upstream")
+_ROUTE_KEYS = ("name", "match", "action", "upstream", "preserve_source")
 
 
 def _route(raw: Any, index: int, listeners: set[str], p: _Problems) -> Route | None:
@@ -315,13 +416,14 @@ def _route(raw: Any, index: int, listeners: set[str], p: _Problems) -> Route | N
     elif action != "upstream" and "upstream" in m:
         p.add(f"{where}.upstream", f"not allowed with action {action}")
     name = p.get(m, "name", where, _string, f"#{index}")
-    return Route(index=index, name=name, match=match, action=action, upstream=upstream)
+    preserve = p.get(m, "preserve_source", where, _bool, False)
+    return Route(index=index, name=name, match=match, action=action, upstream=upstream, preserve_source=preserve)
 
 
 def parse_config(raw: Any) -> GateConfig:
     """Validate a parsed YAML document; raise ConfigError listing every problem."""
     p = _Problems()
-    top = p.mapping(raw, "config", ("listeners", "routes", "timeouts", "log", "workers"))
+    top = p.mapping(raw, "config", ("listeners", "routes", "timeouts", "log", "workers", "mark", "capture"))
     workers = p.get(top, "workers", "config", _workers, 1)
     timeouts = _timeouts(top.get("timeouts"), "timeouts", Timeouts(), p)
     lm = p.mapping(top.get("log"), "log", ("level", "access"))
@@ -351,9 +453,14 @@ def parse_config(raw: Any) -> GateConfig:
         raw_routes = []
     names = {str(item.get("name")) for item in raw_listeners if isinstance(item, Mapping)}
     routes = [r for i, item in enumerate(raw_routes) if (r := _route(item, i, names, p)) is not None]
+    capture = _capture(top.get("capture"), listeners, p)
+    mark = p.get(top, "mark", "config", _mark, 0x2 if capture else None)
+    if capture and mark == capture.route_mark:
+        p.add("config.mark", f"must differ from capture.route_mark ({mark:#x})")
     if p.items:
         raise ConfigError(p.items)
-    return GateConfig(listeners=tuple(listeners), routes=tuple(routes), timeouts=timeouts, log=log, workers=workers)
+    return GateConfig(listeners=tuple(listeners), routes=tuple(routes), timeouts=timeouts, log=log, workers=workers,
+                      mark=mark, capture=capture)
 
 
 def load_config(path: str | Path) -> GateConfig:

@@ -13,12 +13,14 @@ import functools
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from gate.addr import Endpoint, is_ip
 from gate.errors import UpstreamError, UpstreamRefused, UpstreamTimeout, UpstreamUnreachable
 from splice import Sweeper
+from tproxy.sockopts import set_mark, set_transparent
 
-__all__ = ["Connect", "literal_family", "open_tcp"]
+__all__ = ["Connect", "SocketOptions", "literal_family", "open_tcp"]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -33,6 +35,24 @@ def upstream_error(dst: Endpoint, err: int) -> UpstreamError:
     if err == errno.ETIMEDOUT:
         return UpstreamTimeout(f"{dst}: connect timed out")
     return UpstreamUnreachable(f"{dst}: {errno.errorcode.get(err, os.strerror(err))}")
+
+
+@dataclass(frozen=True, slots=True)
+class SocketOptions:
+    """How an upstream socket is set up before connecting."""
+
+    mark: int | None = None  # SO_MARK, so capture rules skip ugate's own traffic
+    source: tuple[str, int] | None = None  # leave from the client's address (IP_TRANSPARENT bind)
+
+    def apply(self, sock: socket.socket) -> None:
+        if self.mark is not None:
+            set_mark(sock, self.mark)
+        if self.source is not None:
+            set_transparent(sock)
+            try:
+                sock.bind(self.source)  # the client's port too, where it is free here
+            except OSError:
+                sock.bind((self.source[0], 0))
 
 
 class Connect:
@@ -55,6 +75,7 @@ class Connect:
         timeout: float,
         on_done: Callable[[socket.socket | None, UpstreamError | None], None],
         sweeper: Sweeper | None = None,
+        opts: SocketOptions | None = None,
     ) -> None:
         self._loop = loop
         self._on_done: Callable[[socket.socket | None, UpstreamError | None], None] | None = on_done
@@ -68,7 +89,12 @@ class Connect:
         self.sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._fd = self.sock.fileno()
-        err = self.sock.connect_ex((dst.host, dst.port))
+        try:
+            if opts is not None:
+                opts.apply(self.sock)
+            err = self.sock.connect_ex((dst.host, dst.port))
+        except OSError as e:
+            err = e.errno or errno.EINVAL
         self._registered = err in (errno.EINPROGRESS, errno.EAGAIN)
         if not self._registered:
             loop.call_soon(self._finish, err)
@@ -141,7 +167,7 @@ async def _addresses(dst: Endpoint) -> list[tuple[int, Endpoint]]:
     return [(family, Endpoint(str(addr[0]), int(addr[1]))) for family, _, _, _, addr in infos]
 
 
-async def open_tcp(dst: Endpoint, timeout: float) -> socket.socket:
+async def open_tcp(dst: Endpoint, timeout: float, opts: SocketOptions | None = None) -> socket.socket:
     """Connect to ``dst`` (resolving a name, trying each address in turn) within ``timeout`` seconds."""
     loop = asyncio.get_running_loop()
     error: UpstreamError = UpstreamUnreachable(f"{dst}: no address")
@@ -164,7 +190,7 @@ async def open_tcp(dst: Endpoint, timeout: float) -> socket.socket:
                 assert err is not None
                 fut.set_exception(err)
 
-        attempt = Connect(loop, addr, family, max(deadline - loop.time(), 0.001), done)
+        attempt = Connect(loop, addr, family, max(deadline - loop.time(), 0.001), done, opts=opts)
         try:
             return await fut
         except UpstreamError as e:

@@ -32,6 +32,10 @@ class Decision:
     def rule(self) -> str:
         return self.route.name if self.route else "no-match"
 
+    @property
+    def preserve_source(self) -> bool:
+        return self.route is not None and self.route.preserve_source
+
 
 def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     if text is None:

@@ -98,7 +98,8 @@ def start_gate(tmp_path: Path) -> Iterator[Any]:
     """``start_gate(listeners, routes=..., **top)`` starts ugate and waits for every listener."""
     gates: list[Gate] = []
 
-    def start(listeners: list[dict[str, Any]], routes: list[dict[str, Any]] | None = None, **top: Any) -> Gate:
+    def start(listeners: list[dict[str, Any]], routes: list[dict[str, Any]] | None = None,
+              netns: str | None = None, **top: Any) -> Gate:
         access = tmp_path / f"access{len(gates)}.log"
         config: dict[str, Any] = {
             "log": {"level": "debug", "access": str(access)},
@@ -110,8 +111,9 @@ def start_gate(tmp_path: Path) -> Iterator[Any]:
         path = tmp_path / f"gate{len(gates)}.yaml"
         path.write_text(yaml.safe_dump(config))
         err = tmp_path / f"gate{len(gates)}.stderr"
+        prefix = ["ip", "netns", "exec", netns] if netns else []
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gate", "--config", str(path)],
+            [*prefix, sys.executable, "-m", "gate", "--config", str(path)],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err.open("wb"),
         )
         gate = Gate(proc, config, access, err)

@@ -13,15 +13,17 @@ import logging
 import socket
 import struct
 from dataclasses import dataclass
+from typing import ClassVar
 
 from gate.accesslog import AccessLog
 from gate.addr import Endpoint
 from gate.config import ListenerSpec
-from gate.dial import Connect, open_tcp
+from gate.dial import Connect, SocketOptions, literal_family, open_tcp
 from gate.errors import GateError, RejectedByRule
 from gate.flow import Flow
 from gate.router import Decision, FlowKey, Router
 from splice import Relay, Sweeper, sweep_interval
+from tproxy.sockopts import is_local_address, set_transparent
 
 __all__ = ["Context", "Listener", "bind_listening_socket", "reset"]
 
@@ -41,9 +43,18 @@ class Context:
     router: Router
     access_log: AccessLog
     reuse_port: bool = False
+    mark: int | None = None  # SO_MARK of upstream sockets (the capture rules skip it)
+    own: frozenset[Endpoint] = frozenset()  # our listeners' addresses: never a destination
+
+    def is_own(self, dst: Endpoint) -> bool:
+        """``dst`` is one of our listeners (a flow there would loop back into ugate)."""
+        if dst in self.own:
+            return True
+        wildcard = any(e.port == dst.port and e.host in ("0.0.0.0", "::") for e in self.own)
+        return wildcard and is_local_address(dst.host)
 
 
-def bind_listening_socket(at: Endpoint, *, reuse_port: bool = False) -> socket.socket:
+def bind_listening_socket(at: Endpoint, *, reuse_port: bool = False, transparent: bool = False) -> socket.socket:
     """A non-blocking listening socket; IPv6 sockets are v6-only so v4 and v6 listeners never collide.
 
     ``reuse_port``: several worker processes each bind the same port and the kernel spreads new
@@ -58,6 +69,8 @@ def bind_listening_socket(at: Endpoint, *, reuse_port: bool = False) -> socket.s
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if transparent:
+            set_transparent(sock)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(addr)
@@ -84,6 +97,8 @@ def _endpoint(addr: tuple[str, int] | tuple[str, int, int, int]) -> Endpoint:
 class Listener:
     """Base of the TCP listener kinds; subclasses implement ``handle``."""
 
+    transparent: ClassVar[bool] = False  # IP_TRANSPARENT listening socket (TPROXY)
+
     def __init__(self, spec: ListenerSpec, ctx: Context) -> None:
         self.spec = spec
         self.ctx = ctx
@@ -105,7 +120,8 @@ class Listener:
         return len(self._handshakes) + len(self._connecting) + len(self._relays)
 
     def start(self) -> None:
-        self.sock = bind_listening_socket(self.spec.listen, reuse_port=self.ctx.reuse_port)
+        self.sock = bind_listening_socket(self.spec.listen, reuse_port=self.ctx.reuse_port,
+                                          transparent=self.transparent)
         self._resume_accepting()
         log.info("listener %s (%s) on %s", self.spec.name, self.spec.kind, self.spec.listen)
 
@@ -187,6 +203,33 @@ class Listener:
         flow.upstream = decision.upstream
         return decision
 
+    def socket_options(self, flow: Flow, decision: Decision) -> SocketOptions | None:
+        """The upstream socket's mark, and the client's address to leave from when preserving it."""
+        preserve = decision.preserve_source or self.spec.preserve_source
+        if not preserve and self.ctx.mark is None:
+            return None
+        return SocketOptions(self.ctx.mark, (flow.client.host, flow.client.port) if preserve else None)
+
+    def route_without_handshake(self, conn: socket.socket, flow: Flow) -> None:
+        """For kinds that know the destination at accept (forward, tproxy, redirect): decide and, when
+        the target is an address literal, connect and relay without a task; else take ``handle``."""
+        assert flow.dst is not None
+        if self.ctx.is_own(flow.dst):
+            flow.close_reason = "refused: the destination is ugate itself (a loop)"
+            log.warning("%s: %s -> %s refused: destination is one of our listeners", self.spec.name,
+                        flow.client, flow.dst)
+            reset(conn)
+            conn.close()
+            self._flow_done(flow)
+            return
+        decision = self.decide(flow)
+        target = decision.upstream or flow.dst
+        family = literal_family(target.host) if decision.action != "reject" else None
+        if family is None:
+            Listener.accepted(self, conn, flow)  # rejects and names to resolve take the general path
+        else:
+            self.connect_and_relay(conn, flow, decision, family)
+
     async def connect(self, flow: Flow) -> socket.socket:
         """Route ``flow`` and open its upstream; raise RejectedByRule or an UpstreamError."""
         decision = self.decide(flow)
@@ -196,7 +239,7 @@ class Listener:
         target = decision.upstream or flow.dst
         assert target is not None
         try:
-            return await open_tcp(target, self.spec.timeouts.connect)
+            return await open_tcp(target, self.spec.timeouts.connect, self.socket_options(flow, decision))
         except GateError as e:
             flow.close_reason = f"upstream: {e}"
             raise
@@ -218,7 +261,8 @@ class Listener:
             else:
                 self._start_relay(flow, conn, upstream)
 
-        attempt = Connect(self.loop, target, family, self.spec.timeouts.connect, connected, self._connect_sweeper)
+        attempt = Connect(self.loop, target, family, self.spec.timeouts.connect, connected, self._connect_sweeper,
+                          self.socket_options(flow, decision))
         self._connecting[attempt] = (conn, flow)
 
     async def relay(self, flow: Flow, conn: socket.socket, upstream: socket.socket) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 
 from gate.config import ForwardSpec
-from gate.dial import literal_family
 from gate.errors import GateError
 from gate.flow import Flow
 from gate.listeners.base import Listener, reset
@@ -17,17 +16,11 @@ class ForwardListener(Listener):
     spec: ForwardSpec
 
     def accepted(self, conn: socket.socket, flow: Flow) -> None:
-        """Nothing to read first: when the route leads to an address literal, skip the task entirely."""
         flow.dst = self.spec.to
-        decision = self.decide(flow)
-        target = decision.upstream or flow.dst
-        family = literal_family(target.host) if decision.action != "reject" else None
-        if family is None:
-            super().accepted(conn, flow)  # rejects and names to resolve take the general path
-        else:
-            self.connect_and_relay(conn, flow, decision, family)
+        self.route_without_handshake(conn, flow)
 
     async def handle(self, conn: socket.socket, flow: Flow) -> None:
+        """The general path (rejects, names to resolve): connect, then relay; failures reset the client."""
         try:
             upstream = await self.connect(flow)
         except GateError:

@@ -1,0 +1,46 @@
+"""The config's ``capture:`` section as tproxy rule sets: show, apply, clear, and apply-for-a-run."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+from gate.config import GateConfig
+from tproxy.rules import Capture, RuleSet, apply, build, clear
+
+__all__ = ["applied", "capture_of", "rules_of"]
+
+log = logging.getLogger("ugate")
+
+
+def capture_of(config: GateConfig) -> Capture | None:
+    spec = config.capture
+    if spec is None:
+        return None
+    assert config.mark is not None  # the config gives capture a default bypass mark
+    return Capture(mode=spec.mode, role=spec.role, port4=spec.port4, port6=spec.port6, bypass_mark=config.mark,
+                   route_mark=spec.route_mark, table=spec.table, interfaces=spec.interfaces, ports=spec.ports,
+                   exclude=spec.exclude, sources=spec.sources)
+
+
+def rules_of(config: GateConfig) -> tuple[Capture, RuleSet] | None:
+    cap = capture_of(config)
+    return None if cap is None else (cap, build(cap))
+
+
+@contextlib.contextmanager
+def applied(config: GateConfig) -> Iterator[None]:
+    """With ``capture.apply: auto``: install the rules for the run, and clear them however it ends."""
+    found = rules_of(config)
+    if found is None or config.capture is None or config.capture.apply != "auto":
+        yield
+        return
+    cap, rules = found
+    apply(rules, cap)
+    log.info("capture rules applied (%s, %s)", cap.mode, cap.role)
+    try:
+        yield
+    finally:
+        clear(cap)
+        log.info("capture rules cleared")

@@ -1,0 +1,166 @@
+"""Transparent capture end to end in network namespaces the tests create (and always remove):
+router role with TPROXY and REDIRECT over IPv4 and IPv6, source preservation, the egress sidecar, and
+rules that leave a namespace exactly as they found it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT
+from tproxy import netns
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+PREFIX = f"ugt{os.getpid() % 100000}"
+WEB = 8080
+IPERF_COOKIE = 37  # iperf3 opens each data stream with a 37-byte cookie that its byte counts leave out
+
+
+def spawn(topo: netns.Topology, role: str, *argv: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(topo.cmd(role, *argv), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_listening(topo: netns.Topology, role: str, port: int) -> None:
+    deadline = time.monotonic() + 10
+    while f":{port} " not in topo.run(role, "ss", "-Hltn"):
+        assert time.monotonic() < deadline, f"nothing listens on {port} in {role}"
+        time.sleep(0.05)
+
+
+def curl(topo: netns.Topology, role: str, url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(topo.cmd(role, "curl", "-sS", "--max-time", "10", *args, url), capture_output=True,
+                          text=True)
+
+
+def state(topo: netns.Topology, role: str) -> str:
+    """Everything capture may touch in a namespace: nft ruleset, ip rules, routes of every table (but the
+    kernel's own local table and IPv6 link-local routes, which change by themselves as links settle)."""
+    text = "\n".join(topo.run(role, *cmd) for cmd in (
+        ["nft", "list", "ruleset"], ["ip", "rule"], ["ip", "-6", "rule"],
+        ["ip", "route", "show", "table", "all"], ["ip", "-6", "route", "show", "table", "all"]))
+    return "\n".join(line for line in text.splitlines() if "table local" not in line and "fe80" not in line)
+
+
+@pytest.fixture(scope="module")
+def router() -> Iterator[netns.Topology]:
+    netns.remove(PREFIX)
+    topo = netns.router(PREFIX)
+    servers = [spawn(topo, "server", sys.executable, "-m", "tests.e2e.peer_server", str(WEB)),
+               spawn(topo, "server", "iperf3", "-s", "-p", "5201")]
+    try:
+        wait_listening(topo, "server", WEB)
+        wait_listening(topo, "server", 5201)
+        yield topo
+    finally:
+        for proc in servers:
+            proc.terminate()
+            proc.wait()
+        topo.remove()
+
+
+def gateway_config(mode: str, **listener: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    listeners = [{"name": f"{mode}4", "kind": mode, "listen": "0.0.0.0:15001", **listener},
+                 {"name": f"{mode}6", "kind": mode, "listen": "[::]:15006", **listener}]
+    capture = {"mode": mode, "role": "router", "interfaces": ["lan0"], "apply": "auto"}
+    return listeners, capture
+
+
+@pytest.mark.parametrize("mode", ["tproxy", "redirect"])
+@pytest.mark.parametrize("preserve", [False, True], ids=["gateway-source", "client-source"])
+def test_router_captures_tcp_v4_and_v6(start_gate: Any, router: netns.Topology, mode: str, preserve: bool) -> None:
+    if mode == "redirect" and preserve:
+        pytest.skip("source preservation needs TPROXY (a REDIRECTed flow's replies are NATed back)")
+    before = state(router, "gateway")
+    listeners, capture = gateway_config(mode, preserve_source=preserve)
+    gate = start_gate(listeners, netns=router.ns["gateway"], capture=capture)
+    a = router.addr
+    for server, client, gw in ((a["server4"], a["client4"], a["gateway_wan4"]),
+                               (f"[{a['server6']}]", a["client6"], a["gateway_wan6"])):
+        got = curl(router, "client", f"http://{server}:{WEB}/")
+        assert got.returncode == 0, got.stderr + gate.stderr()[-2000:]
+        assert got.stdout == f"you are {client if preserve else gw}\n"
+    records = gate.wait_records(2)
+    assert [r["dst"] for r in records] == [f"{a['server4']}:{WEB}", f"[{a['server6']}]:{WEB}"]
+    assert [r["listener"] for r in records] == [f"{mode}4", f"{mode}6"]
+    assert gate.stop() == 0
+    assert state(router, "gateway") == before  # apply: auto cleared everything on exit
+
+
+def test_router_iperf3_through_tproxy(start_gate: Any, router: netns.Topology) -> None:
+    listeners, capture = gateway_config("tproxy")
+    gate = start_gate(listeners, netns=router.ns["gateway"], capture=capture)
+    out = router.run("client", "iperf3", "-c", router.addr["server4"], "-n", "200M", "-J")
+    end = json.loads(out)["end"]
+    sent, received = end["sum_sent"]["bytes"], end["sum_received"]["bytes"]
+    assert sent >= 200 * 2**20 and received > 0.9 * sent
+    gate.stop()  # the flows' records are complete once the gateway has drained
+    (record,) = [r for r in gate.records() if r["bytes_up"] > 2**20]
+    # iperf3's server resets its data stream when the test ends, so bytes still in flight are dropped
+    # (checksummed transfers elsewhere prove exactness); the relay carried all it was given, no more.
+    assert received + IPERF_COOKIE <= record["bytes_up"] <= sent + IPERF_COOKIE
+    assert record["path"] == "splice" and record["dst"] == f"{router.addr['server4']}:5201"
+
+
+def test_rules_survive_kill_9_and_clear_exactly(start_gate: Any, router: netns.Topology, tmp_path: Any) -> None:
+    before = state(router, "gateway")
+    listeners, capture = gateway_config("tproxy")
+    gate = start_gate(listeners, netns=router.ns["gateway"], capture=capture)
+    assert state(router, "gateway") != before
+    gate.proc.send_signal(signal.SIGKILL)
+    gate.proc.wait()
+    assert "table inet ugate" in router.run("gateway", "nft", "list", "ruleset")  # left behind
+    config = tmp_path / "gate0.yaml"
+    done = subprocess.run(router.cmd("gateway", sys.executable, "-m", "gate", "rules", "clear", "--config",
+                                     str(config)), cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert state(router, "gateway") == before
+    # a restart after kill -9 also starts clean (apply clears first), and clears on exit
+    gate = start_gate(listeners, netns=router.ns["gateway"], capture=capture)
+    gate.proc.send_signal(signal.SIGKILL)
+    gate.proc.wait()
+    gate = start_gate(listeners, netns=router.ns["gateway"], capture=capture)
+    assert router.run("gateway", "nft", "list", "ruleset").count("table inet ugate") == 1
+    assert gate.stop() == 0
+    assert state(router, "gateway") == before
+
+
+@pytest.fixture
+def sidecar() -> Iterator[netns.Topology]:
+    topo = netns.sidecar(PREFIX + "x")
+    server = spawn(topo, "server", sys.executable, "-m", "tests.e2e.peer_server", str(WEB))
+    try:
+        wait_listening(topo, "server", WEB)
+        yield topo
+    finally:
+        server.terminate()
+        server.wait()
+        topo.remove()
+
+
+@pytest.mark.parametrize("mode", ["redirect", "tproxy"])
+def test_egress_sidecar_captures_the_app_but_not_itself(start_gate: Any, sidecar: netns.Topology, mode: str) -> None:
+    listeners = [{"name": "out4", "kind": mode, "listen": "0.0.0.0:15001"},
+                 {"name": "out6", "kind": mode, "listen": "[::]:15006"}]
+    gate = start_gate(listeners, netns=sidecar.ns["app"],
+                      capture={"mode": mode, "role": "egress", "ports": [WEB], "apply": "auto"})
+    a = sidecar.addr
+    for server in (a["server4"], f"[{a['server6']}]"):
+        got = curl(sidecar, "app", f"http://{server}:{WEB}/")
+        assert got.returncode == 0, got.stderr + gate.stderr()[-2000:]
+    records = gate.wait_records(2)
+    # exactly one record per app connection: ugate's own upstream connection was not captured again
+    assert [r["dst"] for r in records] == [f"{a['server4']}:{WEB}", f"[{a['server6']}]:{WEB}"]
+    assert all(r["close"] == "eof" for r in records)
+    refused = curl(sidecar, "app", "http://127.0.0.1:15001/")  # straight at ugate's own listener
+    assert refused.returncode != 0
+    record = gate.wait_records(3)[-1]
+    assert record["close"].startswith("refused"), record
+    assert gate.stop() == 0

@@ -1,0 +1,113 @@
+"""Network-namespace topologies for trying and testing capture (iproute2 commands, root only).
+
+``router``: client -- gateway -- server, the gateway forwarding between a LAN and a WAN veth, IPv4 and
+IPv6. ``sidecar``: an app namespace (where ugate runs beside the app) linked to a server namespace.
+Every namespace name starts with the given prefix, so ``remove`` (also ``scripts/netns down``) can find
+what a crashed run left.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+
+__all__ = ["Topology", "remove", "router", "sidecar"]
+
+
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise OSError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+
+@dataclass
+class Topology:
+    """Namespace names by role, and the addresses the roles have."""
+
+    ns: dict[str, str]
+    addr: dict[str, str] = field(default_factory=dict)  # e.g. "server4" -> "10.77.2.2"
+
+    def cmd(self, role: str, *argv: str) -> list[str]:
+        """``argv`` run inside the role's namespace."""
+        return ["ip", "netns", "exec", self.ns[role], *argv]
+
+    def run(self, role: str, *argv: str) -> str:
+        return subprocess.run(self.cmd(role, *argv), check=True, capture_output=True, text=True).stdout
+
+    def remove(self) -> None:
+        for name in self.ns.values():
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def _namespace(name: str) -> None:
+    _ip("netns", "add", name)
+    _ip("-n", name, "link", "set", "lo", "up")
+
+
+def _link(ns_a: str, if_a: str, ns_b: str, if_b: str) -> None:
+    _ip("link", "add", if_a, "netns", ns_a, "type", "veth", "peer", "name", if_b, "netns", ns_b)
+    _ip("-n", ns_a, "link", "set", if_a, "up")
+    _ip("-n", ns_b, "link", "set", if_b, "up")
+
+
+def _addr(ns: str, ifname: str, *cidrs: str) -> None:
+    for cidr in cidrs:
+        extra = ["nodad"] if ":" in cidr else []  # usable at once, not "tentative" for a second
+        _ip("-n", ns, "addr", "add", cidr, "dev", ifname, *extra)
+
+
+def _sysctl(ns: str, *settings: str) -> None:
+    subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", *settings], check=True, capture_output=True)
+
+
+def router(prefix: str) -> Topology:
+    """client (10.77.1.2, fd77:1::2) -> gateway (lan0 .1 / wan0 10.77.2.1) -> server (10.77.2.2, fd77:2::2)."""
+    topo = Topology({"client": f"{prefix}-c", "gateway": f"{prefix}-g", "server": f"{prefix}-s"})
+    try:
+        for name in topo.ns.values():
+            _namespace(name)
+        c, g, s = topo.ns["client"], topo.ns["gateway"], topo.ns["server"]
+        _link(c, "eth0", g, "lan0")
+        _link(g, "wan0", s, "eth0")
+        _addr(c, "eth0", "10.77.1.2/24", "fd77:1::2/64")
+        _addr(g, "lan0", "10.77.1.1/24", "fd77:1::1/64")
+        _addr(g, "wan0", "10.77.2.1/24", "fd77:2::1/64")
+        _addr(s, "eth0", "10.77.2.2/24", "fd77:2::2/64")
+        for ns, via4, via6 in ((c, "10.77.1.1", "fd77:1::1"), (s, "10.77.2.1", "fd77:2::1")):
+            _ip("-n", ns, "route", "add", "default", "via", via4)
+            _ip("-n", ns, "-6", "route", "add", "default", "via", via6)
+        _sysctl(g, "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1", "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0")
+    except BaseException:
+        topo.remove()
+        raise
+    topo.addr.update(client4="10.77.1.2", client6="fd77:1::2", gateway_lan4="10.77.1.1", gateway_wan4="10.77.2.1",
+                     gateway_wan6="fd77:2::1", server4="10.77.2.2", server6="fd77:2::2")
+    return topo
+
+
+def sidecar(prefix: str) -> Topology:
+    """app (10.78.1.1, fd78:1::1; ugate runs here) -- server (10.78.1.2, fd78:1::2)."""
+    topo = Topology({"app": f"{prefix}-a", "server": f"{prefix}-s"})
+    try:
+        for name in topo.ns.values():
+            _namespace(name)
+        a, s = topo.ns["app"], topo.ns["server"]
+        _link(a, "eth0", s, "eth0")
+        _addr(a, "eth0", "10.78.1.1/24", "fd78:1::1/64")
+        _addr(s, "eth0", "10.78.1.2/24", "fd78:1::2/64")
+    except BaseException:
+        topo.remove()
+        raise
+    topo.addr.update(app4="10.78.1.1", app6="fd78:1::1", server4="10.78.1.2", server6="fd78:1::2")
+    return topo
+
+
+def remove(prefix: str) -> list[str]:
+    """Delete every namespace whose name starts with ``prefix``; returns their names."""
+    names = [line.split()[0] for line in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                                        text=True).stdout.splitlines() if line.strip()]
+    gone = [n for n in names if n.startswith(prefix)]
+    for name in gone:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return gone

@@ -1,0 +1,230 @@
+"""Firewall and policy-routing rule sets for capture, built as plain data first, applied and cleared apart.
+
+``build`` turns a capture spec into a RuleSet (an nftables script for one ``inet`` table owned by ugate,
+plus ``ip rule`` / ``ip route`` entries for TPROXY); a test compares that without root. ``apply`` and
+``clear`` change the current network namespace; everything they add is recognisable as ugate's (the
+table name, the route protocol number, the rule's fwmark + table pair), so ``clear`` removes exactly
+that, also after a crash (``apply`` clears first).
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import socket
+import subprocess
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, ParamSpec
+
+P = ParamSpec("P")
+
+__all__ = ["NFT_TABLE", "RT_PROTO", "Capture", "IpRule", "LocalRoute", "RuleSet", "apply", "build", "clear"]
+
+NFT_TABLE = "ugate"  # `table inet ugate`: ours alone, created and deleted whole
+RT_PROTO = 117  # rtm_protocol of our routes (ASCII "u"): how clear() knows them
+RULE_PRIORITY = 32000  # before the main table (32766)
+
+
+@dataclass(frozen=True)
+class Capture:
+    """What the rules need to know (a projection of gate.config.CaptureSpec, so tproxy/ needs no gate/)."""
+
+    mode: str  # "tproxy" | "redirect"
+    role: str  # "router" | "egress" | "ingress"
+    port4: int | None
+    port6: int | None
+    bypass_mark: int  # ugate's own sockets carry it: never captured
+    route_mark: int = 0x1
+    table: int = 100
+    interfaces: tuple[str, ...] = ()
+    ports: tuple[tuple[int, int], ...] = ()
+    exclude: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
+@dataclass(frozen=True)
+class IpRule:
+    family: int
+    fwmark: int
+    table: int
+    priority: int = RULE_PRIORITY
+
+    def __str__(self) -> str:
+        ip = "ip -6" if self.family == socket.AF_INET6 else "ip"
+        return f"{ip} rule add fwmark {self.fwmark:#x} lookup {self.table} priority {self.priority}"
+
+
+@dataclass(frozen=True)
+class LocalRoute:
+    """``local <any> dev lo table N``: marked packets are delivered to local (transparent) sockets."""
+
+    family: int
+    table: int
+
+    def __str__(self) -> str:
+        ip, dst = ("ip -6", "::/0") if self.family == socket.AF_INET6 else ("ip", "0.0.0.0/0")
+        return f"{ip} route add local {dst} dev lo table {self.table} proto {RT_PROTO}"
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    nft: str
+    ip_rules: tuple[IpRule, ...] = ()
+    routes: tuple[LocalRoute, ...] = ()
+
+    def show(self) -> str:
+        """What ``ugate rules show`` prints: exactly what ``apply`` installs."""
+        lines = ["# nftables (nft -f -)", self.nft.rstrip()]
+        if self.ip_rules or self.routes:
+            lines += ["", "# policy routing (applied through pyroute2)"]
+            lines += [*map(str, self.ip_rules), *map(str, self.routes)]
+        return "\n".join(lines) + "\n"
+
+
+def _set(items: Iterable[str]) -> str:
+    items = list(items)
+    return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
+
+
+def _ports(ports: tuple[tuple[int, int], ...]) -> str:
+    return _set(f"{lo}-{hi}" if lo != hi else str(lo) for lo, hi in ports)
+
+
+def _family_filters(cap: Capture, version: int) -> list[str]:
+    """Statements that end in ``return`` for traffic this family must not capture."""
+    ip = "ip" if version == 4 else "ip6"
+    out = []
+    excluded = [str(n) for n in cap.exclude if n.version == version]
+    if excluded:
+        out.append(f"meta nfproto ipv{version} {ip} daddr {_set(excluded)} return")
+    sources = [str(n) for n in cap.sources if n.version == version]
+    if sources:
+        out.append(f"meta nfproto ipv{version} {ip} saddr != {_set(sources)} return")
+    return out
+
+
+def _match(cap: Capture) -> str:
+    """The TCP part every capturing statement shares."""
+    dport = f" tcp dport {_ports(cap.ports)}" if cap.ports else ""
+    return f"meta l4proto tcp{dport}"
+
+
+def _chain(name: str, kind: str, hook: str, prio: str, body: list[str]) -> str:
+    lines = [f"  chain {name} {{", f"    type {kind} hook {hook} priority {prio}; policy accept;"]
+    lines += [f"    {statement}" for statement in body]
+    lines.append("  }")
+    return "\n".join(lines)
+
+
+def _steer(cap: Capture, action4: str, action6: str) -> list[str]:
+    out = []
+    for version, port, action in ((4, cap.port4, action4), (6, cap.port6, action6)):
+        if port is not None:
+            out.append(f"meta nfproto ipv{version} {_match(cap)} {action.format(port=port)}")
+    return out
+
+
+def build(cap: Capture) -> RuleSet:
+    """The rule set for ``cap``; pure, so tests compare it as text."""
+    iif = f"iifname {_set(chr(34) + i + chr(34) for i in cap.interfaces)} " if cap.interfaces else ""
+    filters = _family_filters(cap, 4) + _family_filters(cap, 6)
+    skip_own = f"meta mark {cap.bypass_mark:#x} return"
+    mark = f"meta mark set {cap.route_mark:#x}"
+    chains = []
+    if cap.mode == "tproxy":
+        tproxy = (f"tproxy ip to :{{port}} {mark} accept", f"tproxy ip6 to :{{port}} {mark} accept")
+        # Packets of connections a transparent socket already owns (incl. replies to source-preserving
+        # upstream sockets) go to that socket, not to the listener.
+        owned = f"meta l4proto tcp socket transparent 1 {mark} accept"
+        if cap.role == "egress":
+            # Locally generated: mark in OUTPUT so the policy route sends it over lo, where PREROUTING
+            # hands it to the listener.
+            out = [skip_own, "fib daddr type local return", *filters, f"{_match(cap)} {mark}"]
+            chains.append(_chain("output", "route", "output", "mangle", out))
+            pre = [owned, *[f'iifname "lo" meta mark {cap.route_mark:#x} {s}' for s in _steer(cap, *tproxy)]]
+        else:
+            local = "fib daddr type local return" if cap.role == "router" else "fib daddr type != local return"
+            pre = [owned, skip_own, local, *filters, *[f"{iif}{s}" for s in _steer(cap, *tproxy)]]
+        chains.insert(0, _chain("prerouting", "filter", "prerouting", "mangle", pre))
+        families = [f for f, port in ((socket.AF_INET, cap.port4), (socket.AF_INET6, cap.port6)) if port]
+        rules = tuple(IpRule(f, cap.route_mark, cap.table) for f in families)
+        routes = tuple(LocalRoute(f, cap.table) for f in families)
+    else:
+        redirect = ("redirect to :{port}", "redirect to :{port}")
+        if cap.role == "egress":
+            out = [skip_own, "fib daddr type local return", *filters, *_steer(cap, *redirect)]
+            chains.append(_chain("output", "nat", "output", "-100", out))
+        else:
+            local = "fib daddr type local return" if cap.role == "router" else "fib daddr type != local return"
+            pre = [local, *filters, *[f"{iif}{s}" for s in _steer(cap, *redirect)]]
+            chains.append(_chain("prerouting", "nat", "prerouting", "dstnat", pre))
+        rules, routes = (), ()
+    nft = f"table inet {NFT_TABLE} {{\n" + "\n".join(chains) + "\n}\n"
+    return RuleSet(nft=nft, ip_rules=rules, routes=routes)
+
+
+# -- applying (needs CAP_NET_ADMIN in the namespace) ---------------------------------------------
+
+
+def _nft(script: str) -> None:
+    done = subprocess.run(["nft", "-f", "-"], input=script, text=True, capture_output=True)
+    if done.returncode != 0:
+        raise OSError(f"nft failed: {done.stderr.strip()}")
+
+
+def _local_route(family: int, table: int, oif: int) -> dict[str, Any]:
+    """pyroute2 arguments of ``local default dev lo table N`` (IPv4 local routes need host scope)."""
+    args: dict[str, Any] = {"family": family, "dst": "::" if family == socket.AF_INET6 else "0.0.0.0",
+                            "dst_len": 0, "table": table, "type": "local", "oif": oif, "proto": RT_PROTO}
+    if family == socket.AF_INET:
+        args["scope"] = 254  # RT_SCOPE_HOST
+    return args
+
+
+def _netlink_errors_as_oserror(fn: Callable[P, None]) -> Callable[P, None]:
+    """pyroute2's NetlinkError is not an OSError; callers handle one kind of failure."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
+        from pyroute2 import NetlinkError
+
+        try:
+            fn(*args, **kwargs)
+        except NetlinkError as e:
+            raise OSError(e.code, f"netlink: {e}") from None
+
+    return wrapper
+
+
+@_netlink_errors_as_oserror
+def clear(cap: Capture) -> None:
+    """Remove ugate's table, fwmark rules and local routes from this namespace (idempotent)."""
+    # "add" then "delete" is nft's idiom for "delete if it exists".
+    _nft(f"add table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n")
+    from pyroute2 import IPRoute  # imported here: only apply/clear need netlink
+
+    with IPRoute() as ipr:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for rule in ipr.get_rules(family=family):
+                if rule.get("table") == cap.table and rule.get_attr("FRA_FWMARK") == cap.route_mark:
+                    ipr.rule("del", family=family, table=cap.table, fwmark=cap.route_mark,
+                             priority=rule.get_attr("FRA_PRIORITY"))
+            for route in ipr.get_routes(family=family, table=cap.table):
+                if route["proto"] == RT_PROTO and route.get_attr("RTA_TABLE") == cap.table:
+                    ipr.route("del", **_local_route(family, cap.table, route.get_attr("RTA_OIF")))
+
+
+@_netlink_errors_as_oserror
+def apply(rules: RuleSet, cap: Capture) -> None:
+    """Install ``rules`` after clearing what an earlier run may have left."""
+    clear(cap)
+    _nft(rules.nft)
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        for rule in rules.ip_rules:
+            ipr.rule("add", family=rule.family, fwmark=rule.fwmark, table=rule.table, priority=rule.priority)
+        for route in rules.routes:
+            ipr.route("add", **_local_route(route.family, route.table, lo))
