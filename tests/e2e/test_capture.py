@@ -73,11 +73,11 @@ def gateway_config(mode: str, **listener: Any) -> tuple[list[dict[str, Any]], di
     return listeners, capture
 
 
-@pytest.mark.parametrize("mode", ["tproxy", "redirect"])
-@pytest.mark.parametrize("preserve", [False, True], ids=["gateway-source", "client-source"])
+# Source preservation needs the TPROXY rules (they deliver the server's replies to the client's address
+# to our transparent upstream socket), so it is not combined with REDIRECT.
+@pytest.mark.parametrize(("mode", "preserve"), [("tproxy", False), ("tproxy", True), ("redirect", False)],
+                         ids=["tproxy", "tproxy-client-source", "redirect"])
 def test_router_captures_tcp_v4_and_v6(start_gate: Any, router: netns.Topology, mode: str, preserve: bool) -> None:
-    if mode == "redirect" and preserve:
-        pytest.skip("source preservation needs TPROXY (a REDIRECTed flow's replies are NATed back)")
     before = state(router, "gateway")
     listeners, capture = gateway_config(mode, preserve_source=preserve)
     gate = start_gate(listeners, netns=router.ns["gateway"], capture=capture)
@@ -164,3 +164,27 @@ def test_egress_sidecar_captures_the_app_but_not_itself(start_gate: Any, sidecar
     record = gate.wait_records(3)[-1]
     assert record["close"].startswith("refused"), record
     assert gate.stop() == 0
+
+
+def test_ingress_sidecar_captures_inbound(start_gate: Any, sidecar: netns.Topology) -> None:
+    app = spawn(sidecar, "app", sys.executable, "-m", "tests.e2e.peer_server", "9090")
+    try:
+        wait_listening(sidecar, "app", 9090)
+        gate = start_gate([{"name": "in4", "kind": "tproxy", "listen": "0.0.0.0:15001"},
+                           {"name": "in6", "kind": "tproxy", "listen": "[::]:15006"}],
+                          netns=sidecar.ns["app"],
+                          capture={"mode": "tproxy", "role": "ingress", "ports": [9090], "apply": "auto"},
+                          routes=[{"match": {"src": "fd78:1::2"}, "action": "reject", "name": "no-v6-server"},
+                                  {"action": "direct"}])
+        a = sidecar.addr
+        got = curl(sidecar, "server", f"http://{a['app4']}:9090/")  # the "server" namespace is the client here
+        assert got.stdout == f"you are {a['app4']}\n", got.stderr
+        assert curl(sidecar, "server", f"http://[{a['app6']}]:9090/").returncode != 0  # rejected by its route
+        records = gate.wait_records(2)
+        assert [(r["listener"], r["client"], r["action"]) for r in records] == [
+            ("in4", f"{a['server4']}:{records[0]['client'].rsplit(':', 1)[1]}", "direct"),
+            ("in6", f"[{a['server6']}]:{records[1]['client'].rsplit(':', 1)[1]}", "reject")]
+        assert gate.stop() == 0
+    finally:
+        app.terminate()
+        app.wait()

@@ -1,0 +1,92 @@
+"""Rule sets as data: what `ugate rules show` prints is compared as text, without root."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+from gate.capture import rules_of
+from gate.config import load_config, parse_config
+from tests.conftest import ROOT
+from tproxy.rules import Capture, IpRule, LocalRoute, build
+
+
+def test_router_tproxy_rule_set() -> None:
+    cap = Capture(mode="tproxy", role="router", port4=15001, port6=15006, bypass_mark=0x2, interfaces=("lan0",),
+                  ports=((80, 80), (8000, 8999)), exclude=(ipaddress.ip_network("192.168.0.0/16"),))
+    rules = build(cap)
+    assert rules.nft == """table inet ugate {
+  chain prerouting {
+    type filter hook prerouting priority mangle; policy accept;
+    meta l4proto tcp socket transparent 1 meta mark set 0x1 accept
+    meta mark 0x2 return
+    fib daddr type local return
+    meta nfproto ipv4 ip daddr 192.168.0.0/16 return
+    iifname "lan0" meta nfproto ipv4 meta l4proto tcp tcp dport { 80, 8000-8999 } tproxy ip to :15001 meta mark set 0x1 accept
+    iifname "lan0" meta nfproto ipv6 meta l4proto tcp tcp dport { 80, 8000-8999 } tproxy ip6 to :15006 meta mark set 0x1 accept
+  }
+}
+"""
+    assert rules.ip_rules == (IpRule(socket.AF_INET, 0x1, 100), IpRule(socket.AF_INET6, 0x1, 100))
+    assert rules.routes == (LocalRoute(socket.AF_INET, 100), LocalRoute(socket.AF_INET6, 100))
+
+
+def test_egress_tproxy_marks_in_output_and_steers_on_lo() -> None:
+    rules = build(Capture(mode="tproxy", role="egress", port4=15001, port6=None, bypass_mark=0x2,
+                          sources=(ipaddress.ip_network("10.0.0.0/8"),)))
+    assert rules.nft == """table inet ugate {
+  chain prerouting {
+    type filter hook prerouting priority mangle; policy accept;
+    meta l4proto tcp socket transparent 1 meta mark set 0x1 accept
+    iifname "lo" meta mark 0x1 meta nfproto ipv4 meta l4proto tcp tproxy ip to :15001 meta mark set 0x1 accept
+  }
+  chain output {
+    type route hook output priority mangle; policy accept;
+    meta mark 0x2 return
+    fib daddr type local return
+    meta nfproto ipv4 ip saddr != 10.0.0.0/8 return
+    meta l4proto tcp meta mark set 0x1
+  }
+}
+"""
+    assert [r.family for r in rules.ip_rules] == [socket.AF_INET]
+
+
+def test_redirect_needs_no_policy_routing() -> None:
+    ingress = build(Capture(mode="redirect", role="ingress", port4=15001, port6=15006, bypass_mark=0x2,
+                            ports=((22, 22),)))
+    assert "type nat hook prerouting priority dstnat" in ingress.nft
+    assert "fib daddr type != local return" in ingress.nft
+    assert "meta nfproto ipv6 meta l4proto tcp tcp dport 22 redirect to :15006" in ingress.nft
+    assert ingress.ip_rules == () and ingress.routes == ()
+
+
+def test_show_is_what_apply_installs() -> None:
+    found = rules_of(load_config(ROOT / "configs" / "home-router.yaml"))
+    assert found is not None
+    cap, rules = found
+    shown = rules.show()
+    assert rules.nft.rstrip() in shown
+    assert "ip rule add fwmark 0x1 lookup 100 priority 32000" in shown
+    assert "ip -6 route add local ::/0 dev lo table 100 proto 117" in shown
+    assert cap.bypass_mark == 0x2 and cap.port4 == 15001 and cap.port6 == 15006
+
+
+def test_capture_config_problems() -> None:
+    from gate.errors import ConfigError
+
+    listeners = [{"name": "s", "kind": "socks5", "listen": "127.0.0.1:1080"}]
+    for capture, expected in (
+        ({"mode": "tproxy"}, "capture.mode: capture mode tproxy needs a listener of kind tproxy"),
+        ({"mode": "bridge"}, "capture.mode: 'bridge' is not one of: tproxy, redirect"),
+        ({"role": "router", "interfaces": ["lan 0"]}, "capture.interfaces: 'lan 0' is not an interface name"),
+    ):
+        try:
+            parse_config({"listeners": listeners, "capture": capture})
+        except ConfigError as e:
+            assert any(p.startswith(expected) for p in e.problems), e.problems
+        else:
+            raise AssertionError("accepted")
+    config = parse_config({"listeners": [{"name": "t", "kind": "tproxy", "listen": "0.0.0.0:15001"}],
+                           "capture": {"mode": "tproxy"}, "mark": 7})
+    assert config.mark == 7 and config.capture is not None and config.capture.port6 is None
