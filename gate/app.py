@@ -19,7 +19,7 @@ import uvloop
 from gate.accesslog import AccessLog
 from gate.capture import applied
 from gate.config import GateConfig
-from gate.listeners import Context, Listener, make_listener
+from gate.listeners import Context, Server, make_listener
 from gate.listeners.base import bind_listening_socket
 from gate.router import Router
 from splice import PIPE_POOL
@@ -35,7 +35,7 @@ async def serve(config: GateConfig, stop: asyncio.Event, *, reuse_port: bool = F
     access_log = AccessLog(config.log.access)
     ctx = Context(router=Router(config.routes), access_log=access_log, reuse_port=reuse_port, mark=config.mark,
                   own=frozenset(spec.listen for spec in config.listeners))
-    listeners: list[Listener] = []
+    listeners: list[Server] = []
     try:
         for spec in config.listeners:
             listener = make_listener(spec, ctx)

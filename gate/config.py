@@ -34,6 +34,7 @@ __all__ = [
     "Socks5Spec",
     "Timeouts",
     "TproxySpec",
+    "TproxyUdpSpec",
     "load_config",
     "parse_config",
 ]
@@ -112,6 +113,18 @@ class RedirectSpec(ListenerSpec):
 
 
 @dataclass(frozen=True)
+class TproxyUdpSpec(ListenerSpec):
+    """Transparent UDP (TPROXY): per-client sessions; replies leave from the server's address."""
+
+    kind: ClassVar[str] = "tproxy_udp"
+    # "full-cone": one upstream socket per client, answers from any remote reach the client
+    # (endpoint-independent, what STUN/WebRTC and games need); "symmetric": one per client and
+    # destination, answers only from that destination.
+    mapping: str = "full-cone"
+    session_timeout: float = 60.0  # a UDP session without a datagram either way for this long ends
+
+
+@dataclass(frozen=True)
 class Match:
     """Conditions of a route; an empty tuple means "any". Within a field any item may match."""
 
@@ -154,6 +167,8 @@ class CaptureSpec:
     table: int = 100
     port4: int | None = None  # listener ports the rules steer to (from the config's listeners)
     port6: int | None = None
+    udp_port4: int | None = None  # tproxy_udp listeners, if any
+    udp_port6: int | None = None
 
 
 @dataclass(frozen=True)
@@ -305,8 +320,13 @@ def _capture(raw: Any, listeners: list[ListenerSpec], p: _Problems) -> CaptureSp
     kind_listeners = [spec for spec in listeners if spec.kind == mode]
     port4 = next((s.listen.port for s in kind_listeners if ":" not in s.listen.host), None)
     port6 = next((s.listen.port for s in kind_listeners if ":" in s.listen.host), None)
-    if port4 is None and port6 is None:
+    udp_listeners = [spec for spec in listeners if spec.kind == "tproxy_udp"]
+    udp4 = next((s.listen.port for s in udp_listeners if ":" not in s.listen.host), None)
+    udp6 = next((s.listen.port for s in udp_listeners if ":" in s.listen.host), None)
+    if port4 is None and port6 is None and udp4 is None and udp6 is None:
         p.add(f"{w}.mode", f"capture mode {mode} needs a listener of kind {mode}")
+    if udp_listeners and mode != "tproxy":
+        p.add(f"{w}.mode", "tproxy_udp listeners need capture mode tproxy (REDIRECT loses UDP destinations)")
     return CaptureSpec(
         mode=mode,
         role=role,
@@ -320,6 +340,8 @@ def _capture(raw: Any, listeners: list[ListenerSpec], p: _Problems) -> CaptureSp
         table=p.get(m, "table", w, _positive_int, 100),
         port4=port4,
         port6=port6,
+        udp_port4=udp4,
+        udp_port6=udp6,
     )
 
 
@@ -341,6 +363,7 @@ _KIND_KEYS: dict[str, tuple[str, ...]] = {
     "forward": ("to",),
     "tproxy": (),
     "redirect": (),
+    "tproxy_udp": ("mapping", "session_timeout"),
 }
 
 
@@ -373,6 +396,12 @@ def _listener(raw: Any, where: str, base: Timeouts, p: _Problems) -> ListenerSpe
         return TproxySpec(**common)
     if kind == "redirect":
         return RedirectSpec(**common)
+    if kind == "tproxy_udp":
+        return TproxyUdpSpec(
+            **common,
+            mapping=p.get(m, "mapping", where, _one_of(("full-cone", "symmetric")), "full-cone"),
+            session_timeout=p.get(m, "session_timeout", where, _positive_number, 60.0),
+        )
     if kind == "socks5":
         return Socks5Spec(**common, users=p.get(m, "users", where, _users, MappingProxyType({})))
     if kind == "http":

@@ -37,6 +37,8 @@ class Capture:
     bypass_mark: int  # ugate's own sockets carry it: never captured
     route_mark: int = 0x1
     table: int = 100
+    udp_port4: int | None = None
+    udp_port6: int | None = None
     interfaces: tuple[str, ...] = ()
     ports: tuple[tuple[int, int], ...] = ()
     exclude: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
@@ -104,10 +106,10 @@ def _family_filters(cap: Capture, version: int) -> list[str]:
     return out
 
 
-def _match(cap: Capture) -> str:
-    """The TCP part every capturing statement shares."""
-    dport = f" tcp dport {_ports(cap.ports)}" if cap.ports else ""
-    return f"meta l4proto tcp{dport}"
+def _match(cap: Capture, proto: str = "tcp") -> str:
+    """The protocol part every capturing statement shares."""
+    dport = f" {proto} dport {_ports(cap.ports)}" if cap.ports else ""
+    return f"meta l4proto {proto}{dport}"
 
 
 def _chain(name: str, kind: str, hook: str, prio: str, body: list[str]) -> str:
@@ -119,9 +121,10 @@ def _chain(name: str, kind: str, hook: str, prio: str, body: list[str]) -> str:
 
 def _steer(cap: Capture, action4: str, action6: str) -> list[str]:
     out = []
-    for version, port, action in ((4, cap.port4, action4), (6, cap.port6, action6)):
-        if port is not None:
-            out.append(f"meta nfproto ipv{version} {_match(cap)} {action.format(port=port)}")
+    for proto, port4, port6 in (("tcp", cap.port4, cap.port6), ("udp", cap.udp_port4, cap.udp_port6)):
+        for version, port, action in ((4, port4, action4), (6, port6, action6)):
+            if port is not None:
+                out.append(f"meta nfproto ipv{version} {_match(cap, proto)} {action.format(port=port)}")
     return out
 
 
@@ -140,14 +143,16 @@ def build(cap: Capture) -> RuleSet:
         if cap.role == "egress":
             # Locally generated: mark in OUTPUT so the policy route sends it over lo, where PREROUTING
             # hands it to the listener.
-            out = [skip_own, "fib daddr type local return", *filters, f"{_match(cap)} {mark}"]
+            udp = [f"{_match(cap, 'udp')} {mark}"] if cap.udp_port4 or cap.udp_port6 else []
+            out = [skip_own, "fib daddr type local return", *filters, f"{_match(cap)} {mark}", *udp]
             chains.append(_chain("output", "route", "output", "mangle", out))
             pre = [owned, *[f'iifname "lo" meta mark {cap.route_mark:#x} {s}' for s in _steer(cap, *tproxy)]]
         else:
             local = "fib daddr type local return" if cap.role == "router" else "fib daddr type != local return"
             pre = [owned, skip_own, local, *filters, *[f"{iif}{s}" for s in _steer(cap, *tproxy)]]
         chains.insert(0, _chain("prerouting", "filter", "prerouting", "mangle", pre))
-        families = [f for f, port in ((socket.AF_INET, cap.port4), (socket.AF_INET6, cap.port6)) if port]
+        families = [f for f, ports in ((socket.AF_INET, (cap.port4, cap.udp_port4)),
+                                       (socket.AF_INET6, (cap.port6, cap.udp_port6))) if any(ports)]
         rules = tuple(IpRule(f, cap.route_mark, cap.table) for f in families)
         routes = tuple(LocalRoute(f, cap.table) for f in families)
     else:

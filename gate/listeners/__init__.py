@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
-from gate.config import ForwardSpec, HttpSpec, ListenerSpec, RedirectSpec, Socks5Spec, TproxySpec
-from gate.listeners.base import Context, Listener
+from collections.abc import Callable
+from typing import Any
+
+from gate.config import ForwardSpec, HttpSpec, ListenerSpec, RedirectSpec, Socks5Spec, TproxySpec, TproxyUdpSpec
+from gate.listeners.base import Context, Listener, Server
 from gate.listeners.forward import ForwardListener
 from gate.listeners.http_proxy import HttpListener
 from gate.listeners.socks import SocksListener
+from gate.listeners.tproxy_udp import TproxyUdpListener
 from gate.listeners.transparent import RedirectListener, TproxyListener
 
-__all__ = ["SERVERS", "Context", "Listener", "make_listener"]
+__all__ = ["SERVERS", "Context", "Listener", "Server", "make_listener"]
 
-SERVERS: dict[type[ListenerSpec], type[Listener]] = {
+SERVERS: dict[type[ListenerSpec], Callable[[Any, Context], Server]] = {
     Socks5Spec: SocksListener,
     HttpSpec: HttpListener,
     ForwardSpec: ForwardListener,
     TproxySpec: TproxyListener,
     RedirectSpec: RedirectListener,
+    TproxyUdpSpec: TproxyUdpListener,
 }
 
 
-def make_listener(spec: ListenerSpec, ctx: Context) -> Listener:
+def make_listener(spec: ListenerSpec, ctx: Context) -> Server:
     return SERVERS[type(spec)](spec, ctx)

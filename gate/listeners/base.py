@@ -13,7 +13,7 @@ import logging
 import socket
 import struct
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from gate.accesslog import AccessLog
 from gate.addr import Endpoint
@@ -25,7 +25,7 @@ from gate.router import Decision, FlowKey, Router
 from splice import Relay, Sweeper, sweep_interval
 from tproxy.sockopts import is_local_address, set_transparent
 
-__all__ = ["Context", "Listener", "bind_listening_socket", "reset"]
+__all__ = ["Context", "Listener", "Server", "bind_listening_socket", "reset"]
 
 log = logging.getLogger("ugate")
 
@@ -52,6 +52,16 @@ class Context:
             return True
         wildcard = any(e.port == dst.port and e.host in ("0.0.0.0", "::") for e in self.own)
         return wildcard and is_local_address(dst.host)
+
+
+class Server(Protocol):
+    """What the app needs of a listener of any kind (TCP or UDP)."""
+
+    def start(self) -> None: ...
+
+    def stop_accepting(self) -> None: ...
+
+    async def drain(self, timeout: float) -> None: ...
 
 
 def bind_listening_socket(at: Endpoint, *, reuse_port: bool = False, transparent: bool = False) -> socket.socket:

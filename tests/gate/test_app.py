@@ -67,6 +67,7 @@ def test_workers_share_the_port_and_are_replaced(start_gate: Any, http_origin: i
             while chunk := s.recv(4096):
                 answer += chunk
             assert answer.endswith(b"hello from %d /w\n" % http_origin)
+    assert len(gate.wait_records(40)) == 40  # a record is written just after the client saw the close
     os.kill(workers[0], signal.SIGKILL)
     while len(ready_pids()) < 3 and time.monotonic() < deadline + 10:
         time.sleep(0.05)

@@ -1,0 +1,265 @@
+"""Transparent UDP (``tproxy_udp``): datagrams TPROXY steered to us, relayed per client session.
+
+Each datagram's original destination comes from IP_RECVORIGDSTADDR. A session (per client, or per client
+and destination with ``mapping: symmetric``) owns one upstream socket, marked so capture skips it.
+Answers go back to the client from a socket bound (IP_TRANSPARENT) to the address the client sent to, so
+the client sees the server's address; that socket is connected to the client, and the kernel then also
+hands it the client's next datagrams to that address, which are relayed like the first. A session ends
+after ``session_timeout`` seconds without a datagram either way, with one access-log record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+
+from gate.addr import Endpoint
+from gate.config import TproxyUdpSpec
+from gate.flow import Flow
+from gate.listeners.base import Context
+from gate.router import FlowKey
+from splice import Sweeper, sweep_interval
+from tproxy.sockopts import set_mark, set_transparent, unmap
+
+__all__ = ["TproxyUdpListener", "parse_origdst"]
+
+log = logging.getLogger("ugate")
+
+IP_RECVORIGDSTADDR = 20  # linux/in.h (cmsg type IP_ORIGDSTADDR has the same value)
+IPV6_RECVORIGDSTADDR = 74  # linux/in6.h (IPV6_ORIGDSTADDR)
+MAX_DATAGRAM = 65535  # the largest UDP payload; one buffer of this size is reused for every read
+DATAGRAMS_PER_WAKEUP = 64  # fairness between sockets
+ANCILLARY_SIZE = socket.CMSG_SPACE(28)  # one sockaddr_in6 (the larger of the two)
+
+_buffer = bytearray(MAX_DATAGRAM)
+_view = memoryview(_buffer)
+
+
+def parse_origdst(ancdata: list[tuple[int, int, bytes]]) -> Endpoint | None:
+    """The original destination from IP(V6)_ORIGDSTADDR ancillary data (a struct sockaddr_in/in6)."""
+    for level, kind, data in ancdata:
+        if level == socket.IPPROTO_IP and kind == IP_RECVORIGDSTADDR and len(data) >= 8:
+            return Endpoint(socket.inet_ntop(socket.AF_INET, data[4:8]), struct.unpack_from("!H", data, 2)[0])
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_RECVORIGDSTADDR and len(data) >= 24:
+            host = unmap(socket.inet_ntop(socket.AF_INET6, data[8:24]))
+            return Endpoint(host, struct.unpack_from("!H", data, 2)[0])
+    return None
+
+
+SessionKey = tuple[Endpoint, Endpoint | None]  # (client, destination), or (client, None) when full-cone
+
+
+def _addr(e: Endpoint) -> tuple[str, int]:
+    return (e.host, e.port)
+
+
+class _Session:
+    """One client's (or client and destination's) relay state; expires through the sweeper."""
+
+    __slots__ = ("client", "dst", "flow", "key", "last_active", "listener", "replies", "target", "timeout",
+                 "upstream")
+
+    def __init__(self, listener: TproxyUdpListener, key: SessionKey, flow: Flow, target: Endpoint | None,
+                 upstream: socket.socket):
+        self.listener = listener
+        self.key = key
+        self.flow = flow
+        assert flow.dst is not None
+        self.client = flow.client
+        self.dst = flow.dst
+        self.target = target  # a fixed upstream from the route, else None: each datagram's own destination
+        self.upstream = upstream
+        self.replies: dict[Endpoint, socket.socket] = {}  # remote the client sees -> socket answering as it
+        self.timeout = listener.spec.session_timeout
+        self.last_active = listener.loop.time()
+
+    def deadline(self) -> float:
+        return self.last_active + self.timeout
+
+    def expire(self) -> None:
+        self.listener.end(self, "idle timeout")
+
+
+class TproxyUdpListener:
+    """Serves one address family's TPROXY UDP port; same lifecycle as the TCP listeners."""
+
+    def __init__(self, spec: TproxyUdpSpec, ctx: Context) -> None:
+        self.spec = spec
+        self.ctx = ctx
+        self.loop = asyncio.get_running_loop()
+        self.sock: socket.socket | None = None
+        self.family = socket.AF_INET6 if ":" in spec.listen.host else socket.AF_INET
+        self.sessions: dict[SessionKey, _Session] = {}
+        self.sweeper = Sweeper(self.loop, sweep_interval(spec.session_timeout))
+
+    def start(self) -> None:
+        sock = socket.socket(self.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.ctx.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            set_transparent(sock)
+            if self.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_RECVORIGDSTADDR, 1)
+            sock.bind(_addr(self.spec.listen))
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.loop.add_reader(sock.fileno(), self._on_listener)
+        log.info("listener %s (%s, %s) on %s", self.spec.name, self.spec.kind, self.spec.mapping, self.spec.listen)
+
+    # -- client -> upstream ----------------------------------------------------------------------
+
+    def _on_listener(self) -> None:
+        assert self.sock is not None
+        for _ in range(DATAGRAMS_PER_WAKEUP):
+            try:
+                n, ancdata, _, peer = self.sock.recvmsg_into([_buffer], ANCILLARY_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # e.g. an ICMP error queued on the socket
+                log.debug("%s: recvmsg: %s", self.spec.name, e)
+                continue
+            dst = parse_origdst(ancdata)
+            if dst is not None:
+                self._from_client(Endpoint(unmap(peer[0]), peer[1]), dst, n)
+
+    def _from_client(self, client: Endpoint, dst: Endpoint, n: int) -> None:
+        key = (client, None if self.spec.mapping == "full-cone" else dst)
+        session = self.sessions.get(key) or self._open(key, client, dst)
+        if session is None:
+            return
+        target = session.target or dst
+        try:
+            session.upstream.sendto(_view[:n], _addr(target))
+        except (BlockingIOError, InterruptedError):
+            return  # the upstream socket's buffer is full: dropped, as a router would
+        except OSError as e:
+            log.debug("%s: send to %s: %s", self.spec.name, target, e)
+            return
+        session.flow.bytes_up += n
+        session.last_active = self.loop.time()
+
+    def _open(self, key: SessionKey, client: Endpoint, dst: Endpoint) -> _Session | None:
+        flow = Flow(listener=self.spec.name, client=client, dst=dst, path="udp")
+        if self.ctx.is_own(dst):
+            flow.close_reason = "refused: the destination is ugate itself (a loop)"
+            self._log(flow)
+            return None
+        decision = self.ctx.router.decide(FlowKey(self.spec.name, client.host, dst.host, dst.port, None))
+        flow.rule, flow.action, flow.upstream = decision.rule, decision.action, decision.upstream
+        if decision.action == "reject" or len(self.sessions) >= self.spec.max_flows:
+            flow.close_reason = f"rejected by {decision.rule}" if decision.action == "reject" else "max_flows reached"
+            self._log(flow)  # one record per refused datagram: a client retrying shows as retries
+            return None
+        target = decision.upstream
+        family = socket.AF_INET6 if ":" in (target or dst).host else socket.AF_INET
+        upstream = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        try:
+            if self.ctx.mark is not None:
+                set_mark(upstream, self.ctx.mark)
+            upstream.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+        except OSError as e:
+            upstream.close()
+            log.warning("%s: no upstream socket for %s: %s", self.spec.name, client, e)
+            return None
+        session = _Session(self, key, flow, target, upstream)
+        self.sessions[key] = session
+        self.loop.add_reader(upstream.fileno(), self._on_upstream, session, key)
+        self.sweeper.add(session)
+        return session
+
+    # -- upstream -> client ----------------------------------------------------------------------
+
+    def _on_upstream(self, session: _Session, key: SessionKey) -> None:
+        for _ in range(DATAGRAMS_PER_WAKEUP):
+            try:
+                n, remote = session.upstream.recvfrom_into(_buffer)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # ICMP port unreachable and the like
+                log.debug("%s: upstream recv: %s", self.spec.name, e)
+                continue
+            if session.target is not None:
+                source = session.dst  # answers of a fixed upstream appear to come from where the client sent
+            else:
+                source = Endpoint(unmap(remote[0]), remote[1])
+                if key[1] is not None and source != key[1]:
+                    continue  # symmetric mapping: only the destination may answer
+            reply = session.replies.get(source) or self._reply_socket(session, source)
+            if reply is None:
+                continue
+            try:
+                reply.send(_view[:n])
+            except OSError as e:
+                log.debug("%s: reply to %s: %s", self.spec.name, session.client, e)
+                continue
+            session.flow.bytes_down += n
+            session.last_active = self.loop.time()
+
+    def _reply_socket(self, session: _Session, source: Endpoint) -> socket.socket | None:
+        """A socket bound to ``source`` (not ours: IP_TRANSPARENT) and connected to the client."""
+        family = socket.AF_INET6 if ":" in source.host else socket.AF_INET
+        if family != self.family:
+            return None  # cannot answer an IPv4 client from an IPv6 address
+        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # other clients' sessions share it
+            set_transparent(sock)
+            if self.ctx.mark is not None:
+                set_mark(sock, self.ctx.mark)
+            sock.bind(_addr(source))
+            sock.connect(_addr(session.client))
+        except OSError as e:
+            sock.close()
+            log.warning("%s: cannot answer %s as %s: %s", self.spec.name, session.client, source, e)
+            return None
+        session.replies[source] = sock
+        self.loop.add_reader(sock.fileno(), self._on_reply, session, source, sock)
+        return sock
+
+    def _on_reply(self, session: _Session, source: Endpoint, sock: socket.socket) -> None:
+        """The client's next datagrams to ``source`` arrive on the connected reply socket."""
+        for _ in range(DATAGRAMS_PER_WAKEUP):
+            try:
+                n = sock.recv_into(_buffer)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue
+            self._from_client(session.client, source, n)
+
+    # -- ending ----------------------------------------------------------------------------------
+
+    def end(self, session: _Session, reason: str) -> None:
+        self.sessions.pop(session.key, None)
+        self.sweeper.discard(session)
+        for sock in (session.upstream, *session.replies.values()):
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+        session.replies.clear()
+        session.flow.close_reason = reason
+        self._log(session.flow)
+
+    def _log(self, flow: Flow) -> None:
+        if self.ctx.access_log.enabled:
+            self.ctx.access_log.write(flow.record())
+
+    def stop_accepting(self) -> None:
+        if self.sock is not None:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+
+    async def drain(self, timeout: float) -> None:
+        """UDP has no end of flow to wait for: sessions end now, each with its record."""
+        for session in list(self.sessions.values()):
+            self.end(session, "shutdown")
+        self.sweeper.close()
+
