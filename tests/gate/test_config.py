@@ -70,7 +70,7 @@ def test_routes_default_to_direct() -> None:
                         {"name": "b", "kind": "http", "listen": "x:99999"}]},
          "listeners[1].listen: 'x:99999' is not host:port"),
         ({"listeners": [{"name": "a", "kind": "ftp", "listen": "127.0.0.1:21"}]},
-         "listeners[0].kind: 'ftp' is not one of: socks5, http, forward"),
+         "listeners[0].kind: 'ftp' is not one of: socks5, http, forward, tproxy, redirect, tproxy_udp"),
         ({"listeners": [{"name": "a", "kind": "forward", "listen": "127.0.0.1:1"}]},
          "listeners[0].to: missing"),
         ({"listeners": [{"name": "a", "kind": "socks5", "listen": "127.0.0.1:1", "relay": "fast"}]},
@@ -124,3 +124,36 @@ def test_unreadable_and_non_yaml_files(tmp_path: Any) -> None:
     bad.write_text("listeners: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_transparent_kinds_and_capture() -> None:
+    from gate.config import RedirectSpec, TproxySpec, TproxyUdpSpec
+
+    config = parse_config({
+        "listeners": [
+            {"name": "t4", "kind": "tproxy", "listen": "0.0.0.0:15001", "preserve_source": True},
+            {"name": "t6", "kind": "tproxy", "listen": "[::]:15006"},
+            {"name": "u4", "kind": "tproxy_udp", "listen": "0.0.0.0:15002", "mapping": "symmetric",
+             "session_timeout": 30},
+            {"name": "r", "kind": "redirect", "listen": "127.0.0.1:15003"},
+        ],
+        "capture": {"mode": "tproxy", "role": "router", "interfaces": ["lan0"], "ports": [80, "1000-2000"]},
+        "routes": [{"match": {"dst": "10.0.0.0/8"}, "action": "direct", "preserve_source": True}],
+    })
+    t4, t6, u4, r = config.listeners
+    assert isinstance(t4, TproxySpec) and t4.preserve_source and not t6.preserve_source
+    assert isinstance(u4, TproxyUdpSpec) and (u4.mapping, u4.session_timeout) == ("symmetric", 30.0)
+    assert isinstance(r, RedirectSpec)
+    assert config.routes[0].preserve_source
+    cap = config.capture
+    assert cap is not None and (cap.port4, cap.port6, cap.udp_port4, cap.udp_port6) == (15001, 15006, 15002, None)
+    assert config.mark == 0x2  # capture brings a default bypass mark
+
+
+def test_udp_capture_needs_tproxy_mode() -> None:
+    found = problems({"listeners": [{"name": "u", "kind": "tproxy_udp", "listen": "0.0.0.0:15002"},
+                                    {"name": "r", "kind": "redirect", "listen": "0.0.0.0:15001"}],
+                      "capture": {"mode": "redirect"}})
+    assert any("tproxy_udp listeners need capture mode tproxy" in p for p in found), found
+    found = problems({"listeners": [{"name": "u", "kind": "tproxy_udp", "listen": "0.0.0.0:1", "mapping": "cone"}]})
+    assert any(p.startswith("listeners[0].mapping: 'cone' is not one of") for p in found), found
