@@ -21,7 +21,7 @@ def capture_of(config: GateConfig) -> Capture | None:
     assert config.mark is not None  # the config gives capture a default bypass mark
     return Capture(mode=spec.mode, role=spec.role, port4=spec.port4, port6=spec.port6, bypass_mark=config.mark,
                    route_mark=spec.route_mark, table=spec.table, udp_port4=spec.udp_port4,
-                   udp_port6=spec.udp_port6, interfaces=spec.interfaces, ports=spec.ports,
+                   udp_port6=spec.udp_port6, backend=spec.backend, interfaces=spec.interfaces, ports=spec.ports,
                    exclude=spec.exclude, sources=spec.sources)
 
 

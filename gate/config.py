@@ -334,7 +334,7 @@ def _capture(raw: Any, listeners: list[ListenerSpec], p: _Problems) -> CaptureSp
         ports=p.get(m, "ports", w, _ports, ()),
         exclude=p.get(m, "exclude", w, _networks, ()),
         sources=p.get(m, "sources", w, _networks, ()),
-        backend=p.get(m, "backend", w, _one_of(("nftables",)), "nftables"),
+        backend=p.get(m, "backend", w, _one_of(("nftables", "iptables")), "nftables"),
         apply=p.get(m, "apply", w, _one_of(("auto", "manual")), "manual"),
         route_mark=p.get(m, "route_mark", w, _mark, 0x1),
         table=p.get(m, "table", w, _positive_int, 100),

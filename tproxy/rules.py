@@ -39,6 +39,7 @@ class Capture:
     table: int = 100
     udp_port4: int | None = None
     udp_port6: int | None = None
+    backend: str = "nftables"  # or "iptables" (python-iptables, legacy x_tables)
     interfaces: tuple[str, ...] = ()
     ports: tuple[tuple[int, int], ...] = ()
     exclude: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
@@ -71,13 +72,18 @@ class LocalRoute:
 
 @dataclass(frozen=True)
 class RuleSet:
-    nft: str
+    nft: str  # the nftables script, or "" with the iptables backend
     ip_rules: tuple[IpRule, ...] = ()
     routes: tuple[LocalRoute, ...] = ()
+    iptables: tuple[Any, ...] = ()  # tproxy.iptables.IptRule, with the iptables backend
 
     def show(self) -> str:
         """What ``ugate rules show`` prints: exactly what ``apply`` installs."""
-        lines = ["# nftables (nft -f -)", self.nft.rstrip()]
+        if self.iptables:
+            lines = ["# iptables (python-iptables, legacy x_tables; each chain jumped to from its built-in)",
+                     *map(str, self.iptables)]
+        else:
+            lines = ["# nftables (nft -f -)", self.nft.rstrip()]
         if self.ip_rules or self.routes:
             lines += ["", "# policy routing (applied through pyroute2)"]
             lines += [*map(str, self.ip_rules), *map(str, self.routes)]
@@ -165,6 +171,10 @@ def build(cap: Capture) -> RuleSet:
             pre = [local, *filters, *[f"{iif}{s}" for s in _steer(cap, *redirect)]]
             chains.append(_chain("prerouting", "nat", "prerouting", "dstnat", pre))
         rules, routes = (), ()
+    if cap.backend == "iptables":
+        from tproxy.iptables import build_iptables  # here: that module builds on this one's Capture
+
+        return RuleSet(nft="", ip_rules=rules, routes=routes, iptables=build_iptables(cap))
     nft = f"table inet {NFT_TABLE} {{\n" + "\n".join(chains) + "\n}\n"
     return RuleSet(nft=nft, ip_rules=rules, routes=routes)
 
@@ -204,9 +214,14 @@ def _netlink_errors_as_oserror(fn: Callable[P, None]) -> Callable[P, None]:
 
 @_netlink_errors_as_oserror
 def clear(cap: Capture) -> None:
-    """Remove ugate's table, fwmark rules and local routes from this namespace (idempotent)."""
-    # "add" then "delete" is nft's idiom for "delete if it exists".
-    _nft(f"add table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n")
+    """Remove ugate's table (or chains), fwmark rules and local routes from this namespace (idempotent)."""
+    if cap.backend == "iptables":
+        from tproxy.iptables import clear_iptables
+
+        clear_iptables()
+    else:
+        # "add" then "delete" is nft's idiom for "delete if it exists".
+        _nft(f"add table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n")
     from pyroute2 import IPRoute  # imported here: only apply/clear need netlink
 
     with IPRoute() as ipr:
@@ -224,7 +239,12 @@ def clear(cap: Capture) -> None:
 def apply(rules: RuleSet, cap: Capture) -> None:
     """Install ``rules`` after clearing what an earlier run may have left."""
     clear(cap)
-    _nft(rules.nft)
+    if rules.iptables:
+        from tproxy.iptables import apply_iptables
+
+        apply_iptables(rules.iptables)
+    else:
+        _nft(rules.nft)
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:

@@ -90,3 +90,21 @@ def test_capture_config_problems() -> None:
     config = parse_config({"listeners": [{"name": "t", "kind": "tproxy", "listen": "0.0.0.0:15001"}],
                            "capture": {"mode": "tproxy"}, "mark": 7})
     assert config.mark == 7 and config.capture is not None and config.capture.port6 is None
+
+
+def test_iptables_backend_rule_set() -> None:
+    cap = Capture(mode="redirect", role="egress", port4=15001, port6=None, bypass_mark=0x2, ports=((443, 443),),
+                  backend="iptables")
+    rules = build(cap)
+    assert rules.nft == "" and rules.ip_rules == ()
+    assert list(map(str, rules.iptables)) == [
+        "iptables -t nat -A UGATE_OUT -m mark --mark 0x2 -j RETURN",
+        "iptables -t nat -A UGATE_OUT -m addrtype --dst-type LOCAL -j RETURN",
+        "iptables -t nat -A UGATE_OUT -p tcp -m multiport --dports 443 -j REDIRECT --to-ports 15001",
+    ]
+    tproxy = build(Capture(mode="tproxy", role="router", port4=15001, port6=15006, bypass_mark=0x2,
+                           interfaces=("lan0",), backend="iptables"))
+    shown = tproxy.show()
+    assert "iptables -t mangle -A UGATE_PRE -p tcp -m socket --transparent -j UGATE_DIVERT" in shown
+    assert "ip6tables -t mangle -A UGATE_PRE -p tcp -i lan0 -j TPROXY --on-port 15006 --tproxy-mark 0x1/0x1" in shown
+    assert "ip rule add fwmark 0x1 lookup 100 priority 32000" in shown
