@@ -67,7 +67,7 @@ def is_local_address(host: str) -> bool:
 
 def unmap(host: str) -> str:
     """``::ffff:10.0.0.1`` -> ``10.0.0.1``: an IPv4 peer seen through a dual-stack IPv6 socket."""
-    if not host[:7].lower() == "::ffff:":  # the common case, without parsing (this runs per datagram)
+    if host[:7].lower() != "::ffff:":  # the common case, without parsing (this runs per datagram)
         return host
     try:
         ip = ipaddress.ip_address(host)
