@@ -132,6 +132,25 @@ def start_gate(tmp_path: Path) -> Iterator[Any]:
             gate.stop()
 
 
+def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["curl", "-s", "--max-time", "20", *args], capture_output=True)
+
+
+@pytest.fixture
+def black_hole() -> Iterator[int]:
+    """A port whose accept queue is full and never drained: SYNs are dropped, so connects hang."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = [socket.socket() for _ in range(3)]
+    for s in fillers:
+        s.setblocking(False)
+        s.connect_ex(listener.getsockname())
+    yield int(listener.getsockname()[1])
+    for s in [*fillers, listener]:
+        s.close()
+
+
 # -- servers ---------------------------------------------------------------------------------------
 
 # Several MB, odd size on purpose; seeded so that every import of this module agrees on it.

@@ -62,7 +62,9 @@ class HttpListener(Listener):
                 wait = self.spec.timeouts.handshake if first else self.spec.timeouts.idle
                 try:
                     request = await self._next_request(conn, client, wait)
-                except _ClientGone:
+                except _ClientGone as gone:
+                    if first:
+                        flow.close_reason = str(gone)  # a connection that never asked for anything
                     return
                 flow = flow if first else Flow(listener=flow.listener, client=flow.client)
                 first = False
@@ -109,13 +111,13 @@ class HttpListener(Listener):
                         continue
                     if isinstance(event, h11.Request):
                         return event
-                    raise _ClientGone  # ConnectionClosed (or PAUSED, which cannot happen here)
+                    raise _ClientGone("client closed")  # ConnectionClosed (PAUSED cannot happen here)
         except h11.RemoteProtocolError as e:
             await self._error(conn, client, None, e.error_status_hint, f"bad request: {e}")
             raise ClientProtocolError(f"bad request: {e}") from None
         except TimeoutError:
             if client.their_state is h11.IDLE and not client.trailing_data[0]:
-                raise _ClientGone from None  # an idle keep-alive connection: just close
+                raise _ClientGone("idle timeout") from None  # nothing was sent: close without an answer
             await self._error(conn, client, None, 408, "request head not received in time")
             raise ClientProtocolError("handshake timeout") from None
 

@@ -121,8 +121,12 @@ def test_router_iperf3_through_tproxy(start_gate: Any, router: netns.Topology) -
     assert record["path"] == "splice" and record["dst"] == f"{router.addr['server4']}:5201"
 
 
-def test_router_udp_dns_and_iperf3(start_gate: Any, router: netns.Topology) -> None:
+@pytest.mark.parametrize("mapping", ["full-cone", "symmetric"])
+def test_router_udp_dns_and_iperf3(start_gate: Any, router: netns.Topology, mapping: str) -> None:
     listeners, capture = gateway_config("tproxy", udp=True)
+    for spec in listeners:
+        if spec["kind"] == "tproxy_udp":
+            spec["mapping"] = mapping
     gate = start_gate(listeners, netns=router.ns["gateway"], capture=capture)
     a = router.addr
     for server in (a["server4"], a["server6"]):
