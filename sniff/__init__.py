@@ -1,6 +1,10 @@
-"""Protocol classification of a flow's first bytes (TLS SNI/ALPN, HTTP Host, QUIC, STUN ...).
+"""Protocol classification of a flow's first bytes (TLS SNI/ALPN/ECH, HTTP Host, h2c, SSH, SOCKS).
 
-Pure parsers only: no sockets, clocks or logging. Filled in by the sniff-layer work (issue 4).
+Pure parsers only: no sockets, clocks or logging. Each returns a frozen result, NEED_MORE, or raises
+NotThisProtocol; ``classify`` tries them all within a bounded number of bytes.
 """
 
-__all__: list[str] = []
+from sniff.classify import MAX_SNIFF, Sniffed, classify
+from sniff.result import NEED_MORE, NeedMore, NotThisProtocol
+
+__all__ = ["MAX_SNIFF", "NEED_MORE", "NeedMore", "NotThisProtocol", "Sniffed", "classify"]

@@ -1,0 +1,80 @@
+"""Which protocol a flow speaks, from its first bytes, with the metadata routing uses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sniff.http import parse_h2_preface, parse_http_request
+from sniff.result import NEED_MORE, NeedMore, NotThisProtocol
+from sniff.ssh import parse_ssh_banner
+from sniff.tls import parse_client_hello
+
+__all__ = ["MAX_SNIFF", "Sniffed", "classify"]
+
+# Bytes a flow may be held for sniffing; beyond it the flow is "unknown" and relayed as it is.
+MAX_SNIFF = 16 * 1024 + 5
+
+
+@dataclass(frozen=True)
+class Sniffed:
+    protocol: str  # "tls" | "http" | "h2c" | "ssh" | "socks" | "unknown"
+    sni: str | None = None
+    alpn: tuple[str, ...] = ()
+    host: str | None = None  # HTTP Host (TLS: the SNI)
+    ech: bool = False
+    detail: str | None = None  # e.g. the HTTP method, the SSH software
+
+
+def _tls(data: bytes) -> Sniffed | NeedMore:
+    hello = parse_client_hello(data)
+    if isinstance(hello, NeedMore):
+        return hello
+    return Sniffed("tls", sni=hello.sni, alpn=hello.alpn, host=hello.sni, ech=hello.ech)
+
+
+def _h2c(data: bytes) -> Sniffed | NeedMore:
+    found = parse_h2_preface(data)
+    return found if isinstance(found, NeedMore) else Sniffed("h2c")
+
+
+def _http(data: bytes) -> Sniffed | NeedMore:
+    request = parse_http_request(data)
+    if isinstance(request, NeedMore):
+        return request
+    return Sniffed("http", host=request.host, detail=request.method)
+
+
+def _ssh(data: bytes) -> Sniffed | NeedMore:
+    banner = parse_ssh_banner(data)
+    return banner if isinstance(banner, NeedMore) else Sniffed("ssh", detail=banner.software)
+
+
+def _socks(data: bytes) -> Sniffed | NeedMore:
+    # SOCKS4 CONNECT, or a SOCKS5 greeting offering a handful of methods
+    plausible = len(data) >= 2 and ((data[0] == 4 and data[1] == 1) or (data[0] == 5 and 0 < data[1] < 10))
+    if plausible:
+        return Sniffed("socks", detail=f"v{data[0]}")
+    if len(data) < 2 and data[0] in (4, 5):
+        return NEED_MORE
+    raise NotThisProtocol("not a SOCKS greeting")
+
+
+_SNIFFERS: list[Callable[[bytes], Any]] = [_tls, _h2c, _http, _ssh, _socks]
+
+
+def classify(data: bytes) -> Sniffed | NeedMore:
+    """The protocol of ``data``; NEED_MORE while some sniffer could still match."""
+    if not data:
+        return NEED_MORE
+    waiting = False
+    for sniff in _SNIFFERS:
+        try:
+            result = sniff(data[:MAX_SNIFF])
+        except NotThisProtocol:
+            continue
+        if isinstance(result, Sniffed):
+            return result
+        waiting = True
+    return NEED_MORE if waiting and len(data) < MAX_SNIFF else Sniffed("unknown")
