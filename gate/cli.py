@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("--port", type=int, required=True, help="destination port")
     route.add_argument("--src", default=None, help="client address")
     route.add_argument("--host", default=None, help="requested name (SOCKS domain, CONNECT authority, Host)")
+    route.add_argument("--protocol", default=None, help="sniffed protocol (tls, http, h2c, ssh, socks, unknown)")
+    route.add_argument("--sni", default=None, help="sniffed TLS server name")
+    route.add_argument("--alpn", default="", help="sniffed ALPN offers, comma-separated")
     rules = sub.add_parser("rules", parents=[common], help="firewall/routing rules of the capture section")
     rules.add_argument("action", choices=["show", "apply", "clear"])
     return parser
@@ -54,7 +57,10 @@ def _explain(config: GateConfig, args: argparse.Namespace) -> int:
     host = args.host
     if host is None and not is_ip(args.dst):
         host = args.dst
-    key = FlowKey(args.listener, args.src, args.dst, args.port, host)
+    if host is None and args.sni:
+        host = args.sni
+    alpn = tuple(a for a in args.alpn.split(",") if a)
+    key = FlowKey(args.listener, args.src, args.dst, args.port, host, args.protocol, args.sni, alpn)
     for line in Router(config.routes).explain(key):
         print(line)
     return 0

@@ -53,6 +53,7 @@ class Timeouts:
 
     handshake: float = 10.0
     connect: float = 10.0
+    sniff: float = 0.3  # wait for a flow's first bytes; server-first protocols wait this long, no more
     idle: float = 300.0
     drain: float = 5.0
 
@@ -71,6 +72,10 @@ class ListenerSpec:
     relay: str = "auto"
     # Upstream connections leave from the client's own address (IP_TRANSPARENT), as uproxy does.
     preserve_source: bool = False
+    # Classify the first bytes before routing (kinds that know the destination at accept: forward,
+    # tproxy, redirect), except for flows to these destination ports.
+    sniff: bool = False
+    sniff_skip_ports: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,9 @@ class Match:
     port: tuple[tuple[int, int], ...] = ()
     src: tuple[IPNetwork, ...] = ()
     host: tuple[str, ...] = ()  # lower-case; "*.suffix" matches the suffix's subdomains
+    protocol: tuple[str, ...] = ()  # sniffed protocol: tls, http, h2c, ssh, socks, unknown
+    sni: tuple[str, ...] = ()  # TLS server name, exact or "*.suffix"
+    alpn: tuple[str, ...] = ()  # any of these offered by the TLS client
 
 
 @dataclass(frozen=True)
@@ -351,12 +359,22 @@ def _workers(value: Any) -> int:
     return _positive_int(value)
 
 
+def _protocols(value: Any) -> tuple[str, ...]:
+    names = _names(value)
+    for name in names:
+        if name not in PROTOCOLS:
+            raise ValueError(f"{name!r} is not one of: {', '.join(PROTOCOLS)}")
+    return names
+
+
 def _names(value: Any) -> tuple[str, ...]:
     return tuple(_string(item) for item in _as_list(value))
 
 
-_COMMON_KEYS = ("name", "kind", "listen", "max_flows", "relay", "timeouts", "preserve_source")
-_TIMEOUT_KEYS = ("handshake", "connect", "idle", "drain")
+_NO_PORTS: tuple[tuple[int, int], ...] = ()
+_COMMON_KEYS = ("name", "kind", "listen", "max_flows", "relay", "timeouts", "preserve_source", "sniff",
+                "sniff_skip_ports")
+_TIMEOUT_KEYS = ("handshake", "connect", "idle", "drain", "sniff")
 _KIND_KEYS: dict[str, tuple[str, ...]] = {
     "socks5": ("users",),
     "http": ("users", "realm"),
@@ -391,6 +409,10 @@ def _listener(raw: Any, where: str, base: Timeouts, p: _Problems) -> ListenerSpe
         "max_flows": p.get(m, "max_flows", where, _positive_int, ListenerSpec.max_flows),
         "relay": p.get(m, "relay", where, _one_of(RELAY_MODES), "auto"),
         "preserve_source": p.get(m, "preserve_source", where, _bool, False),
+        # Transparent flows are sniffed by default (their names are only in their bytes); a
+        # port-forward goes to one place, so it skips the cost unless asked.
+        "sniff": p.get(m, "sniff", where, _bool, kind in ("tproxy", "redirect")),
+        "sniff_skip_ports": p.get(m, "sniff_skip_ports", where, _ports, _NO_PORTS),
     }
     if kind == "tproxy":
         return TproxySpec(**common)
@@ -413,7 +435,8 @@ def _listener(raw: Any, where: str, base: Timeouts, p: _Problems) -> ListenerSpe
     return ForwardSpec(**common, to=p.get(m, "to", where, parse_endpoint, Endpoint("127.0.0.1", 1)))
 
 
-_MATCH_KEYS = ("listener", "dst", "port", "src", "host")
+_MATCH_KEYS = ("listener", "dst", "port", "src", "host", "protocol", "sni", "alpn")
+PROTOCOLS = ("tls", "http", "h2c", "ssh", "socks", "unknown")
 _ROUTE_KEYS = ("name", "match", "action", "upstream", "preserve_source")
 
 
@@ -431,6 +454,9 @@ def _route(raw: Any, index: int, listeners: set[str], p: _Problems) -> Route | N
         port=p.get(mm, "port", w, _ports, ()),
         src=p.get(mm, "src", w, _networks, ()),
         host=p.get(mm, "host", w, _hosts, ()),
+        protocol=p.get(mm, "protocol", w, _protocols, ()),
+        sni=p.get(mm, "sni", w, _hosts, ()),
+        alpn=p.get(mm, "alpn", w, _names, ()),
     )
     for name in match.listener:
         if name not in listeners:

@@ -21,7 +21,10 @@ class Flow:
     listener: str
     client: Endpoint
     dst: Endpoint | None = None  # requested (SOCKS/CONNECT/URI) or original destination
-    host: str | None = None  # the name the client asked for (SOCKS domain, CONNECT authority, Host)
+    host: str | None = None  # the name asked for (SOCKS domain, CONNECT authority, Host), else sniffed
+    protocol: str | None = None  # sniffed: tls, http, h2c, ssh, socks, unknown; "none": nothing sent in time
+    sni: str | None = None
+    alpn: tuple[str, ...] = ()
     preread: bytes = b""  # bytes read during the handshake that belong upstream, sent first
     started: float = field(default_factory=time.time)
     rule: str | None = None
@@ -42,6 +45,9 @@ class Flow:
             "client": str(self.client),
             "dst": str(self.dst) if self.dst else None,
             "host": self.host,
+            "protocol": self.protocol,
+            "sni": self.sni,
+            "alpn": list(self.alpn) if self.alpn else None,
             "rule": self.rule,
             "action": self.action,
             "upstream": str(self.upstream) if self.upstream else None,

@@ -19,7 +19,10 @@ class FlowKey:
     src: str | None
     dst_host: str | None
     port: int | None
-    host: str | None
+    host: str | None  # requested name, else the sniffed SNI / HTTP Host
+    protocol: str | None = None  # sniffed: tls, http, h2c, ssh, socks, unknown (None: not sniffed)
+    sni: str | None = None
+    alpn: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,12 @@ def why_not(match: Match, key: FlowKey) -> str | None:
         name = (key.host or (key.dst_host if _ip(key.dst_host) is None else None) or "").lower().rstrip(".")
         if not name or not any(_host_matches(p, name) for p in match.host):
             return f"host {name or '(none)'!r} does not match {list(match.host)}"
+    if match.protocol and key.protocol not in match.protocol:
+        return f"protocol {key.protocol or '(not sniffed)'} not in {list(match.protocol)}"
+    if match.sni and not (key.sni and any(_host_matches(p, key.sni) for p in match.sni)):
+        return f"sni {key.sni or '(none)'!r} does not match {list(match.sni)}"
+    if match.alpn and not set(match.alpn) & set(key.alpn):
+        return f"alpn {list(key.alpn)} has none of {list(match.alpn)}"
     return None
 
 

@@ -21,6 +21,7 @@ from gate.config import ListenerSpec
 from gate.dial import Connect, SocketOptions, literal_family, open_tcp
 from gate.errors import GateError, RejectedByRule
 from gate.flow import Flow
+from gate.listeners.sniffing import FirstBytes
 from gate.router import Decision, FlowKey, Router
 from splice import Relay, Sweeper, sweep_interval
 from tproxy.sockopts import is_local_address, set_transparent
@@ -100,6 +101,14 @@ def reset(sock: socket.socket) -> None:
         pass
 
 
+def _send_some(sock: socket.socket, data: bytes) -> int:
+    """Send what ``sock`` takes now without waiting (errors surface later, in the relay)."""
+    try:
+        return sock.send(data)
+    except OSError:
+        return 0
+
+
 def _endpoint(addr: tuple[str, int] | tuple[str, int, int, int]) -> Endpoint:
     return Endpoint(addr[0], addr[1])
 
@@ -124,10 +133,12 @@ class Listener:
         # Coarse shared timers for idle relays and pending connects (cheaper than one per flow).
         self._idle_sweeper = Sweeper(self.loop, sweep_interval(spec.timeouts.idle))
         self._connect_sweeper = Sweeper(self.loop, sweep_interval(spec.timeouts.connect))
+        self._sniff_sweeper = Sweeper(self.loop, sweep_interval(spec.timeouts.sniff))
+        self._sniffing: dict[FirstBytes, socket.socket] = {}
 
     @property
     def active(self) -> int:
-        return len(self._handshakes) + len(self._connecting) + len(self._relays)
+        return len(self._handshakes) + len(self._sniffing) + len(self._connecting) + len(self._relays)
 
     def start(self) -> None:
         self.sock = bind_listening_socket(self.spec.listen, reuse_port=self.ctx.reuse_port,
@@ -206,7 +217,8 @@ class Listener:
     def decide(self, flow: Flow) -> Decision:
         """Route the flow and record the decision in it."""
         assert flow.dst is not None
-        key = FlowKey(self.spec.name, flow.client.host, flow.dst.host, flow.dst.port, flow.host)
+        key = FlowKey(self.spec.name, flow.client.host, flow.dst.host, flow.dst.port, flow.host, flow.protocol,
+                      flow.sni, flow.alpn)
         decision = self.ctx.router.decide(key)
         flow.rule = decision.rule
         flow.action = decision.action
@@ -232,6 +244,23 @@ class Listener:
             conn.close()
             self._flow_done(flow)
             return
+        port = flow.dst.port
+        if self.spec.sniff and not any(lo <= port <= hi for lo, hi in self.spec.sniff_skip_ports):
+            def sniffed(ok: bool) -> None:
+                del self._sniffing[watcher]
+                if ok:
+                    self._route_accepted(conn, flow)
+                else:
+                    conn.close()
+                    self._flow_done(flow)
+
+            watcher = FirstBytes(self.loop, conn, flow, self.spec.timeouts.sniff, self._sniff_sweeper, sniffed)
+            self._sniffing[watcher] = conn
+        else:
+            self._route_accepted(conn, flow)
+
+    def _route_accepted(self, conn: socket.socket, flow: Flow) -> None:
+        assert flow.dst is not None
         decision = self.decide(flow)
         target = decision.upstream or flow.dst
         family = literal_family(target.host) if decision.action != "reject" else None
@@ -269,11 +298,30 @@ class Listener:
                 conn.close()
                 self._flow_done(flow)
             else:
-                self._start_relay(flow, conn, upstream)
+                sent = _send_some(upstream, flow.preread) if flow.preread else 0
+                flow.bytes_up += sent
+                flow.preread = flow.preread[sent:]
+                if flow.preread:  # the new socket could not take all sniffed bytes at once: a task waits
+                    self._handshakes.add(self.loop.create_task(self._serve_relay(conn, flow, upstream)))
+                else:
+                    self._start_relay(flow, conn, upstream)
 
         attempt = Connect(self.loop, target, family, self.spec.timeouts.connect, connected, self._connect_sweeper,
                           self.socket_options(flow, decision))
         self._connecting[attempt] = (conn, flow)
+
+    async def _serve_relay(self, conn: socket.socket, flow: Flow, upstream: socket.socket) -> None:
+        try:
+            await self.relay(flow, conn, upstream)
+        except OSError as e:
+            flow.close_reason = f"upstream error: {e.strerror}"
+        finally:
+            task = asyncio.current_task()
+            assert task is not None
+            self._handshakes.discard(task)
+            if flow.relay is None:
+                conn.close()
+                self._flow_done(flow)
 
     async def relay(self, flow: Flow, conn: socket.socket, upstream: socket.socket) -> None:
         """Send what the handshake read ahead, then relay until the flow ends (logged by ``_flow_done``)."""
@@ -338,6 +386,12 @@ class Listener:
                 await self._idle.wait()
         except TimeoutError:
             pass
+        for watcher, conn in list(self._sniffing.items()):
+            watcher.cancel()
+            del self._sniffing[watcher]
+            conn.close()
+            watcher.flow.close_reason = "shutdown"
+            self._flow_done(watcher.flow)
         for attempt, (conn, flow) in list(self._connecting.items()):
             attempt.cancel()
             del self._connecting[attempt]
@@ -350,5 +404,5 @@ class Listener:
             await asyncio.gather(*self._handshakes, return_exceptions=True)
         for relay in list(self._relays):
             relay.abort("shutdown")
-        self._idle_sweeper.close()
-        self._connect_sweeper.close()
+        for sweeper in (self._idle_sweeper, self._connect_sweeper, self._sniff_sweeper):
+            sweeper.close()

@@ -67,3 +67,19 @@ def test_route_explains(tmp_path: Path) -> None:
     ]
     done = ugate("route", "--config", str(path), "--listener", "nope", "--dst", "1.2.3.4", "--port", "1")
     assert done.returncode == 2 and "no listener is named 'nope'" in done.stderr
+
+
+def test_route_explains_sniffed_fields(tmp_path: Path) -> None:
+    path = tmp_path / "sni.yaml"
+    path.write_text("""
+listeners: [{name: t, kind: tproxy, listen: "0.0.0.0:15001"}]
+routes:
+  - {name: h2-only, match: {sni: "*.example.test", alpn: h2}, upstream: "10.0.0.2:443"}
+  - {name: rest, action: direct}
+""")
+    done = ugate("route", "--config", str(path), "--listener", "t", "--dst", "1.2.3.4", "--port", "443",
+                 "--protocol", "tls", "--sni", "www.example.test", "--alpn", "h2,http/1.1")
+    assert done.stdout.splitlines() == ["routes[0] h2-only: MATCH: upstream -> 10.0.0.2:443"]
+    done = ugate("route", "--config", str(path), "--listener", "t", "--dst", "1.2.3.4", "--port", "443",
+                 "--protocol", "tls", "--sni", "www.example.test", "--alpn", "http/1.1")
+    assert done.stdout.splitlines()[0] == "routes[0] h2-only: no: alpn ['http/1.1'] has none of ['h2']"

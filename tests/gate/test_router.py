@@ -60,3 +60,34 @@ def test_explain_lists_each_route_tried() -> None:
         "routes[2] fwd-iperf: no: listener 'socks' not in ['fwd']",
         "routes[3] lan: MATCH: direct",
     ]
+
+
+SNIFF_ROUTER = Router(parse_config({
+    "listeners": [{"name": "t", "kind": "tproxy", "listen": "0.0.0.0:15001"}],
+    "routes": [
+        {"name": "ssh", "match": {"protocol": "ssh"}, "action": "reject"},
+        {"name": "h2", "match": {"sni": "*.example.test", "alpn": ["h2"]}, "upstream": "10.0.0.2:443"},
+        {"name": "plain", "match": {"protocol": ["http", "unknown"]}, "action": "direct"},
+        {"name": "rest", "action": "direct"},
+    ],
+}).routes)
+
+
+@pytest.mark.parametrize(
+    ("key", "rule"),
+    [
+        (FlowKey("t", "10.0.0.1", "1.2.3.4", 22, None, "ssh"), "ssh"),
+        (FlowKey("t", "10.0.0.1", "1.2.3.4", 443, "a.example.test", "tls", "a.example.test", ("h2", "http/1.1")), "h2"),
+        (FlowKey("t", "10.0.0.1", "1.2.3.4", 443, "a.example.test", "tls", "a.example.test", ("http/1.1",)), "rest"),
+        (FlowKey("t", "10.0.0.1", "1.2.3.4", 80, "web.test", "http"), "plain"),
+        (FlowKey("t", "10.0.0.1", "1.2.3.4", 25, None, None), "rest"),  # not sniffed: protocol routes skip it
+    ],
+)
+def test_sniffed_fields_route(key: FlowKey, rule: str) -> None:
+    assert SNIFF_ROUTER.decide(key).rule == rule
+
+
+def test_explain_names_sniffed_fields() -> None:
+    lines = SNIFF_ROUTER.explain(FlowKey("t", None, "1.2.3.4", 443, None, "tls", "x.other.test", ("h2",)))
+    assert lines[0] == "routes[0] ssh: no: protocol tls not in ['ssh']"
+    assert lines[1] == "routes[1] h2: no: sni 'x.other.test' does not match ['*.example.test']"

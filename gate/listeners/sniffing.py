@@ -1,0 +1,88 @@
+"""Reading a flow's first bytes to classify it before routing, within a bounded wait.
+
+Callback-driven, like the rest of the handshake-free path: the client socket is watched until
+``sniff.classify`` has an answer, MAX_SNIFF bytes arrived, or the wait ran out (a server-first
+protocol such as SMTP sends nothing until the server speaks: such flows are routed on addresses
+alone, never held longer). The bytes read become the flow's preread, delivered upstream first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+
+from gate.flow import Flow
+from sniff import MAX_SNIFF, NeedMore, Sniffed, classify
+from splice import Sweeper
+
+__all__ = ["FirstBytes"]
+
+
+class FirstBytes:
+    """Watches one client socket; calls ``done(ok)`` once (ok False: the client broke off)."""
+
+    __slots__ = ("_buf", "_conn", "_deadline", "_done", "_fd", "_loop", "_sweeper", "flow")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, flow: Flow, wait: float,
+                 sweeper: Sweeper, done: Callable[[bool], None]) -> None:
+        self._loop = loop
+        self._conn = conn
+        self._fd = conn.fileno()
+        self.flow = flow
+        self._buf = bytearray()
+        self._deadline = loop.time() + wait
+        self._sweeper = sweeper
+        self._done: Callable[[bool], None] | None = done
+        loop.add_reader(self._fd, self._readable)
+        sweeper.add(self)
+
+    def deadline(self) -> float:
+        return self._deadline
+
+    def expire(self) -> None:
+        """Nothing (or not enough) said in time: route on what we have."""
+        self.flow.protocol = "unknown" if self._buf else "none"
+        self._finish(True)
+
+    def _readable(self) -> None:
+        try:
+            data = self._conn.recv(MAX_SNIFF - len(self._buf))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.flow.close_reason = f"client error while sniffing: {e.strerror}"
+            self._finish(False)
+            return
+        if not data:  # half-closed before saying (all) it had: route with what came
+            self.flow.protocol = "unknown" if self._buf else "none"
+            self._finish(True)
+            return
+        self._buf += data
+        found = classify(bytes(self._buf))
+        if isinstance(found, NeedMore) and len(self._buf) < MAX_SNIFF:
+            return
+        self._apply(found if isinstance(found, Sniffed) else Sniffed("unknown"))
+        self._finish(True)
+
+    def _apply(self, found: Sniffed) -> None:
+        flow = self.flow
+        flow.protocol, flow.sni, flow.alpn = found.protocol, found.sni, found.alpn
+        if flow.host is None and found.host:
+            flow.host = found.host
+
+    def _finish(self, ok: bool) -> None:
+        done, self._done = self._done, None
+        if done is None:
+            return
+        self._loop.remove_reader(self._fd)
+        self._sweeper.discard(self)
+        self.flow.preread = bytes(self._buf)
+        done(ok)
+
+    def cancel(self) -> None:
+        """Shutdown: stop watching; ``done`` is not called."""
+        if self._done is not None:
+            self._done = None
+            self._loop.remove_reader(self._fd)
+            self._sweeper.discard(self)

@@ -1,0 +1,119 @@
+"""Sniffing in the flow: routes on TLS SNI/ALPN and HTTP Host pick upstreams, and a server-first
+protocol waits no longer than the bounded sniff wait."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import curl, free_port, wait_port
+
+
+@pytest.fixture
+def two_https(tls_files: dict[str, Path], tmp_path: Path) -> Iterator[tuple[int, int]]:
+    """Two openssl s_server -WWW origins whose who.txt says which one answered."""
+    procs, ports = [], []
+    for name in ("one", "two"):
+        root = tmp_path / name
+        root.mkdir()
+        (root / "who.txt").write_text(f"{name}\n")
+        port = free_port()
+        procs.append(subprocess.Popen(
+            ["openssl", "s_server", "-quiet", "-WWW", "-accept", str(port), "-cert", str(tls_files["cert"]),
+             "-key", str(tls_files["key"])], cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        ports.append(port)
+    for port in ports:
+        wait_port("127.0.0.1", port)
+    yield ports[0], ports[1]
+    for proc in procs:
+        proc.terminate()
+        proc.wait()
+
+
+def test_sni_routes_to_different_upstreams(start_gate: Any, two_https: tuple[int, int]) -> None:
+    one, two = two_https
+    port = free_port()
+    gate = start_gate(
+        [{"name": "tls", "kind": "forward", "listen": f"127.0.0.1:{port}", "to": f"127.0.0.1:{one}", "sniff": True}],
+        routes=[{"match": {"sni": "*.blocked.test"}, "action": "reject", "name": "blocked"},
+                {"match": {"sni": "two.test", "alpn": "h2"}, "upstream": f"127.0.0.1:{two}", "name": "to-two"},
+                {"match": {"protocol": "tls"}, "action": "direct", "name": "tls"}],
+    )
+
+    def fetch(name: str, *extra: str) -> subprocess.CompletedProcess[bytes]:
+        return curl("-k", "--resolve", f"{name}:{port}:127.0.0.1", *extra, f"https://{name}:{port}/who.txt")
+
+    assert fetch("one.test").stdout == b"one\n"
+    assert fetch("two.test").stdout == b"two\n"  # curl offers h2 and http/1.1
+    assert fetch("two.test", "--http1.1").stdout == b"one\n"  # no h2 offered: the alpn condition fails
+    assert fetch("www.blocked.test").returncode != 0
+    records = gate.wait_records(4)
+    assert [(r["sni"], r["rule"], r["protocol"]) for r in records] == [
+        ("one.test", "tls", "tls"), ("two.test", "to-two", "tls"), ("two.test", "tls", "tls"),
+        ("www.blocked.test", "blocked", "tls")]
+    assert records[1]["alpn"] == ["h2", "http/1.1"] and records[1]["host"] == "two.test"
+
+
+def test_http_host_is_sniffed(start_gate: Any, http_origin: int, http_origin2: int) -> None:
+    port = free_port()
+    gate = start_gate(
+        [{"name": "web", "kind": "forward", "listen": f"127.0.0.1:{port}", "to": f"127.0.0.1:{http_origin}",
+          "sniff": True}],
+        routes=[{"match": {"host": "*.two.test"}, "upstream": f"127.0.0.1:{http_origin2}"}, {"action": "direct"}],
+    )
+    got = curl("-H", "Host: www.two.test", f"http://127.0.0.1:{port}/x")
+    assert got.stdout == f"hello from {http_origin2} /x\n".encode()
+    (record,) = gate.wait_records(1)
+    assert (record["protocol"], record["host"]) == ("http", "www.two.test")
+
+
+@pytest.fixture
+def server_first() -> Iterator[int]:
+    """An SMTP-like server: greets first, then echoes one line."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"220 ready\r\n")
+                conn.sendall(conn.recv(100))
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield int(listener.getsockname()[1])
+    listener.close()
+
+
+def test_server_first_protocol_waits_only_the_sniff_bound(start_gate: Any, server_first: int) -> None:
+    port = free_port()
+    gate = start_gate([{"name": "smtp", "kind": "forward", "listen": f"127.0.0.1:{port}",
+                        "to": f"127.0.0.1:{server_first}", "sniff": True, "timeouts": {"sniff": 0.3}}])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        started = time.monotonic()
+        assert s.recv(100) == b"220 ready\r\n"
+        waited = time.monotonic() - started
+        s.sendall(b"HELO x\r\n")
+        assert s.recv(100) == b"HELO x\r\n"
+    assert 0.25 < waited < 0.8, waited  # the sniff wait (plus its sweep granularity), never more
+    (record,) = gate.wait_records(1)
+    assert record["protocol"] == "none"
+
+
+def test_skip_ports_are_not_sniffed(start_gate: Any, server_first: int) -> None:
+    port = free_port()
+    start_gate([{"name": "smtp", "kind": "forward", "listen": f"127.0.0.1:{port}", "to": f"127.0.0.1:{server_first}",
+                 "sniff": True, "sniff_skip_ports": [server_first], "timeouts": {"sniff": 2}}])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        started = time.monotonic()
+        assert s.recv(100) == b"220 ready\r\n"
+        assert time.monotonic() - started < 0.5
