@@ -31,6 +31,7 @@ __all__ = [
     "Match",
     "RedirectSpec",
     "Route",
+    "SniSpec",
     "Socks5Spec",
     "Timeouts",
     "TproxySpec",
@@ -115,6 +116,15 @@ class RedirectSpec(ListenerSpec):
     """REDIRECTed TCP: the original destination comes from conntrack (SO_ORIGINAL_DST)."""
 
     kind: ClassVar[str] = "redirect"
+
+
+@dataclass(frozen=True)
+class SniSpec(ListenerSpec):
+    """SNI ingress: TLS is routed by its server name, never terminated."""
+
+    kind: ClassVar[str] = "sni"
+    port: int = 443  # the destination is SNI:port unless a route names an upstream
+    default: Endpoint | None = None  # where flows without TLS or SNI go; None: they are closed
 
 
 @dataclass(frozen=True)
@@ -382,6 +392,7 @@ _KIND_KEYS: dict[str, tuple[str, ...]] = {
     "tproxy": (),
     "redirect": (),
     "tproxy_udp": ("mapping", "session_timeout"),
+    "sni": ("port", "default"),
 }
 
 
@@ -418,6 +429,11 @@ def _listener(raw: Any, where: str, base: Timeouts, p: _Problems) -> ListenerSpe
         return TproxySpec(**common)
     if kind == "redirect":
         return RedirectSpec(**common)
+    if kind == "sni":
+        port = p.get(m, "port", where, _positive_int, 443)
+        if not port < 65536:
+            p.add(f"{where}.port", f"{port} is not a port")
+        return SniSpec(**common, port=port, default=p.get(m, "default", where, parse_endpoint, None))
     if kind == "tproxy_udp":
         return TproxyUdpSpec(
             **common,

@@ -5,10 +5,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from gate.config import ForwardSpec, HttpSpec, ListenerSpec, RedirectSpec, Socks5Spec, TproxySpec, TproxyUdpSpec
+from gate.config import (
+    ForwardSpec,
+    HttpSpec,
+    ListenerSpec,
+    RedirectSpec,
+    SniSpec,
+    Socks5Spec,
+    TproxySpec,
+    TproxyUdpSpec,
+)
 from gate.listeners.base import Context, Listener, Server
 from gate.listeners.forward import ForwardListener
 from gate.listeners.http_proxy import HttpListener
+from gate.listeners.sni import SniListener
 from gate.listeners.socks import SocksListener
 from gate.listeners.tproxy_udp import TproxyUdpListener
 from gate.listeners.transparent import RedirectListener, TproxyListener
@@ -22,6 +32,7 @@ SERVERS: dict[type[ListenerSpec], Callable[[Any, Context], Server]] = {
     TproxySpec: TproxyListener,
     RedirectSpec: RedirectListener,
     TproxyUdpSpec: TproxyUdpListener,
+    SniSpec: SniListener,
 }
 
 

@@ -12,6 +12,7 @@ import errno
 import logging
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -52,7 +53,7 @@ class Context:
         if dst in self.own:
             return True
         wildcard = any(e.port == dst.port and e.host in ("0.0.0.0", "::") for e in self.own)
-        return wildcard and is_local_address(dst.host)
+        return wildcard and literal_family(dst.host) is not None and is_local_address(dst.host)
 
 
 class Server(Protocol):
@@ -237,27 +238,37 @@ class Listener:
         the target is an address literal, connect and relay without a task; else take ``handle``."""
         assert flow.dst is not None
         if self.ctx.is_own(flow.dst):
-            flow.close_reason = "refused: the destination is ugate itself (a loop)"
             log.warning("%s: %s -> %s refused: destination is one of our listeners", self.spec.name,
                         flow.client, flow.dst)
-            reset(conn)
-            conn.close()
-            self._flow_done(flow)
+            self.refuse(conn, flow, "refused: the destination is ugate itself (a loop)")
             return
         port = flow.dst.port
         if self.spec.sniff and not any(lo <= port <= hi for lo, hi in self.spec.sniff_skip_ports):
-            def sniffed(ok: bool) -> None:
-                del self._sniffing[watcher]
-                if ok:
-                    self._route_accepted(conn, flow)
-                else:
-                    conn.close()
-                    self._flow_done(flow)
-
-            watcher = FirstBytes(self.loop, conn, flow, self.spec.timeouts.sniff, self._sniff_sweeper, sniffed)
-            self._sniffing[watcher] = conn
+            self.sniff_then(conn, flow, self.spec.timeouts.sniff, lambda: self._route_accepted(conn, flow))
         else:
             self._route_accepted(conn, flow)
+
+    def refuse(self, conn: socket.socket, flow: Flow, reason: str) -> None:
+        """End a flow before any upstream exists: the client gets a reset, the log the reason."""
+        flow.close_reason = reason
+        reset(conn)
+        conn.close()
+        self._flow_done(flow)
+
+    def sniff_then(self, conn: socket.socket, flow: Flow, wait: float, then: Callable[[], None]) -> None:
+        """Classify the flow's first bytes (at most ``wait`` seconds), then ``then()``; a client that
+        breaks off meanwhile is closed and logged."""
+
+        def sniffed(ok: bool) -> None:
+            del self._sniffing[watcher]
+            if ok:
+                then()
+            else:
+                conn.close()
+                self._flow_done(flow)
+
+        watcher = FirstBytes(self.loop, conn, flow, wait, self._sniff_sweeper, sniffed)
+        self._sniffing[watcher] = conn
 
     def _route_accepted(self, conn: socket.socket, flow: Flow) -> None:
         assert flow.dst is not None

@@ -11,7 +11,6 @@ import socket
 from gate.addr import Endpoint
 from gate.config import RedirectSpec, TproxySpec
 from gate.flow import Flow
-from gate.listeners.base import reset
 from gate.listeners.forward import ForwardListener
 from tproxy.sockopts import OriginalDstUnavailable, original_dst, unmap
 
@@ -43,9 +42,6 @@ class RedirectListener(ForwardListener):
             host, port = conn.getsockname()[:2]  # a direct connection: the destination is us
         flow.dst = Endpoint(unmap(host), port)
         if flow.dst == Endpoint(unmap(conn.getsockname()[0]), conn.getsockname()[1]):
-            flow.close_reason = "refused: not redirected (a direct connection to the listener)"
-            reset(conn)
-            conn.close()
-            self._flow_done(flow)
+            self.refuse(conn, flow, "refused: not redirected (a direct connection to the listener)")
             return
         self.route_without_handshake(conn, flow)

@@ -117,3 +117,27 @@ def test_skip_ports_are_not_sniffed(start_gate: Any, server_first: int) -> None:
         started = time.monotonic()
         assert s.recv(100) == b"220 ready\r\n"
         assert time.monotonic() - started < 0.5
+
+
+def test_sni_listener_routes_by_name_without_terminating(start_gate: Any, two_https: tuple[int, int],
+                                                          http_origin: int) -> None:
+    one, two = two_https
+    port = free_port()
+    gate = start_gate(
+        [{"name": "ingress", "kind": "sni", "listen": f"127.0.0.1:{port}", "port": one}],
+        routes=[{"match": {"sni": "two.test"}, "upstream": f"127.0.0.1:{two}", "name": "two"},
+                {"match": {"sni": "*.internal.test"}, "action": "reject", "name": "internal"},
+                {"action": "direct", "name": "by-name"}],
+    )
+
+    def fetch(name: str) -> subprocess.CompletedProcess[bytes]:
+        return curl("-k", "--resolve", f"{name}:{port}:127.0.0.1", f"https://{name}:{port}/who.txt")
+
+    assert fetch("two.test").stdout == b"two\n"
+    assert fetch("localhost").stdout == b"one\n"  # no route: SNI:port, i.e. localhost:<one>
+    assert fetch("db.internal.test").returncode != 0
+    assert curl(f"http://127.0.0.1:{port}/").returncode != 0  # not TLS and no default: closed
+    records = gate.wait_records(4)
+    assert [(r["rule"], r["dst"]) for r in records[:3]] == [
+        ("two", f"two.test:{one}"), ("by-name", f"localhost:{one}"), ("internal", f"db.internal.test:{one}")]
+    assert records[3]["close"] == "no TLS server name (and no default)"

@@ -70,7 +70,7 @@ def test_routes_default_to_direct() -> None:
                         {"name": "b", "kind": "http", "listen": "x:99999"}]},
          "listeners[1].listen: 'x:99999' is not host:port"),
         ({"listeners": [{"name": "a", "kind": "ftp", "listen": "127.0.0.1:21"}]},
-         "listeners[0].kind: 'ftp' is not one of: socks5, http, forward, tproxy, redirect, tproxy_udp"),
+         "listeners[0].kind: 'ftp' is not one of: socks5, http, forward, tproxy, redirect, tproxy_udp, sni"),
         ({"listeners": [{"name": "a", "kind": "forward", "listen": "127.0.0.1:1"}]},
          "listeners[0].to: missing"),
         ({"listeners": [{"name": "a", "kind": "socks5", "listen": "127.0.0.1:1", "relay": "fast"}]},
@@ -157,3 +157,24 @@ def test_udp_capture_needs_tproxy_mode() -> None:
     assert any("tproxy_udp listeners need capture mode tproxy" in p for p in found), found
     found = problems({"listeners": [{"name": "u", "kind": "tproxy_udp", "listen": "0.0.0.0:1", "mapping": "cone"}]})
     assert any(p.startswith("listeners[0].mapping: 'cone' is not one of") for p in found), found
+
+
+def test_sni_and_sniff_options() -> None:
+    from gate.config import SniSpec
+
+    config = parse_config({"listeners": [
+        {"name": "in", "kind": "sni", "listen": "0.0.0.0:443", "port": 8443, "default": "10.0.0.9:443"},
+        {"name": "f", "kind": "forward", "listen": "127.0.0.1:1", "to": "127.0.0.1:2", "sniff": True,
+         "sniff_skip_ports": [25, "8000-8080"], "timeouts": {"sniff": 0.5}},
+        {"name": "t", "kind": "tproxy", "listen": "0.0.0.0:15001"},
+    ], "routes": [{"match": {"protocol": ["tls", "ssh"], "sni": "*.x.test", "alpn": "h2"}, "action": "direct"}]})
+    sni, fwd, tp = config.listeners
+    assert isinstance(sni, SniSpec) and sni.port == 8443 and sni.default == Endpoint("10.0.0.9", 443)
+    assert fwd.sniff and fwd.sniff_skip_ports == ((25, 25), (8000, 8080)) and fwd.timeouts.sniff == 0.5
+    assert tp.sniff and not parse_config({"listeners": [{"name": "s", "kind": "socks5",
+                                                         "listen": "127.0.0.1:1"}]}).listeners[0].sniff
+    match = config.routes[0].match
+    assert (match.protocol, match.sni, match.alpn) == (("tls", "ssh"), ("*.x.test",), ("h2",))
+    assert any(p.startswith("routes[0].match.protocol: 'ftp' is not one of")
+               for p in problems({"listeners": [{"name": "s", "kind": "socks5", "listen": "127.0.0.1:1"}],
+                                  "routes": [{"match": {"protocol": "ftp"}, "action": "direct"}]}))
