@@ -29,6 +29,7 @@ __all__ = [
     "ListenerSpec",
     "LogSpec",
     "Match",
+    "MuxSpec",
     "RedirectSpec",
     "Route",
     "SniSpec",
@@ -125,6 +126,16 @@ class SniSpec(ListenerSpec):
     kind: ClassVar[str] = "sni"
     port: int = 443  # the destination is SNI:port unless a route names an upstream
     default: Endpoint | None = None  # where flows without TLS or SNI go; None: they are closed
+
+
+@dataclass(frozen=True)
+class MuxSpec(HttpSpec):
+    """One port for SOCKS5/4a, the HTTP proxy, TLS by SNI and SSH: whichever the client speaks."""
+
+    kind: ClassVar[str] = "mux"
+    tls_port: int = 443  # TLS goes to <SNI>:<tls_port> unless a route names an upstream
+    ssh: Endpoint | None = None  # where SSH goes; None: SSH is closed
+    default: Endpoint | None = None  # anything else (or TLS without SNI); None: closed
 
 
 @dataclass(frozen=True)
@@ -393,6 +404,7 @@ _KIND_KEYS: dict[str, tuple[str, ...]] = {
     "redirect": (),
     "tproxy_udp": ("mapping", "session_timeout"),
     "sni": ("port", "default"),
+    "mux": ("users", "realm", "tls_port", "ssh", "default"),
 }
 
 
@@ -429,6 +441,15 @@ def _listener(raw: Any, where: str, base: Timeouts, p: _Problems) -> ListenerSpe
         return TproxySpec(**common)
     if kind == "redirect":
         return RedirectSpec(**common)
+    if kind == "mux":
+        return MuxSpec(
+            **common,
+            users=p.get(m, "users", where, _users, MappingProxyType({})),
+            realm=p.get(m, "realm", where, _string, "ugate"),
+            tls_port=p.get(m, "tls_port", where, _positive_int, 443),
+            ssh=p.get(m, "ssh", where, parse_endpoint, None),
+            default=p.get(m, "default", where, parse_endpoint, None),
+        )
     if kind == "sni":
         port = p.get(m, "port", where, _positive_int, 443)
         if not port < 65536:

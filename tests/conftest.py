@@ -275,3 +275,24 @@ def https_origin(tls_files: dict[str, Path]) -> Iterator[int]:
     yield port
     proc.terminate()
     proc.wait()
+
+
+@pytest.fixture
+def two_https(tls_files: dict[str, Path], tmp_path: Path) -> Iterator[tuple[int, int]]:
+    """Two openssl s_server -WWW origins whose who.txt says which one answered."""
+    procs, ports = [], []
+    for name in ("one", "two"):
+        root = tmp_path / name
+        root.mkdir()
+        (root / "who.txt").write_text(f"{name}\n")
+        port = free_port()
+        procs.append(subprocess.Popen(
+            ["openssl", "s_server", "-quiet", "-WWW", "-accept", str(port), "-cert", str(tls_files["cert"]),
+             "-key", str(tls_files["key"])], cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        ports.append(port)
+    for port in ports:
+        wait_port("127.0.0.1", port)
+    yield ports[0], ports[1]
+    for proc in procs:
+        proc.terminate()
+        proc.wait()

@@ -9,6 +9,7 @@ from gate.config import (
     ForwardSpec,
     HttpSpec,
     ListenerSpec,
+    MuxSpec,
     RedirectSpec,
     SniSpec,
     Socks5Spec,
@@ -18,6 +19,7 @@ from gate.config import (
 from gate.listeners.base import Context, Listener, Server
 from gate.listeners.forward import ForwardListener
 from gate.listeners.http_proxy import HttpListener
+from gate.listeners.mux import MuxListener
 from gate.listeners.sni import SniListener
 from gate.listeners.socks import SocksListener
 from gate.listeners.tproxy_udp import TproxyUdpListener
@@ -33,6 +35,7 @@ SERVERS: dict[type[ListenerSpec], Callable[[Any, Context], Server]] = {
     RedirectSpec: RedirectListener,
     TproxyUdpSpec: TproxyUdpListener,
     SniSpec: SniListener,
+    MuxSpec: MuxListener,
 }
 
 

@@ -55,6 +55,8 @@ class HttpListener(Listener):
 
     async def handle(self, conn: socket.socket, flow: Flow) -> None:
         client = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        client.receive_data(flow.preread)  # bytes a mux listener read while sniffing
+        flow.preread = b""
         session = _UpstreamSession()
         try:
             first = True

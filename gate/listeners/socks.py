@@ -54,7 +54,8 @@ class SocksListener(Listener):
     spec: Socks5Spec
 
     async def handle(self, conn: socket.socket, flow: Flow) -> None:
-        buf = bytearray()
+        buf = bytearray(flow.preread)  # bytes a mux listener read while sniffing
+        flow.preread = b""
         async with asyncio.timeout(self.spec.timeouts.handshake):
             first: socks.Greeting | socks.Socks4Request = await self._read(conn, buf, socks.parse_first)
             if isinstance(first, socks.Socks4Request):

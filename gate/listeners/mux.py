@@ -1,0 +1,54 @@
+"""One port, several protocols (sslh-style): SOCKS5/4a and the HTTP proxy are served as on their own
+listeners, TLS is routed by SNI without terminating it, SSH goes to ``ssh``, the rest to ``default``.
+The first bytes decide; they are replayed to whichever handler takes the flow.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from gate.addr import Endpoint
+from gate.config import MuxSpec
+from gate.errors import ClientProtocolError, GateError
+from gate.flow import Flow
+from gate.listeners.base import Listener, reset
+from gate.listeners.http_proxy import HttpListener
+from gate.listeners.socks import SocksListener
+
+__all__ = ["MuxListener"]
+
+
+class MuxListener(HttpListener, SocksListener):
+    spec: MuxSpec  # type: ignore[assignment]  # it has what both handlers read (users, realm, timeouts)
+
+    def accepted(self, conn: socket.socket, flow: Flow) -> None:
+        # clients of every protocol served here speak first: wait as long as a handshake may take
+        self.sniff_then(conn, flow, self.spec.timeouts.handshake, lambda: Listener.accepted(self, conn, flow))
+
+    async def handle(self, conn: socket.socket, flow: Flow) -> None:
+        if flow.protocol == "socks":
+            await SocksListener.handle(self, conn, flow)
+        elif flow.protocol == "http":
+            await HttpListener.handle(self, conn, flow)
+        else:
+            await self._pass_through(conn, flow)
+
+    async def _pass_through(self, conn: socket.socket, flow: Flow) -> None:
+        """TLS by SNI, SSH, or the default: a plain relay after routing."""
+        target: Endpoint | None
+        if flow.protocol == "tls" and flow.sni:
+            target = Endpoint(flow.sni, self.spec.tls_port)
+        elif flow.protocol == "ssh":
+            target = self.spec.ssh or self.spec.default
+        else:
+            target = self.spec.default
+        if target is None:
+            reset(conn)
+            raise ClientProtocolError(f"nothing serves {flow.protocol or 'this'} on this port")
+        flow.dst = target
+        try:
+            upstream = await self.connect(flow)
+        except GateError:
+            reset(conn)
+            raise
+        await self.relay(flow, conn, upstream)
