@@ -55,8 +55,9 @@ class HttpListener(Listener):
 
     async def handle(self, conn: socket.socket, flow: Flow) -> None:
         client = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        client.receive_data(flow.preread)  # bytes a mux listener read while sniffing
-        flow.preread = b""
+        if flow.preread:  # bytes a mux listener read while sniffing (b"" would tell h11 "closed")
+            client.receive_data(flow.preread)
+            flow.preread = b""
         session = _UpstreamSession()
         try:
             first = True
