@@ -42,6 +42,21 @@ def capture(name: str, client: Client) -> None:
     print(name, len(data))
 
 
+def capture_udp(name: str, client: list[str]) -> None:
+    """The first datagram ``client`` sends to a local UDP port."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    server.settimeout(3)
+    argv = [arg.replace("PORT", str(server.getsockname()[1])) for arg in client]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    data, _ = server.recvfrom(65535)
+    proc.kill()
+    proc.wait()
+    server.close()
+    Path(name).write_bytes(data)
+    print(name, len(data))
+
+
 def python_ssl(port: int) -> None:
     ctx = ssl.create_default_context()
     ctx.set_alpn_protocols(["h2", "http/1.1"])
@@ -61,3 +76,6 @@ if __name__ == "__main__":
     capture("curl_h2c_prior.bin", ["curl", "-s", "--max-time", "2", "--http2-prior-knowledge", "http://127.0.0.1:PORT/"])
     capture("ssh_banner.bin", ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-p", "PORT",
                                "127.0.0.1"])
+    capture_udp("dig_query.bin", ["dig", "@127.0.0.1", "-p", "PORT", "WWW.Example.test", "AAAA", "+tries=1", "+time=1"])
+    capture_udp("openssl_dtls.bin", ["openssl", "s_client", "-dtls1_2", "-connect", "127.0.0.1:PORT",
+                                     "-servername", "dtls.example.test"])

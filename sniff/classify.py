@@ -10,8 +10,9 @@ from sniff.http import parse_h2_preface, parse_http_request
 from sniff.result import NEED_MORE, NeedMore, NotThisProtocol
 from sniff.ssh import parse_ssh_banner
 from sniff.tls import parse_client_hello
+from sniff.udp import parse_dns_query, parse_dtls_client_hello, parse_stun, parse_wireguard
 
-__all__ = ["MAX_SNIFF", "Sniffed", "classify"]
+__all__ = ["MAX_SNIFF", "Sniffed", "classify", "classify_datagram"]
 
 # Bytes a flow may be held for sniffing; beyond it the flow is "unknown" and relayed as it is.
 MAX_SNIFF = 16 * 1024 + 5
@@ -78,3 +79,35 @@ def classify(data: bytes) -> Sniffed | NeedMore:
             return result
         waiting = True
     return NEED_MORE if waiting and len(data) < MAX_SNIFF else Sniffed("unknown")
+
+
+def _datagram_sniffers() -> list[Callable[[bytes], Sniffed]]:
+    def stun(data: bytes) -> Sniffed:
+        found = parse_stun(data)
+        return Sniffed("stun", detail=found.message_class)
+
+    def wireguard(data: bytes) -> Sniffed:
+        return Sniffed("wireguard", detail=parse_wireguard(data).message)
+
+    def dtls(data: bytes) -> Sniffed:
+        hello = parse_dtls_client_hello(data)
+        return Sniffed("dtls", sni=hello.sni, alpn=hello.alpn, host=hello.sni)
+
+    def dns(data: bytes) -> Sniffed:
+        query = parse_dns_query(data)
+        return Sniffed("dns", host=query.name, detail=str(query.qtype))
+
+    return [stun, wireguard, dtls, dns]
+
+
+_DATAGRAM_SNIFFERS = _datagram_sniffers()
+
+
+def classify_datagram(data: bytes) -> Sniffed:
+    """The protocol of a UDP flow's first datagram (each datagram is whole: no NEED_MORE)."""
+    for sniff in _DATAGRAM_SNIFFERS:
+        try:
+            return sniff(data)
+        except NotThisProtocol:
+            continue
+    return Sniffed("unknown")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from sniff.result import NEED_MORE, NeedMore, NotThisProtocol
 
-__all__ = ["MAX_HELLO", "ClientHello", "parse_client_hello"]
+__all__ = ["MAX_HELLO", "ClientHello", "parse_client_hello", "parse_handshake_message"]
 
 # A ClientHello larger than this is not sniffed: real ones are < 2 KiB, post-quantum key shares push
 # them to about 1.8 KiB more, and 16 KiB is the TLS record limit (RFC 8446 5.1).
@@ -100,6 +100,16 @@ def parse_client_hello(data: bytes) -> ClientHello | NeedMore:
     if isinstance(found, NeedMore):
         return NEED_MORE
     message, consumed = found
+    return parse_handshake_message(message, consumed)
+
+
+def parse_handshake_message(message: bytes, consumed: int) -> ClientHello:
+    """A whole ClientHello handshake message (type, 3-byte length, body), as TLS records, DTLS (once
+    reframed) and QUIC CRYPTO frames carry it; ``consumed`` is recorded in the result."""
+    if len(message) < 4 or message[0] != HANDSHAKE_CLIENT_HELLO:
+        raise NotThisProtocol("not a ClientHello message")
+    if int.from_bytes(message[1:4], "big") != len(message) - 4:
+        raise NotThisProtocol("ClientHello length does not match")
     r = _Reader(message[4:])
     legacy_version = r.uint(2)
     r.take(32)  # random
