@@ -57,6 +57,42 @@ def capture_udp(name: str, client: list[str]) -> None:
     print(name, len(data))
 
 
+def quic_initials(name: str, alpn: list[str], version: int | None = None) -> None:
+    """The first datagrams of an aioquic client (pip install aioquic), length-prefixed (2 bytes)."""
+    import asyncio
+
+    from aioquic.asyncio import connect
+    from aioquic.quic.configuration import QuicConfiguration
+
+    async def run() -> None:
+        server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        server.bind(("127.0.0.1", 0))
+        server.setblocking(False)
+        config = QuicConfiguration(is_client=True, alpn_protocols=alpn, server_name="quic.example.test")
+        if version is not None:
+            config.supported_versions = [version]
+
+        async def client() -> None:
+            with contextlib.suppress(Exception):
+                async with connect("127.0.0.1", server.getsockname()[1], configuration=config):
+                    pass
+
+        task = asyncio.ensure_future(asyncio.wait_for(client(), 1.5))
+        got: list[bytes] = []
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 1.0
+        while loop.time() < end:
+            try:
+                got.append(server.recv(65535))
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+        await asyncio.gather(task, return_exceptions=True)
+        Path(name).write_bytes(b"".join(len(d).to_bytes(2, "big") + d for d in got[:4]))
+        print(name, [len(d) for d in got[:4]])
+
+    asyncio.run(run())
+
+
 def python_ssl(port: int) -> None:
     ctx = ssl.create_default_context()
     ctx.set_alpn_protocols(["h2", "http/1.1"])
@@ -79,3 +115,6 @@ if __name__ == "__main__":
     capture_udp("dig_query.bin", ["dig", "@127.0.0.1", "-p", "PORT", "WWW.Example.test", "AAAA", "+tries=1", "+time=1"])
     capture_udp("openssl_dtls.bin", ["openssl", "s_client", "-dtls1_2", "-connect", "127.0.0.1:PORT",
                                      "-servername", "dtls.example.test"])
+    quic_initials("aioquic_initial.bin", ["h3"])
+    quic_initials("aioquic_initial_split.bin", ["h3"] + [f"proto-{i:04d}-padding-padding" for i in range(60)])
+    quic_initials("aioquic_initial_v2.bin", ["h3"], 0x6B3343CF)

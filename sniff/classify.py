@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sniff.http import parse_h2_preface, parse_http_request
+from sniff.quic import parse_quic_initial
 from sniff.result import NEED_MORE, NeedMore, NotThisProtocol
 from sniff.ssh import parse_ssh_banner
 from sniff.tls import parse_client_hello
@@ -93,11 +94,17 @@ def _datagram_sniffers() -> list[Callable[[bytes], Sniffed]]:
         hello = parse_dtls_client_hello(data)
         return Sniffed("dtls", sni=hello.sni, alpn=hello.alpn, host=hello.sni)
 
+    def quic(data: bytes) -> Sniffed:
+        hello = parse_quic_initial([data])
+        if isinstance(hello, NeedMore):  # the hello continues in the next datagram
+            return Sniffed("quic")
+        return Sniffed("quic", sni=hello.sni, alpn=hello.alpn, host=hello.sni, ech=hello.ech)
+
     def dns(data: bytes) -> Sniffed:
         query = parse_dns_query(data)
         return Sniffed("dns", host=query.name, detail=str(query.qtype))
 
-    return [stun, wireguard, dtls, dns]
+    return [stun, wireguard, dtls, quic, dns]
 
 
 _DATAGRAM_SNIFFERS = _datagram_sniffers()

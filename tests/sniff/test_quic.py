@@ -1,0 +1,71 @@
+"""QUIC Initial decryption on datagrams captured from aioquic's client (v1, v2, and a ClientHello big
+enough to be split over two datagrams, as Chromium's is), plus fuzzing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sniff.classify import classify_datagram
+from sniff.quic import parse_quic_initial
+from sniff.result import NEED_MORE, NotThisProtocol
+from sniff.tls import ClientHello
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def datagrams(name: str) -> list[bytes]:
+    data, out, pos = (FIXTURES / name).read_bytes(), [], 0
+    while pos < len(data):
+        size = int.from_bytes(data[pos : pos + 2], "big")
+        out.append(data[pos + 2 : pos + 2 + size])
+        pos += 2 + size
+    return out
+
+
+@pytest.mark.parametrize("name", ["aioquic_initial.bin", "aioquic_initial_v2.bin"])
+def test_one_datagram_hello(name: str) -> None:
+    hello = parse_quic_initial(datagrams(name)[:1])
+    assert isinstance(hello, ClientHello) and hello.sni == "quic.example.test" and hello.alpn == ("h3",)
+    assert 0x0304 in hello.versions
+
+
+def test_hello_split_over_two_datagrams() -> None:
+    first, second = datagrams("aioquic_initial_split.bin")[:2]
+    assert parse_quic_initial([first]) is NEED_MORE
+    hello = parse_quic_initial([first, second])
+    assert isinstance(hello, ClientHello) and hello.sni == "quic.example.test"
+    assert len(hello.alpn) == 61 and hello.consumed == 2
+    found = classify_datagram(first)
+    assert found.protocol == "quic" and found.sni is None  # the name is in the second datagram
+
+
+def test_classify_quic() -> None:
+    found = classify_datagram(datagrams("aioquic_initial.bin")[0])
+    assert (found.protocol, found.sni, found.alpn) == ("quic", "quic.example.test", ("h3",))
+
+
+def test_truncated_or_flipped_initials_are_refused() -> None:
+    packet = datagrams("aioquic_initial.bin")[0]
+    for cut in (10, 60, 100, 250):  # inside the Initial packet (the datagram is padded after it)
+        with pytest.raises(NotThisProtocol):
+            parse_quic_initial([packet[:cut]])
+    flipped = bytearray(packet)
+    flipped[150] ^= 1  # inside the encrypted payload: the AEAD tag no longer matches
+    with pytest.raises(NotThisProtocol):
+        parse_quic_initial([bytes(flipped)])
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=1300), cut=st.integers(0, 1200))
+def test_arbitrary_input_only_three_outcomes(data: bytes, cut: int) -> None:
+    packet = datagrams("aioquic_initial.bin")[0]
+    for candidate in (data, packet[:cut] + data, b"\xc0\x00\x00\x00\x01" + data):
+        try:
+            result = parse_quic_initial([candidate])
+        except NotThisProtocol:
+            continue
+        assert result is NEED_MORE or isinstance(result, ClientHello)
