@@ -473,7 +473,7 @@ def _listener(raw: Any, where: str, base: Timeouts, p: _Problems) -> ListenerSpe
 
 
 _MATCH_KEYS = ("listener", "dst", "port", "src", "host", "protocol", "sni", "alpn")
-PROTOCOLS = ("tls", "http", "h2c", "ssh", "socks", "unknown")
+PROTOCOLS = ("tls", "http", "h2c", "ssh", "socks", "stun", "dns", "quic", "dtls", "wireguard", "unknown", "none")
 _ROUTE_KEYS = ("name", "match", "action", "upstream", "preserve_source")
 
 

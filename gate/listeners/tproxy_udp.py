@@ -20,6 +20,7 @@ from gate.config import TproxyUdpSpec
 from gate.flow import Flow
 from gate.listeners.base import Context
 from gate.router import FlowKey
+from sniff import classify_datagram
 from splice import Sweeper, mmsg, sweep_interval
 from tproxy.sockopts import set_mark, set_transparent, unmap
 
@@ -165,7 +166,7 @@ class TproxyUdpListener:
 
     def _from_client(self, client: Endpoint, dst: Endpoint, n: int) -> None:
         key = (client, None if self.spec.mapping == "full-cone" else dst)
-        session = self.sessions.get(key) or self._open(key, client, dst)
+        session = self.sessions.get(key) or self._open(key, client, dst, n)
         if session is None:
             return
         target = session.target or dst
@@ -178,13 +179,17 @@ class TproxyUdpListener:
             return
         session.flow.bytes_up += n
 
-    def _open(self, key: SessionKey, client: Endpoint, dst: Endpoint) -> _Session | None:
+    def _open(self, key: SessionKey, client: Endpoint, dst: Endpoint, n: int) -> _Session | None:
         flow = Flow(listener=self.spec.name, client=client, dst=dst, path="udp")
         if self.ctx.is_own(dst):
             flow.close_reason = "refused: the destination is ugate itself (a loop)"
             self._log(flow)
             return None
-        decision = self.ctx.router.decide(FlowKey(self.spec.name, client.host, dst.host, dst.port, None))
+        # the datagram that opens a session is classified (STUN, DNS, QUIC with SNI, DTLS, WireGuard)
+        found = classify_datagram(bytes(_view[:n]))
+        flow.protocol, flow.sni, flow.alpn, flow.host = found.protocol, found.sni, found.alpn, found.host
+        decision = self.ctx.router.decide(FlowKey(self.spec.name, client.host, dst.host, dst.port, found.host,
+                                                  found.protocol, found.sni, found.alpn))
         flow.rule, flow.action, flow.upstream = decision.rule, decision.action, decision.upstream
         if decision.action == "reject" or len(self.sessions) >= self.spec.max_flows:
             flow.close_reason = f"rejected by {decision.rule}" if decision.action == "reject" else "max_flows reached"

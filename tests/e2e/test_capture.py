@@ -140,6 +140,7 @@ def test_router_udp_dns_and_iperf3(start_gate: Any, router: netns.Topology, mapp
     records = [r for r in gate.records() if r["path"] == "udp"]
     dns = [r for r in records if r["dst"].endswith(":53")]
     assert len(dns) == 2 and all(r["bytes_down"] > 0 and r["close"] == "shutdown" for r in dns)
+    assert all(r["protocol"] == "dns" and r["host"] == "test.example" for r in dns)
     iperf = [r for r in records if r["dst"] == f"{a['server4']}:5201"]
     assert iperf and max(r["bytes_up"] for r in iperf) > 1000 * 1400
 
