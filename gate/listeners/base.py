@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import socket
 import struct
@@ -48,8 +49,15 @@ class Context:
     mark: int | None = None  # SO_MARK of upstream sockets (the capture rules skip it)
     own: frozenset[Endpoint] = frozenset()  # our listeners' addresses: never a destination
 
+    @functools.cached_property
+    def own_ports(self) -> frozenset[int]:
+        return frozenset(e.port for e in self.own)
+
     def is_own(self, dst: Endpoint) -> bool:
-        """``dst`` is one of our listeners (a flow there would loop back into ugate)."""
+        """``dst`` is one of our listeners (a flow there would loop back into ugate). Asked per flow,
+        so the common answer (a port none of ours listens on) is one set lookup."""
+        if dst.port not in self.own_ports:
+            return False
         if dst in self.own:
             return True
         wildcard = any(e.port == dst.port and e.host in ("0.0.0.0", "::") for e in self.own)
