@@ -23,7 +23,7 @@ from gate.config import ListenerSpec
 from gate.dial import Connect, SocketOptions, literal_family, open_tcp
 from gate.errors import GateError, RejectedByRule
 from gate.flow import Flow
-from gate.listeners.sniffing import FirstBytes
+from gate.listeners.sniffing import FirstBytes, sniff_at_once
 from gate.router import Decision, FlowKey, Router
 from splice import Relay, Sweeper, sweep_interval
 from tproxy.sockopts import is_local_address, set_transparent
@@ -266,6 +266,14 @@ class Listener:
     def sniff_then(self, conn: socket.socket, flow: Flow, wait: float, then: Callable[[], None]) -> None:
         """Classify the flow's first bytes (at most ``wait`` seconds), then ``then()``; a client that
         breaks off meanwhile is closed and logged."""
+        settled = sniff_at_once(conn, flow)
+        if settled is not None:  # no waiting (and no extra poll registration) needed
+            if settled:
+                then()
+            else:
+                conn.close()
+                self._flow_done(flow)
+            return
 
         def sniffed(ok: bool) -> None:
             del self._sniffing[watcher]

@@ -16,7 +16,35 @@ from gate.flow import Flow
 from sniff import MAX_SNIFF, NeedMore, Sniffed, classify
 from splice import Sweeper
 
-__all__ = ["FirstBytes"]
+__all__ = ["FirstBytes", "sniff_at_once"]
+
+
+def sniff_at_once(conn: socket.socket, flow: Flow) -> bool | None:
+    """One non-blocking read right at accept, since a fast client's first bytes are often there
+    already: True when that settled the protocol (``flow.preread`` holds the bytes), None when more
+    must be waited for (the bytes so far are in ``flow.preread``), False when the client broke off."""
+    try:
+        data = conn.recv(MAX_SNIFF)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as e:
+        flow.close_reason = f"client error while sniffing: {e.strerror}"
+        return False
+    flow.preread = data
+    if not data:
+        flow.protocol = "none"
+        return True
+    found = classify(data)
+    if isinstance(found, NeedMore):
+        return None
+    _apply(flow, found)
+    return True
+
+
+def _apply(flow: Flow, found: Sniffed) -> None:
+    flow.protocol, flow.sni, flow.alpn = found.protocol, found.sni, found.alpn
+    if flow.host is None and found.host:
+        flow.host = found.host
 
 
 class FirstBytes:
@@ -30,7 +58,7 @@ class FirstBytes:
         self._conn = conn
         self._fd = conn.fileno()
         self.flow = flow
-        self._buf = bytearray()
+        self._buf = bytearray(flow.preread)  # what sniff_at_once read already
         self._deadline = loop.time() + wait
         self._sweeper = sweeper
         self._done: Callable[[bool], None] | None = done
@@ -62,14 +90,8 @@ class FirstBytes:
         found = classify(bytes(self._buf))
         if isinstance(found, NeedMore) and len(self._buf) < MAX_SNIFF:
             return
-        self._apply(found if isinstance(found, Sniffed) else Sniffed("unknown"))
+        _apply(self.flow, found if isinstance(found, Sniffed) else Sniffed("unknown"))
         self._finish(True)
-
-    def _apply(self, found: Sniffed) -> None:
-        flow = self.flow
-        flow.protocol, flow.sni, flow.alpn = found.protocol, found.sni, found.alpn
-        if flow.host is None and found.host:
-            flow.host = found.host
 
     def _finish(self, ok: bool) -> None:
         done, self._done = self._done, None
