@@ -11,6 +11,8 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
+from sniff.result import NEED_MORE, NeedMore  # the same "read more" outcome every sans-IO parser shares
+
 __all__ = [
     "MAX_NAME",
     "NEED_MORE",
@@ -54,23 +56,6 @@ class Reply(IntEnum):
     TTL_EXPIRED = 6
     COMMAND_NOT_SUPPORTED = 7
     ADDRESS_TYPE_NOT_SUPPORTED = 8
-
-
-class NeedMore:
-    """The buffer is a valid prefix of a message: read more."""
-
-    _instance: NeedMore | None = None
-
-    def __new__(cls) -> NeedMore:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "NEED_MORE"
-
-
-NEED_MORE = NeedMore()
 
 
 class SocksError(Exception):
