@@ -172,6 +172,7 @@ class Route:
     action: str
     upstream: Endpoint | None = None
     preserve_source: bool = False
+    proxy_protocol: str | None = None  # "v1" | "v2": tell the upstream who the client is, first thing
 
 
 @dataclass(frozen=True)
@@ -474,7 +475,7 @@ def _listener(raw: Any, where: str, base: Timeouts, p: _Problems) -> ListenerSpe
 
 _MATCH_KEYS = ("listener", "dst", "port", "src", "host", "protocol", "sni", "alpn")
 PROTOCOLS = ("tls", "http", "h2c", "ssh", "socks", "stun", "dns", "quic", "dtls", "wireguard", "unknown", "none")
-_ROUTE_KEYS = ("name", "match", "action", "upstream", "preserve_source")
+_ROUTE_KEYS = ("name", "match", "action", "upstream", "preserve_source", "proxy_protocol")
 
 
 def _route(raw: Any, index: int, listeners: set[str], p: _Problems) -> Route | None:
@@ -509,7 +510,9 @@ def _route(raw: Any, index: int, listeners: set[str], p: _Problems) -> Route | N
         p.add(f"{where}.upstream", f"not allowed with action {action}")
     name = p.get(m, "name", where, _string, f"#{index}")
     preserve = p.get(m, "preserve_source", where, _bool, False)
-    return Route(index=index, name=name, match=match, action=action, upstream=upstream, preserve_source=preserve)
+    proxy = p.get(m, "proxy_protocol", where, _one_of(("v1", "v2")), None)
+    return Route(index=index, name=name, match=match, action=action, upstream=upstream, preserve_source=preserve,
+                 proxy_protocol=proxy)
 
 
 def parse_config(raw: Any) -> GateConfig:

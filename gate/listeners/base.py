@@ -25,6 +25,7 @@ from gate.errors import GateError, RejectedByRule
 from gate.flow import Flow
 from gate.listeners.sniffing import FirstBytes, sniff_at_once
 from gate.router import Decision, FlowKey, Router
+from sniff import proxy_protocol
 from splice import Relay, Sweeper, sweep_interval
 from tproxy.sockopts import is_local_address, set_transparent
 
@@ -108,6 +109,23 @@ def reset(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except OSError:
         pass
+
+
+def _proxy_header(flow: Flow, decision: Decision, upstream: socket.socket) -> bytes:
+    """The PROXY protocol header a route asks for: the client, and the address actually dialled."""
+    version = decision.route.proxy_protocol if decision.route is not None else None
+    if version is None:
+        return b""
+    source = (flow.client.host, flow.client.port)
+    try:
+        peer = upstream.getpeername()
+    except OSError:
+        peer = None
+    if peer is None or (":" in source[0]) != (":" in peer[0]):  # families differ: say "unknown"
+        return b"PROXY UNKNOWN\r\n" if version == "v1" else proxy_protocol.V2_SIGNATURE + b"\x20\x00\x00\x00"
+    destination = (peer[0], peer[1])
+    return proxy_protocol.build_v1(source, destination) if version == "v1" else proxy_protocol.build_v2(
+        source, destination)
 
 
 def _send_some(sock: socket.socket, data: bytes) -> int:
@@ -305,10 +323,12 @@ class Listener:
         target = decision.upstream or flow.dst
         assert target is not None
         try:
-            return await open_tcp(target, self.spec.timeouts.connect, self.socket_options(flow, decision))
+            upstream = await open_tcp(target, self.spec.timeouts.connect, self.socket_options(flow, decision))
         except GateError as e:
             flow.close_reason = f"upstream: {e}"
             raise
+        flow.preread = _proxy_header(flow, decision, upstream) + flow.preread
+        return upstream
 
     def connect_and_relay(self, conn: socket.socket, flow: Flow, decision: Decision, family: int) -> None:
         """The no-task path of a flow with nothing to say first: connect to the decided address
@@ -325,6 +345,7 @@ class Listener:
                 conn.close()
                 self._flow_done(flow)
             else:
+                flow.preread = _proxy_header(flow, decision, upstream) + flow.preread
                 sent = _send_some(upstream, flow.preread) if flow.preread else 0
                 flow.bytes_up += sent
                 flow.preread = flow.preread[sent:]

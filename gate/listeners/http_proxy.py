@@ -134,7 +134,7 @@ class HttpListener(Listener):
         except BaseException:
             upstream.close()
             raise
-        flow.preread = client.trailing_data[0]
+        flow.preread += client.trailing_data[0]  # after any PROXY header the route asked for
         await self.relay(flow, conn, upstream)
 
     async def _forward(

@@ -178,3 +178,12 @@ def test_sni_and_sniff_options() -> None:
     assert any(p.startswith("routes[0].match.protocol: 'ftp' is not one of")
                for p in problems({"listeners": [{"name": "s", "kind": "socks5", "listen": "127.0.0.1:1"}],
                                   "routes": [{"match": {"protocol": "ftp"}, "action": "direct"}]}))
+
+
+def test_route_proxy_protocol() -> None:
+    config = parse_config({"listeners": [{"name": "s", "kind": "socks5", "listen": "127.0.0.1:1"}],
+                           "routes": [{"action": "direct", "proxy_protocol": "v2"}]})
+    assert config.routes[0].proxy_protocol == "v2"
+    assert any(p.startswith("routes[0].proxy_protocol: 'v3' is not one of: v1, v2")
+               for p in problems({"listeners": [{"name": "s", "kind": "socks5", "listen": "127.0.0.1:1"}],
+                                  "routes": [{"action": "direct", "proxy_protocol": "v3"}]}))
