@@ -78,6 +78,9 @@ class ListenerSpec:
     # tproxy, redirect), except for flows to these destination ports.
     sniff: bool = False
     sniff_skip_ports: tuple[tuple[int, int], ...] = ()
+    # Clients in these ranges (load balancers) must open with a PROXY protocol v1/v2 header, which then
+    # names the real client; anyone else's bytes are never read as one.
+    proxy_protocol_from: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -394,8 +397,9 @@ def _names(value: Any) -> tuple[str, ...]:
 
 
 _NO_PORTS: tuple[tuple[int, int], ...] = ()
+_NO_NETS: tuple[IPNetwork, ...] = ()
 _COMMON_KEYS = ("name", "kind", "listen", "max_flows", "relay", "timeouts", "preserve_source", "sniff",
-                "sniff_skip_ports")
+                "sniff_skip_ports", "proxy_protocol_from")
 _TIMEOUT_KEYS = ("handshake", "connect", "idle", "drain", "sniff")
 _KIND_KEYS: dict[str, tuple[str, ...]] = {
     "socks5": ("users",),
@@ -437,6 +441,7 @@ def _listener(raw: Any, where: str, base: Timeouts, p: _Problems) -> ListenerSpe
         # port-forward goes to one place, so it skips the cost unless asked.
         "sniff": p.get(m, "sniff", where, _bool, kind in ("tproxy", "redirect")),
         "sniff_skip_ports": p.get(m, "sniff_skip_ports", where, _ports, _NO_PORTS),
+        "proxy_protocol_from": p.get(m, "proxy_protocol_from", where, _networks, _NO_NETS),
     }
     if kind == "tproxy":
         return TproxySpec(**common)

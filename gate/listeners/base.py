@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import ipaddress
 import logging
 import socket
 import struct
@@ -23,11 +24,11 @@ from gate.config import ListenerSpec
 from gate.dial import Connect, SocketOptions, literal_family, open_tcp
 from gate.errors import GateError, RejectedByRule
 from gate.flow import Flow
-from gate.listeners.sniffing import FirstBytes, sniff_at_once
+from gate.listeners.sniffing import FirstBytes, ProxyHeaderReader, sniff_at_once
 from gate.router import Decision, FlowKey, Router
 from sniff import proxy_protocol
 from splice import Relay, Sweeper, sweep_interval
-from tproxy.sockopts import is_local_address, set_transparent
+from tproxy.sockopts import is_local_address, set_transparent, unmap
 
 __all__ = ["Context", "Listener", "Server", "bind_listening_socket", "reset"]
 
@@ -161,7 +162,7 @@ class Listener:
         self._idle_sweeper = Sweeper(self.loop, sweep_interval(spec.timeouts.idle))
         self._connect_sweeper = Sweeper(self.loop, sweep_interval(spec.timeouts.connect))
         self._sniff_sweeper = Sweeper(self.loop, sweep_interval(spec.timeouts.sniff))
-        self._sniffing: dict[FirstBytes, socket.socket] = {}
+        self._sniffing: dict[FirstBytes | ProxyHeaderReader, socket.socket] = {}
 
     @property
     def active(self) -> int:
@@ -203,10 +204,32 @@ class Listener:
             self._backoff = 0.0
             conn.setblocking(False)  # O_NONBLOCK is not inherited through accept(); TCP_NODELAY is
             self._idle.clear()
-            self.accepted(conn, Flow(listener=self.spec.name, client=_endpoint(addr)))
+            flow = Flow(listener=self.spec.name, client=_endpoint(addr))
+            if self.spec.proxy_protocol_from and self._from_load_balancer(flow):
+                self._read_proxy_header(conn, flow)
+            else:
+                self.accepted(conn, flow)
             if self.active >= self.spec.max_flows:
                 self._pause_accepting()
                 break
+
+    def _from_load_balancer(self, flow: Flow) -> bool:
+        try:
+            ip = ipaddress.ip_address(unmap(flow.client.host))
+        except ValueError:
+            return False
+        return any(ip in net for net in self.spec.proxy_protocol_from)
+
+    def _read_proxy_header(self, conn: socket.socket, flow: Flow) -> None:
+        def read(ok: bool) -> None:
+            del self._sniffing[reader]
+            if ok:
+                self.accepted(conn, flow)
+            else:
+                self.refuse(conn, flow, flow.close_reason)
+
+        reader = ProxyHeaderReader(self.loop, conn, flow, self.spec.timeouts.handshake, self._sniff_sweeper, read)
+        self._sniffing[reader] = conn
 
     def accepted(self, conn: socket.socket, flow: Flow) -> None:
         """A client connected: serve it in a task running ``handle`` (kinds without a handshake may

@@ -12,11 +12,12 @@ import asyncio
 import socket
 from collections.abc import Callable
 
+from gate.addr import Endpoint
 from gate.flow import Flow
-from sniff import MAX_SNIFF, NeedMore, Sniffed, classify
+from sniff import MAX_SNIFF, NeedMore, NotThisProtocol, Sniffed, classify, proxy_protocol
 from splice import Sweeper
 
-__all__ = ["FirstBytes", "sniff_at_once"]
+__all__ = ["FirstBytes", "ProxyHeaderReader", "sniff_at_once"]
 
 
 def sniff_at_once(conn: socket.socket, flow: Flow) -> bool | None:
@@ -24,9 +25,11 @@ def sniff_at_once(conn: socket.socket, flow: Flow) -> bool | None:
     already: True when that settled the protocol (``flow.preread`` holds the bytes), None when more
     must be waited for (the bytes so far are in ``flow.preread``), False when the client broke off."""
     try:
-        data = conn.recv(MAX_SNIFF)
+        data = flow.preread + conn.recv(MAX_SNIFF - len(flow.preread))  # after a PROXY header, maybe
     except (BlockingIOError, InterruptedError):
-        return None
+        if not flow.preread:
+            return None
+        data = flow.preread
     except OSError as e:
         flow.close_reason = f"client error while sniffing: {e.strerror}"
         return False
@@ -104,6 +107,68 @@ class FirstBytes:
 
     def cancel(self) -> None:
         """Shutdown: stop watching; ``done`` is not called."""
+        if self._done is not None:
+            self._done = None
+            self._loop.remove_reader(self._fd)
+            self._sweeper.discard(self)
+
+
+class ProxyHeaderReader:
+    """Reads the PROXY protocol header a trusted load balancer opens with; the real client replaces
+    ``flow.client`` and the bytes after the header become ``flow.preread``. ``done(ok)`` once."""
+
+    __slots__ = ("_buf", "_conn", "_deadline", "_done", "_fd", "_loop", "_sweeper", "flow")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, flow: Flow, wait: float,
+                 sweeper: Sweeper, done: Callable[[bool], None]) -> None:
+        self._loop, self._conn, self._fd, self.flow = loop, conn, conn.fileno(), flow
+        self._buf = b""
+        self._deadline = loop.time() + wait
+        self._sweeper = sweeper
+        self._done: Callable[[bool], None] | None = done
+        loop.add_reader(self._fd, self._readable)
+        sweeper.add(self)
+
+    def deadline(self) -> float:
+        return self._deadline
+
+    def expire(self) -> None:
+        self.flow.close_reason = "no PROXY protocol header in time"
+        self._finish(False)
+
+    def _readable(self) -> None:
+        try:
+            data = self._conn.recv(proxy_protocol.V2_MAX + 16 - len(self._buf))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.flow.close_reason = f"client error: {e.strerror}"
+            self._finish(False)
+            return
+        self._buf += data
+        try:
+            header = proxy_protocol.parse_proxy_header(self._buf) if data else None
+        except NotThisProtocol as e:
+            self.flow.close_reason = f"bad PROXY protocol header: {e}"
+            self._finish(False)
+            return
+        if header is None:
+            self.flow.close_reason = "closed before a PROXY protocol header"
+            self._finish(False)
+        elif isinstance(header, proxy_protocol.ProxyHeader):
+            if header.source is not None:
+                self.flow.client = Endpoint(*header.source)
+            self.flow.preread = self._buf[header.consumed :]
+            self._finish(True)
+
+    def _finish(self, ok: bool) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            self._loop.remove_reader(self._fd)
+            self._sweeper.discard(self)
+            done(ok)
+
+    def cancel(self) -> None:
         if self._done is not None:
             self._done = None
             self._loop.remove_reader(self._fd)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from sniff.proxy_protocol import ProxyHeader, parse_proxy_header
+from sniff.proxy_protocol import ProxyHeader, build_v2, parse_proxy_header
 from tests.conftest import curl, free_port
 
 
@@ -59,3 +59,36 @@ def test_forward_socks_and_connect_send_the_header(start_gate: Any, header_recor
         assert header.source is not None and header.source[0] == "127.0.0.1"
         assert header.destination == ("127.0.0.1", port)
         assert raw.startswith(b"PROXY TCP4 ") == (version == "v1")
+
+
+def test_listeners_accept_the_header_from_load_balancers_only(start_gate: Any, http_origin: int,
+                                                              hash_echo: int) -> None:
+    fwd, socks = free_port(), free_port()
+    gate = start_gate(
+        [{"name": "fwd", "kind": "forward", "listen": f"127.0.0.1:{fwd}", "to": f"127.0.0.1:{hash_echo}",
+          "proxy_protocol_from": ["127.0.0.0/8"]},
+         {"name": "socks", "kind": "socks5", "listen": f"127.0.0.1:{socks}", "proxy_protocol_from": ["127.0.0.1"]}],
+        routes=[{"match": {"src": "203.0.113.0/24"}, "action": "direct", "name": "from-lb-client"},
+                {"action": "reject", "name": "others"}],
+    )
+    # through the "load balancer": the header names 203.0.113.7, routes and logs see that client
+    with socket.create_connection(("127.0.0.1", fwd), timeout=5) as s:
+        s.sendall(b"PROXY TCP4 203.0.113.7 10.0.0.1 40000 443\r\npayload")
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(200).endswith(b" 7")  # only "payload" reached the server
+    with socket.create_connection(("127.0.0.1", socks), timeout=5) as s:  # header, then SOCKS, in one write
+        s.sendall(build_v2(("203.0.113.9", 5555), ("10.0.0.1", 1080)) + b"\x05\x01\x00"
+                  + b"\x05\x01\x00\x01\x7f\x00\x00\x01" + http_origin.to_bytes(2, "big"))
+        assert s.recv(2) == b"\x05\x00" and s.recv(10)[:2] == b"\x05\x00"  # routed as 203.0.113.9: allowed
+    with socket.create_connection(("127.0.0.1", fwd), timeout=5) as s:  # a trusted peer without a header
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        try:
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pass
+    records = gate.wait_records(3)
+    assert len(records) == 3, records
+    by_listener = {r["listener"] + ":" + (r["rule"] or "-"): r for r in records}
+    assert by_listener["fwd:from-lb-client"]["client"] == "203.0.113.7:40000"
+    assert by_listener["socks:from-lb-client"]["client"] == "203.0.113.9:5555"
+    assert by_listener["fwd:-"]["close"].startswith("bad PROXY protocol header")
