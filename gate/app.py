@@ -50,6 +50,9 @@ async def serve(config: GateConfig, stop: asyncio.Event, *, reuse_port: bool = F
         for listener in listeners:
             listener.stop_accepting()
         await asyncio.gather(*(listener.drain(config.timeouts.drain) for listener in listeners))
+        if ctx.sniff_outcomes:
+            outcomes = " ".join(f"{k}={v}" for k, v in sorted(ctx.sniff_outcomes.items()))
+            log.info("sniff outcomes: %s", outcomes)
         access_log.close()
         PIPE_POOL.clear()
 

@@ -8,6 +8,7 @@ accepting while ``max_flows`` flows are open (the kernel backlog holds the rest)
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import functools
 import ipaddress
@@ -15,7 +16,7 @@ import logging
 import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
 from gate.accesslog import AccessLog
@@ -50,6 +51,8 @@ class Context:
     reuse_port: bool = False
     mark: int | None = None  # SO_MARK of upstream sockets (the capture rules skip it)
     own: frozenset[Endpoint] = frozenset()  # our listeners' addresses: never a destination
+    # How sniffing ended, by protocol: hits (tls, http, ...), "unknown" (a miss), "none" (nothing in time)
+    sniff_outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
 
     @functools.cached_property
     def own_ports(self) -> frozenset[int]:
@@ -310,6 +313,7 @@ class Listener:
         settled = sniff_at_once(conn, flow)
         if settled is not None:  # no waiting (and no extra poll registration) needed
             if settled:
+                self.ctx.sniff_outcomes[flow.protocol or "none"] += 1
                 then()
             else:
                 conn.close()
@@ -319,6 +323,7 @@ class Listener:
         def sniffed(ok: bool) -> None:
             del self._sniffing[watcher]
             if ok:
+                self.ctx.sniff_outcomes[flow.protocol or "none"] += 1
                 then()
             else:
                 conn.close()

@@ -33,6 +33,8 @@ def test_sni_routes_to_different_upstreams(start_gate: Any, two_https: tuple[int
     assert fetch("two.test", "--http1.1").stdout == b"one\n"  # no h2 offered: the alpn condition fails
     assert fetch("www.blocked.test").returncode != 0
     records = gate.wait_records(4)
+    assert gate.stop() == 0
+    assert "sniff outcomes: tls=4" in gate.stderr()
     assert [(r["sni"], r["rule"], r["protocol"]) for r in records] == [
         ("one.test", "tls", "tls"), ("two.test", "to-two", "tls"), ("two.test", "tls", "tls"),
         ("www.blocked.test", "blocked", "tls")]
@@ -85,6 +87,8 @@ def test_server_first_protocol_waits_only_the_sniff_bound(start_gate: Any, serve
     assert 0.25 < waited < 0.8, waited  # the sniff wait (plus its sweep granularity), never more
     (record,) = gate.wait_records(1)
     assert record["protocol"] == "none"
+    assert gate.stop() == 0
+    assert "sniff outcomes: none=1" in gate.stderr()
 
 
 def test_skip_ports_are_not_sniffed(start_gate: Any, server_first: int) -> None:
