@@ -258,7 +258,7 @@ class Listener:
             assert task is not None
             self._handshakes.discard(task)
             if flow.relay is None:  # no relay took the sockets over
-                conn.close()
+                self._close_client(conn)
                 self._flow_done(flow)
 
     async def handle(self, conn: socket.socket, flow: Flow) -> None:
@@ -300,11 +300,18 @@ class Listener:
         else:
             self._route_accepted(conn, flow)
 
+    def _close_client(self, conn: socket.socket) -> None:
+        """Close a client socket the loop may still watch: a sniffer leaves its registration parked
+        for the relay to take over (see sniffing.park), so it is dropped here first."""
+        if conn.fileno() >= 0:
+            self.loop.remove_reader(conn.fileno())
+        conn.close()
+
     def refuse(self, conn: socket.socket, flow: Flow, reason: str) -> None:
         """End a flow before any upstream exists: the client gets a reset, the log the reason."""
         flow.close_reason = reason
         reset(conn)
-        conn.close()
+        self._close_client(conn)
         self._flow_done(flow)
 
     def sniff_then(self, conn: socket.socket, flow: Flow, wait: float, then: Callable[[], None]) -> None:
@@ -316,7 +323,7 @@ class Listener:
                 self.ctx.sniff_outcomes[flow.protocol or "none"] += 1
                 then()
             else:
-                conn.close()
+                self._close_client(conn)
                 self._flow_done(flow)
             return
 
@@ -326,7 +333,7 @@ class Listener:
                 self.ctx.sniff_outcomes[flow.protocol or "none"] += 1
                 then()
             else:
-                conn.close()
+                self._close_client(conn)
                 self._flow_done(flow)
 
         watcher = FirstBytes(self.loop, conn, flow, wait, self._sniff_sweeper, sniffed)
@@ -370,7 +377,7 @@ class Listener:
             if upstream is None:
                 flow.close_reason = f"upstream: {error}"
                 reset(conn)
-                conn.close()
+                self._close_client(conn)
                 self._flow_done(flow)
             else:
                 flow.preread = _proxy_header(flow, decision, upstream) + flow.preread
@@ -396,7 +403,7 @@ class Listener:
             assert task is not None
             self._handshakes.discard(task)
             if flow.relay is None:
-                conn.close()
+                self._close_client(conn)
                 self._flow_done(flow)
 
     async def relay(self, flow: Flow, conn: socket.socket, upstream: socket.socket) -> None:
@@ -465,13 +472,13 @@ class Listener:
         for watcher, conn in list(self._sniffing.items()):
             watcher.cancel()
             del self._sniffing[watcher]
-            conn.close()
+            self._close_client(conn)
             watcher.flow.close_reason = "shutdown"
             self._flow_done(watcher.flow)
         for attempt, (conn, flow) in list(self._connecting.items()):
             attempt.cancel()
             del self._connecting[attempt]
-            conn.close()
+            self._close_client(conn)
             flow.close_reason = "shutdown"
             self._flow_done(flow)
         for task in list(self._handshakes):

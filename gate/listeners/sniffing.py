@@ -44,6 +44,13 @@ def sniff_at_once(conn: socket.socket, flow: Flow) -> bool | None:
     return True
 
 
+def park(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """Keep the fd's poll registration for the relay that comes next (uvloop drops and re-creates its
+    poll handle on remove + add, a cost per flow) with a callback that only drops it if the client
+    speaks again first. Whoever closes the socket before a relay starts must remove_reader."""
+    loop.add_reader(fd, loop.remove_reader, fd)
+
+
 def _apply(flow: Flow, found: Sniffed) -> None:
     flow.protocol, flow.sni, flow.alpn = found.protocol, found.sni, found.alpn
     if flow.host is None and found.host:
@@ -100,7 +107,10 @@ class FirstBytes:
         done, self._done = self._done, None
         if done is None:
             return
-        self._loop.remove_reader(self._fd)
+        if ok:
+            park(self._loop, self._fd)
+        else:
+            self._loop.remove_reader(self._fd)
         self._sweeper.discard(self)
         self.flow.preread = bytes(self._buf)
         done(ok)
