@@ -34,7 +34,7 @@ SPLICE_CHUNK = PIPE_SIZE
 COPY_BUFFER_SIZE = 256 * 1024
 # "auto" relays copy (cheapest for the small exchanges most connections are) until one read returns this
 # much, which says the flow is bulk; that direction then moves to splice (as HAProxy's splice-auto).
-SPLICE_AUTO_THRESHOLD = 64 * 1024
+SPLICE_AUTO_THRESHOLD = 16 * 1024
 # Keep at most this many idle pipe pairs (2 fds each) for reuse; more are closed when returned.
 POOL_MAX_IDLE = 64
 
