@@ -1,4 +1,4 @@
-"""Transparent capture: socket options (IP_TRANSPARENT, SO_ORIGINAL_DST, SO_MARK) and firewall/route
-rule sets built as data, applied and cleared. Filled in by the transparent-capture work (issue 3)."""
+"""Transparent capture: socket options (IP_TRANSPARENT, SO_ORIGINAL_DST, SO_MARK), capture rule sets
+built as data and applied/cleared (nftables, python-iptables, pyroute2), and namespace topologies."""
 
 __all__: list[str] = []
