@@ -8,7 +8,9 @@ ugate `tproxy_udp` and through nginx stream UDP on the gateway. Rounds are inter
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,13 +48,18 @@ def _gate_config(d: Path, name: str, tcp_port: int, udp_port: int | None, captur
 
 
 class _Running:
-    """A process in a namespace, stopped with SIGTERM."""
+    """A process in a namespace, stopped with SIGTERM; every one started is in ``_Running.started``."""
+
+    started: list[_Running] = []
 
     def __init__(self, topo: netns.Topology, role: str, argv: list[str]) -> None:
         self.proc = subprocess.Popen(topo.cmd(role, *argv), cwd=ROOT, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
+        _Running.started.append(self)
 
     def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(15)
@@ -76,15 +83,17 @@ def _iperf(topo: netns.Topology, target: str, seconds: int, udp: bool) -> float 
         return None
 
 
-def run(seconds: int, repeat: int, report: Callable[[str], None]) -> dict[str, list[float]]:
+def run(seconds: int, repeat: int, report: Callable[[str], None],
+        ugate_cmd: list[str] | None = None) -> dict[str, list[float]]:
     """Measure every row ``repeat`` times, interleaved; returns the samples by row name."""
     py = sys.executable
+    gate_cmd = ugate_cmd or [py, "-m", "gate"]
     d = Path(tempfile.mkdtemp(prefix="ugate-bench-router-"))
     netns.remove("ugb")
     topo = netns.router("ugb")
     server4, lan4 = topo.addr["server4"], topo.addr["gateway_lan4"]
     samples: dict[str, list[float]] = {k: [] for k in ("kernel", "ugate", "haproxy", "udp ugate", "udp nginx")}
-    iperf_server = _Running(topo, "server", ["iperf3", "-s", "-p", str(SERVER_PORT)])
+    _Running(topo, "server", ["iperf3", "-s", "-p", str(SERVER_PORT)])
     ha_cfg = d / "ha.cfg"
     ha_cfg.write_text("""global
   maxconn 4000
@@ -112,7 +121,7 @@ stream {{ server {{ listen {lan4}:{SERVER_PORT}; proxy_pass {server4}:{SERVER_PO
         _wait_listening(topo, "server", SERVER_PORT)
         for r in range(repeat):
             samples["kernel"].append(_iperf(topo, server4, seconds, udp=False) or 0)
-            gate = _Running(topo, "gateway", [py, "-m", "gate", "--config", str(ugate_cfg)])
+            gate = _Running(topo, "gateway", [*gate_cmd, "--config", str(ugate_cfg)])
             _wait_listening(topo, "gateway", 15001)
             time.sleep(0.3)
             samples["ugate"].append(_iperf(topo, server4, seconds, udp=False) or 0)
@@ -132,6 +141,12 @@ stream {{ server {{ listen {lan4}:{SERVER_PORT}; proxy_pass {server4}:{SERVER_PO
             nginx.stop()
             report(f"  router round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in samples.items()))
     finally:
-        iperf_server.stop()
+        for running in _Running.started:
+            running.stop()
+        _Running.started.clear()
+        with contextlib.suppress(subprocess.CalledProcessError):
+            subprocess.run(topo.cmd("gateway", py, "-m", "gate", "rules", "clear", "--config", str(ha_rules)),
+                           cwd=ROOT, check=True, capture_output=True)
         topo.remove()
+        shutil.rmtree(d, ignore_errors=True)
     return samples
