@@ -3,7 +3,9 @@
 TCP, one iperf3 stream: plain kernel forwarding (the limit), ugate `tproxy` (splice), and HAProxy as the
 transparent peer (`bind ... transparent`, `server s 0.0.0.0:0` = the original destination, forced
 splice), steered by the same TPROXY rules. UDP: delivered packets/s of 1200-byte datagrams through
-ugate `tproxy_udp` and through nginx stream UDP on the gateway. Rounds are interleaved; medians.
+ugate `tproxy_udp` and through nginx stream UDP on the gateway, twice: with the gateway's LAN veth plain
+(every packet handed over alone, in the sender's syscall) and NIC-like (GRO with threaded NAPI, as a real
+NIC's driver batches; see tproxy.netns.nic_like). Rounds are interleaved; medians.
 """
 
 from __future__ import annotations
@@ -92,7 +94,17 @@ def run(seconds: int, repeat: int, report: Callable[[str], None],
     netns.remove("ugb")
     topo = netns.router("ugb")
     server4, lan4 = topo.addr["server4"], topo.addr["gateway_lan4"]
-    samples: dict[str, list[float]] = {k: [] for k in ("kernel", "ugate", "haproxy", "udp ugate", "udp nginx")}
+    rows = ("kernel", "ugate", "haproxy", "udp ugate", "udp nginx", "udp ugate gro", "udp nginx gro")
+    samples: dict[str, list[float]] = {k: [] for k in rows}
+
+    def udp_both_ways(row: str, target: str) -> None:
+        samples[row].append(_iperf(topo, target, seconds, udp=True) or 0)
+        netns.nic_like(topo, "gateway", "lan0")
+        try:
+            samples[f"{row} gro"].append(_iperf(topo, target, seconds, udp=True) or 0)
+        finally:
+            netns.nic_like(topo, "gateway", "lan0", on=False)
+
     _Running(topo, "server", ["iperf3", "-s", "-p", str(SERVER_PORT)])
     ha_cfg = d / "ha.cfg"
     ha_cfg.write_text("""global
@@ -125,7 +137,7 @@ stream {{ server {{ listen {lan4}:{SERVER_PORT}; proxy_pass {server4}:{SERVER_PO
             _wait_listening(topo, "gateway", 15001)
             time.sleep(0.3)
             samples["ugate"].append(_iperf(topo, server4, seconds, udp=False) or 0)
-            samples["udp ugate"].append(_iperf(topo, server4, seconds, udp=True) or 0)
+            udp_both_ways("udp ugate", server4)
             gate.stop()
             subprocess.run(topo.cmd("gateway", py, "-m", "gate", "rules", "apply", "--config", str(ha_rules)),
                            cwd=ROOT, check=True, capture_output=True)
@@ -137,7 +149,7 @@ stream {{ server {{ listen {lan4}:{SERVER_PORT}; proxy_pass {server4}:{SERVER_PO
                            cwd=ROOT, check=True, capture_output=True)
             nginx = _Running(topo, "gateway", ["nginx", "-c", str(ng_cfg)])
             _wait_listening(topo, "gateway", SERVER_PORT, udp=True)
-            samples["udp nginx"].append(_iperf(topo, lan4, seconds, udp=True) or 0)
+            udp_both_ways("udp nginx", lan4)
             nginx.stop()
             report(f"  router round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in samples.items()))
     finally:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import subprocess
 from dataclasses import dataclass, field
 
-__all__ = ["Topology", "remove", "router", "sidecar"]
+__all__ = ["Topology", "nic_like", "remove", "router", "sidecar"]
 
 
 def _ip(*args: str) -> None:
@@ -84,6 +84,22 @@ def router(prefix: str) -> Topology:
     topo.addr.update(client4="10.77.1.2", client6="fd77:1::2", gateway_lan4="10.77.1.1", gateway_wan4="10.77.2.1",
                      gateway_wan6="fd77:2::1", server4="10.77.2.2", server6="fd77:2::2")
     return topo
+
+
+def nic_like(topo: Topology, role: str, ifname: str, on: bool = True) -> None:
+    """Make a veth receive like a real NIC: GRO on, with NAPI in a thread of its own.
+
+    A plain veth hands each packet to the receiver synchronously, one at a time, in the sender's syscall,
+    so nothing is ever coalesced; a NIC raises an interrupt for a batch and its driver runs GRO over it.
+    Threaded NAPI gives the veth such batches (the sender queues while the NAPI thread works), GRO merges
+    them, and a socket with UDP_GRO (ugate's UDP relay) then gets several datagrams per read. UDP GRO on a
+    veth only happens when the receiving side also has ``rx-udp-gro-forwarding`` (the sending veth does
+    TSO). ``on=False`` turns it back into a plain veth. Needs ethtool."""
+    ns, state = topo.ns[role], "on" if on else "off"
+    gro = ["ip", "netns", "exec", ns, "ethtool", "-K", ifname, "gro", state, "rx-udp-gro-forwarding", state]
+    threaded = ["ip", "netns", "exec", ns, "sh", "-c", f"echo {int(on)} > /sys/class/net/{ifname}/threaded"]
+    for argv in (gro, threaded) if on else (threaded, gro):  # NAPI exists only while GRO is on
+        subprocess.run(argv, check=True, capture_output=True)
 
 
 def sidecar(prefix: str) -> Topology:

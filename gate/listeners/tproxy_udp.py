@@ -58,7 +58,7 @@ _batches: list[mmsg.DatagramBatch] = []
 def _batch() -> mmsg.DatagramBatch | None:
     """The process's one batch (the loop is single-threaded), or None without recvmmsg."""
     if not _batches and mmsg.available():
-        _batches.append(mmsg.DatagramBatch(BATCH_SIZE, MAX_DATAGRAM))
+        _batches.append(mmsg.DatagramBatch(BATCH_SIZE, MAX_DATAGRAM, segments=True))
     return _batches[0] if _batches else None
 
 
@@ -264,6 +264,8 @@ class TproxyUdpListener:
                 set_mark(sock, self.ctx.mark)
             sock.bind(_addr(source))
             sock.connect(_addr(session.client))
+            if _batch() is not None:  # read only through the batch, which keeps coalesced datagrams whole
+                mmsg.enable_gro(sock)
         except OSError as e:
             sock.close()
             log.warning("%s: cannot answer %s as %s: %s", self.spec.name, session.client, source, e)
