@@ -75,12 +75,26 @@ class ListenerSpec:
     # Upstream connections leave from the client's own address (IP_TRANSPARENT), as uproxy does.
     preserve_source: bool = False
     # Classify the first bytes before routing (kinds that know the destination at accept: forward,
-    # tproxy, redirect), except for flows to these destination ports.
+    # tproxy, redirect), except for flows to these destination ports or addresses (server-first
+    # services, or peers whose bytes must not wait).
     sniff: bool = False
     sniff_skip_ports: tuple[tuple[int, int], ...] = ()
+    sniff_skip_dst: tuple[IPNetwork, ...] = ()
     # Clients in these ranges (load balancers) must open with a PROXY protocol v1/v2 header, which then
     # names the real client; anyone else's bytes are never read as one.
     proxy_protocol_from: tuple[IPNetwork, ...] = ()
+
+    def sniffs(self, dst: Endpoint) -> bool:
+        """Whether a flow to ``dst`` is sniffed before routing."""
+        if not self.sniff or any(lo <= dst.port <= hi for lo, hi in self.sniff_skip_ports):
+            return False
+        if self.sniff_skip_dst:
+            try:
+                address = ipaddress.ip_address(dst.host)
+            except ValueError:  # a name (SOCKS, CONNECT): only addresses are listed
+                return True
+            return not any(address in net for net in self.sniff_skip_dst)
+        return True
 
 
 @dataclass(frozen=True)
@@ -399,7 +413,7 @@ def _names(value: Any) -> tuple[str, ...]:
 _NO_PORTS: tuple[tuple[int, int], ...] = ()
 _NO_NETS: tuple[IPNetwork, ...] = ()
 _COMMON_KEYS = ("name", "kind", "listen", "max_flows", "relay", "timeouts", "preserve_source", "sniff",
-                "sniff_skip_ports", "proxy_protocol_from")
+                "sniff_skip_ports", "sniff_skip_dst", "proxy_protocol_from")
 _TIMEOUT_KEYS = ("handshake", "connect", "idle", "drain", "sniff")
 _KIND_KEYS: dict[str, tuple[str, ...]] = {
     "socks5": ("users",),
@@ -441,6 +455,7 @@ def _listener(raw: Any, where: str, base: Timeouts, p: _Problems) -> ListenerSpe
         # port-forward goes to one place, so it skips the cost unless asked.
         "sniff": p.get(m, "sniff", where, _bool, kind in ("tproxy", "redirect")),
         "sniff_skip_ports": p.get(m, "sniff_skip_ports", where, _ports, _NO_PORTS),
+        "sniff_skip_dst": p.get(m, "sniff_skip_dst", where, _networks, _NO_NETS),
         "proxy_protocol_from": p.get(m, "proxy_protocol_from", where, _networks, _NO_NETS),
     }
     if kind == "tproxy":

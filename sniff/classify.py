@@ -64,6 +64,14 @@ def _socks(data: bytes) -> Sniffed | NeedMore:
 
 
 _SNIFFERS: list[Callable[[bytes], Any]] = [_tls, _h2c, _http, _ssh, _socks]
+# The sniffers that can match a flow starting with a given byte, in the order above: sniffing is on the
+# path of every connection, and trying each parser in turn (each failing with an exception) cost about
+# as much as the HTTP parse itself. Each parser still checks everything; this only skips the hopeless.
+_BY_FIRST_BYTE: list[list[Callable[[bytes], Any]]] = [
+    [f for f, can in ((_tls, b == 0x16), (_h2c, b == ord("P")), (_http, ord("A") <= b <= ord("Z")),
+                      (_ssh, b == ord("S")), (_socks, b in (4, 5))) if can]
+    for b in range(256)
+]
 
 
 def classify(data: bytes) -> Sniffed | NeedMore:
@@ -71,7 +79,7 @@ def classify(data: bytes) -> Sniffed | NeedMore:
     if not data:
         return NEED_MORE
     waiting = False
-    for sniff in _SNIFFERS:
+    for sniff in _BY_FIRST_BYTE[data[0]]:
         try:
             result = sniff(data[:MAX_SNIFF])
         except NotThisProtocol:

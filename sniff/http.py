@@ -18,6 +18,7 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_HEAD = 16 * 1024
 _METHOD = re.compile(rb"^[A-Z]{3,12} ")
 _REQUEST_LINE = re.compile(rb"^([A-Z]{3,12}) (\S+) HTTP/1\.([01])\r?\n")
+_HOST_HEADER = re.compile(rb"\n[ \t]*host[ \t]*:([^\r\n]*)", re.IGNORECASE)  # the first Host header
 
 
 @dataclass(frozen=True)
@@ -57,20 +58,13 @@ def parse_http_request(data: bytes) -> HttpRequest | NeedMore:
             raise NotThisProtocol("bad HTTP/1 request line")
         return NEED_MORE
     consumed = head_end + (4 if data[head_end : head_end + 4] == b"\r\n\r\n" else 2)
-    try:
-        head = data[:consumed].decode("latin-1")
-    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
-        raise NotThisProtocol("undecodable head") from None
-    match = _REQUEST_LINE.match(data[:consumed])
+    head = data[:consumed]
+    match = _REQUEST_LINE.match(head)
     if match is None:
         raise NotThisProtocol("bad HTTP/1 request line")
     method, target, minor = match.group(1).decode(), match.group(2).decode("latin-1"), match.group(3).decode()
-    host = None
-    for line in head.splitlines()[1:]:
-        name, sep, value = line.partition(":")
-        if sep and name.strip().lower() == "host":
-            host = _host_of(value)
-            break
+    found = _HOST_HEADER.search(head, match.end() - 1)  # one regex pass: this runs for every sniffed flow
+    host = _host_of(found.group(1).decode("latin-1")) if found else None
     if host is None and "://" in target:
         host = _host_of(target.split("://", 1)[1].split("/", 1)[0])
     return HttpRequest(method, target, f"1.{minor}", host or None, consumed)

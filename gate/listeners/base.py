@@ -294,8 +294,7 @@ class Listener:
                         flow.client, flow.dst)
             self.refuse(conn, flow, "refused: the destination is ugate itself (a loop)")
             return
-        port = flow.dst.port
-        if self.spec.sniff and not any(lo <= port <= hi for lo, hi in self.spec.sniff_skip_ports):
+        if self.spec.sniffs(flow.dst):
             self.sniff_then(conn, flow, self.spec.timeouts.sniff, lambda: self._route_accepted(conn, flow))
         else:
             self._route_accepted(conn, flow)

@@ -165,12 +165,18 @@ def test_sni_and_sniff_options() -> None:
     config = parse_config({"listeners": [
         {"name": "in", "kind": "sni", "listen": "0.0.0.0:443", "port": 8443, "default": "10.0.0.9:443"},
         {"name": "f", "kind": "forward", "listen": "127.0.0.1:1", "to": "127.0.0.1:2", "sniff": True,
-         "sniff_skip_ports": [25, "8000-8080"], "timeouts": {"sniff": 0.5}},
+         "sniff_skip_ports": [25, "8000-8080"], "sniff_skip_dst": ["10.1.0.0/16", "fd00::/8"],
+         "timeouts": {"sniff": 0.5}},
         {"name": "t", "kind": "tproxy", "listen": "0.0.0.0:15001"},
     ], "routes": [{"match": {"protocol": ["tls", "ssh"], "sni": "*.x.test", "alpn": "h2"}, "action": "direct"}]})
     sni, fwd, tp = config.listeners
     assert isinstance(sni, SniSpec) and sni.port == 8443 and sni.default == Endpoint("10.0.0.9", 443)
     assert fwd.sniff and fwd.sniff_skip_ports == ((25, 25), (8000, 8080)) and fwd.timeouts.sniff == 0.5
+    sniffed = [fwd.sniffs(Endpoint(host, port)) for host, port in (
+        ("10.2.0.1", 443), ("10.2.0.1", 25), ("10.2.0.1", 8080), ("10.1.3.4", 443), ("fd00::1", 443),
+        ("2001:db8::1", 443), ("example.com", 443))]
+    assert sniffed == [True, False, False, False, False, True, True]
+    assert tp.sniffs(Endpoint("10.1.3.4", 443))  # no exclusions: everything is sniffed
     assert tp.sniff and not parse_config({"listeners": [{"name": "s", "kind": "socks5",
                                                          "listen": "127.0.0.1:1"}]}).listeners[0].sniff
     match = config.routes[0].match
