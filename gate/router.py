@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gate.addr import Endpoint
 from gate.config import Match, Route
@@ -87,6 +87,22 @@ def why_not(match: Match, key: FlowKey) -> str | None:
 class Router:
     def __init__(self, routes: tuple[Route, ...]) -> None:
         self.routes = routes
+        # each route's match without the conditions sniffing fills in (for needs_sniff), with and
+        # without its host condition (a host comes from sniffing only when no name was requested)
+        self._unsniffed = [(route, replace(route.match, protocol=(), sni=(), alpn=()),
+                            replace(route.match, protocol=(), sni=(), alpn=(), host=())) for route in routes]
+
+    def needs_sniff(self, key: FlowKey) -> bool:
+        """Whether what sniffing finds (protocol, SNI, ALPN, or a host where only an address is known)
+        could change the decision for ``key``: False when the first route that can match at all
+        does not look at any of it, so a proxy can answer its client before the first byte."""
+        name_known = key.host is not None or (key.dst_host is not None and _ip(key.dst_host) is None)
+        for route, without_sniffed, without_host in self._unsniffed:
+            m = route.match
+            if why_not(without_sniffed if name_known else without_host, key) is not None:
+                continue  # fails on what is known already, whatever sniffing finds
+            return bool(m.protocol or m.sni or m.alpn or (m.host and not name_known))
+        return False
 
     def decide(self, key: FlowKey) -> Decision:
         for route in self.routes:

@@ -23,7 +23,7 @@ from gate.accesslog import AccessLog
 from gate.addr import Endpoint
 from gate.config import ListenerSpec
 from gate.dial import Connect, SocketOptions, literal_family, open_tcp
-from gate.errors import GateError, RejectedByRule
+from gate.errors import ClientProtocolError, GateError, RejectedByRule
 from gate.flow import Flow
 from gate.listeners.sniffing import FirstBytes, ProxyHeaderReader, sniff_at_once
 from gate.router import Decision, FlowKey, Router
@@ -267,12 +267,14 @@ class Listener:
 
     # -- the shared steps of a flow --------------------------------------------------------------
 
+    def flow_key(self, flow: Flow) -> FlowKey:
+        assert flow.dst is not None
+        return FlowKey(self.spec.name, flow.client.host, flow.dst.host, flow.dst.port, flow.host, flow.protocol,
+                       flow.sni, flow.alpn)
+
     def decide(self, flow: Flow) -> Decision:
         """Route the flow and record the decision in it."""
-        assert flow.dst is not None
-        key = FlowKey(self.spec.name, flow.client.host, flow.dst.host, flow.dst.port, flow.host, flow.protocol,
-                      flow.sni, flow.alpn)
-        decision = self.ctx.router.decide(key)
+        decision = self.ctx.router.decide(self.flow_key(flow))
         flow.rule = decision.rule
         flow.action = decision.action
         flow.upstream = decision.upstream
@@ -337,6 +339,30 @@ class Listener:
 
         watcher = FirstBytes(self.loop, conn, flow, wait, self._sniff_sweeper, sniffed)
         self._sniffing[watcher] = conn
+
+    def sniffs_in_tunnel(self, flow: Flow) -> bool:
+        """For proxies (SOCKS, CONNECT): sniff the tunnel's first bytes before routing? Only when the
+        listener sniffs and a route could decide differently on what sniffing finds, since the client
+        must then be told "connected" before any upstream exists (it sends nothing until then)."""
+        assert flow.dst is not None
+        return self.spec.sniffs(flow.dst) and self.ctx.router.needs_sniff(self.flow_key(flow))
+
+    async def sniff_tunnel(self, conn: socket.socket, flow: Flow) -> None:
+        """Classify a tunnel's first bytes (bounded wait, as for transparent flows) into ``flow``;
+        ClientProtocolError when the client breaks off meanwhile."""
+        settled = sniff_at_once(conn, flow)
+        if settled is None:
+            done: asyncio.Future[bool] = self.loop.create_future()
+            # not in self._sniffing: this flow belongs to the handshake task, which drain cancels
+            watcher = FirstBytes(self.loop, conn, flow, self.spec.timeouts.sniff, self._sniff_sweeper,
+                                 done.set_result)
+            try:
+                settled = await done
+            finally:
+                watcher.cancel()  # only does something when we were cancelled (shutdown)
+        if not settled:
+            raise ClientProtocolError(flow.close_reason if flow.close_reason != "open" else "client went away")
+        self.ctx.sniff_outcomes[flow.protocol or "none"] += 1
 
     def _route_accepted(self, conn: socket.socket, flow: Flow) -> None:
         assert flow.dst is not None

@@ -24,7 +24,7 @@ from gate.errors import (
     UpstreamTimeout,
 )
 from gate.flow import Flow
-from gate.listeners.base import Listener
+from gate.listeners.base import Listener, reset
 from gate.proto.http import TargetError, check_basic_auth, connect_authority, forward_headers, split_absolute_uri
 
 __all__ = ["HttpListener"]
@@ -127,10 +127,27 @@ class HttpListener(Listener):
     async def _tunnel(self, conn: socket.socket, client: h11.Connection, request: h11.Request, flow: Flow) -> None:
         flow.dst = connect_authority(request.target)
         flow.host = None if is_ip(flow.dst.host) else flow.dst.host.lower()
+        def established() -> bytes:  # only once connected: h11 then takes the connection as switched
+            data = client.send(h11.Response(status_code=200, headers=[], reason=b"Connection established"))
+            assert data is not None
+            return data
+
+        if self.sniffs_in_tunnel(flow):
+            # a route depends on the tunnel's first bytes, which come only after our 200: answer first,
+            # then sniff, route and connect (a failed upstream can then only be told by a reset)
+            await self.loop.sock_sendall(conn, established())
+            flow.preread = client.trailing_data[0]
+            await self.sniff_tunnel(conn, flow)
+            try:
+                upstream = await self.connect(flow)  # puts any PROXY header before the sniffed bytes
+            except GateError:
+                reset(conn)
+                raise
+            await self.relay(flow, conn, upstream)
+            return
         upstream = await self.connect(flow)
         try:
-            await self.loop.sock_sendall(conn, client.send(h11.Response(status_code=200, headers=[],
-                                                                         reason=b"Connection established")))
+            await self.loop.sock_sendall(conn, established())
         except BaseException:
             upstream.close()
             raise

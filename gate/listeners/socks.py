@@ -23,7 +23,7 @@ from gate.errors import (
     UpstreamUnreachable,
 )
 from gate.flow import Flow
-from gate.listeners.base import Listener
+from gate.listeners.base import Listener, reset
 from gate.proto import socks
 from gate.proto.socks import NeedMore, Reply, SocksError
 
@@ -70,6 +70,9 @@ class SocksListener(Listener):
         flow.dst = Endpoint(host, port)
         flow.host = None if is_ip(host) else host.lower()
         flow.preread = bytes(buf)  # an optimistic client may send data before our reply
+        if self.sniffs_in_tunnel(flow):
+            await self._connect_after_sniffing(conn, flow, success or socks.socks5_reply(Reply.SUCCEEDED))
+            return
         try:
             upstream = await self.connect(flow)
         except GateError as e:
@@ -83,6 +86,19 @@ class SocksListener(Listener):
             await self.loop.sock_sendall(conn, success)
         except BaseException:
             upstream.close()
+            raise
+        await self.relay(flow, conn, upstream)
+
+    async def _connect_after_sniffing(self, conn: socket.socket, flow: Flow, success: bytes) -> None:
+        """A route depends on what the client says inside the tunnel, and it says nothing before our
+        reply: so "succeeded" goes first (bound address 0.0.0.0:0), then sniffing, routing and the
+        connection. Its cost: a refused or unreachable upstream can only be told by a reset."""
+        await self.loop.sock_sendall(conn, success)
+        await self.sniff_tunnel(conn, flow)
+        try:
+            upstream = await self.connect(flow)
+        except GateError:
+            reset(conn)
             raise
         await self.relay(flow, conn, upstream)
 

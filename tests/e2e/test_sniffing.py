@@ -123,3 +123,37 @@ def test_sni_listener_routes_by_name_without_terminating(start_gate: Any, two_ht
     assert [(r["rule"], r["dst"]) for r in records[:3]] == [
         ("two", f"two.test:{one}"), ("by-name", f"localhost:{one}"), ("internal", f"db.internal.test:{one}")]
     assert records[3]["close"] == "no TLS server name (and no default)"
+
+
+@pytest.mark.parametrize("proxy", ["socks5h", "http"])
+def test_sniffing_inside_proxy_tunnels(start_gate: Any, two_https: tuple[int, int], proxy: str) -> None:
+    """A SOCKS5 or CONNECT tunnel's TLS is routed by its SNI when a route asks for it: the client is
+    told "connected" first, then its ClientHello picks the upstream; a reject after that is a reset.
+    A flow no sniffing route can match keeps the accurate answer (SOCKS reply code, HTTP 403)."""
+    one, two = two_https
+    port = free_port()
+    kind = "socks5" if proxy == "socks5h" else "http"
+    gate = start_gate(
+        [{"name": "p", "kind": kind, "listen": f"127.0.0.1:{port}", "sniff": True, "timeouts": {"sniff": 2}}],
+        routes=[{"match": {"port": [25]}, "action": "reject", "name": "no-mail"},
+                {"match": {"sni": "*.blocked.test"}, "action": "reject", "name": "blocked"},
+                {"match": {"sni": "two.test"}, "upstream": f"127.0.0.1:{two}", "name": "to-two"},
+                {"match": {"protocol": "tls"}, "upstream": f"127.0.0.1:{one}", "name": "tls"},
+                {"action": "reject", "name": "rest"}],
+    )
+    via = ["-x", f"{proxy}://127.0.0.1:{port}", "-k"]
+    # names the gate never resolves (socks5h / CONNECT pass them on): the SNI decides where they go
+    assert curl(*via, "https://one.test/who.txt").stdout == b"one\n"
+    assert curl(*via, "https://two.test/who.txt").stdout == b"two\n"
+    blocked = curl(*via, "https://www.blocked.test/who.txt")
+    assert blocked.returncode in (35, 56), blocked  # connected, then reset during the TLS handshake
+    mail = curl(*via, "-v", "telnet://mail.test:25")
+    assert mail.returncode != 0 and (b"403" in mail.stderr if kind == "http" else mail.returncode == 97)
+    records = gate.wait_records(4)
+    assert gate.stop() == 0
+    by_rule = {r["rule"]: r for r in records}
+    assert set(by_rule) == {"tls", "to-two", "blocked", "no-mail"}
+    assert by_rule["to-two"]["sni"] == "two.test" and by_rule["to-two"]["protocol"] == "tls"
+    assert by_rule["tls"]["dst"] == "one.test:443"  # the requested destination is kept in the record
+    assert "protocol" not in by_rule["no-mail"] or by_rule["no-mail"]["protocol"] is None  # not sniffed
+    assert "sniff outcomes: tls=3" in gate.stderr()

@@ -91,3 +91,31 @@ def test_explain_names_sniffed_fields() -> None:
     lines = SNIFF_ROUTER.explain(FlowKey("t", None, "1.2.3.4", 443, None, "tls", "x.other.test", ("h2",)))
     assert lines[0] == "routes[0] ssh: no: protocol tls not in ['ssh']"
     assert lines[1] == "routes[1] h2: no: sni 'x.other.test' does not match ['*.example.test']"
+
+
+TUNNEL_ROUTER = Router(parse_config({
+    "listeners": [{"name": "s", "kind": "socks5", "listen": "127.0.0.1:1080"}],
+    "routes": [
+        {"name": "mail", "match": {"port": [25]}, "action": "reject"},
+        {"name": "lan", "match": {"dst": ["10.0.0.0/8"]}, "action": "direct"},
+        {"name": "named", "match": {"host": "*.corp.test"}, "upstream": "10.9.9.9:443"},
+        {"name": "tls", "match": {"port": [443], "protocol": "tls"}, "action": "direct"},
+        {"name": "rest", "action": "reject"},
+    ],
+}).routes)
+
+
+@pytest.mark.parametrize(
+    ("dst", "port", "host", "needed"),
+    [
+        ("mail.test", 25, "mail.test", False),  # rejected on the port whatever is said
+        ("10.1.2.3", 443, None, False),  # "lan" wins on the address
+        ("a.corp.test", 443, "a.corp.test", False),  # the requested name settles "named"
+        ("1.2.3.4", 443, None, True),  # an address: a sniffed SNI could still match "named"
+        ("www.test", 443, "www.test", True),  # "tls" needs the protocol
+        ("www.test", 80, "www.test", False),  # only "rest" can match port 80
+    ],
+)
+def test_needs_sniff_only_when_sniffed_fields_could_change_the_decision(
+        dst: str, port: int, host: str | None, needed: bool) -> None:
+    assert TUNNEL_ROUTER.needs_sniff(FlowKey("s", "127.0.0.1", dst, port, host)) is needed
