@@ -19,8 +19,11 @@ import uvloop
 from gate.accesslog import AccessLog
 from gate.capture import applied
 from gate.config import GateConfig
+from gate.errors import ConfigError
 from gate.listeners import Context, Server, make_listener
 from gate.listeners.base import bind_listening_socket
+from gate.mesh.dialer import Mesh
+from gate.mesh.trust import Trust
 from gate.router import Router
 from splice import PIPE_POOL
 
@@ -33,8 +36,9 @@ RESTART_DELAY = 1.0  # seconds before a crashed worker is replaced, so a crash l
 async def serve(config: GateConfig, stop: asyncio.Event, *, reuse_port: bool = False) -> None:
     """Run the listeners until ``stop`` is set, then stop accepting and drain within ``timeouts.drain``."""
     access_log = AccessLog(config.log.access)
+    mesh = Mesh(Trust(config.mesh, config.peers), config.mark) if config.mesh is not None else None
     ctx = Context(router=Router(config.routes), access_log=access_log, reuse_port=reuse_port, mark=config.mark,
-                  own=frozenset(spec.listen for spec in config.listeners))
+                  own=frozenset(spec.listen for spec in config.listeners), mesh=mesh)
     listeners: list[Server] = []
     try:
         for spec in config.listeners:
@@ -50,6 +54,8 @@ async def serve(config: GateConfig, stop: asyncio.Event, *, reuse_port: bool = F
         for listener in listeners:
             listener.stop_accepting()
         await asyncio.gather(*(listener.drain(config.timeouts.drain) for listener in listeners))
+        if mesh is not None:
+            mesh.close()
         if ctx.sniff_outcomes:
             outcomes = " ".join(f"{k}={v}" for k, v in sorted(ctx.sniff_outcomes.items()))
             log.info("sniff outcomes: %s", outcomes)
@@ -129,7 +135,14 @@ def _supervise(config: GateConfig) -> int:
 
 
 def run(config: GateConfig) -> int:
-    """Run the gateway; 0 after a signal-initiated stop, 1 if it could not start."""
+    """Run the gateway; 0 after a signal-initiated stop, 1 if it could not start, 2 on a bad identity."""
+    if config.mesh is not None:
+        try:
+            Trust(config.mesh, config.peers)  # keys and certificates readable and matching, before anything
+        except ConfigError as e:
+            for problem in e.problems:
+                log.error("cannot start: %s", problem)
+            return 2
     try:
         with applied(config):
             if config.workers == 1:

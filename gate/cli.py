@@ -37,7 +37,37 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("--alpn", default="", help="sniffed ALPN offers, comma-separated")
     rules = sub.add_parser("rules", parents=[common], help="firewall/routing rules of the capture section")
     rules.add_argument("action", choices=["show", "apply", "clear"])
+    keygen = sub.add_parser("keygen", help="write a gate identity (key.pem 0600, cert.pem) and print its ID")
+    keygen.add_argument("--dir", required=True, help="directory to write key.pem and cert.pem into")
+    keygen.add_argument("--namespace", default="default", help="mesh namespace (default: %(default)s)")
+    keygen.add_argument("--trust-domain", default="cluster.local", help="mesh trust domain (default: %(default)s)")
+    keygen.add_argument("--ca-dir", default=None, help="sign with the mesh CA in this directory (else self-signed)")
+    keygen.add_argument("--ca", action="store_true", help="write a mesh CA instead of a gate identity")
+    keygen.add_argument("--force", action="store_true", help="replace an existing key")
     return parser
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gate.mesh.identity import KEY_FILE, keygen
+
+    directory = Path(args.dir)
+    if (directory / KEY_FILE).exists() and not args.force:
+        print(f"{directory / KEY_FILE} exists; --force replaces it (and the gate's ID with it)", file=sys.stderr)
+        return 1
+    ca_dir = Path(args.ca_dir) if args.ca_dir else None
+    try:
+        identity = keygen(directory, args.namespace, args.trust_domain, ca_dir=ca_dir, is_ca=args.ca)
+    except (OSError, ValueError) as e:
+        print(f"keygen: {e}", file=sys.stderr)
+        return 1
+    if args.ca:
+        print(f"mesh CA written to {directory} (name {identity.name})")
+    else:
+        print(f"id:   {identity.id}\nname: {identity.name}\nuri:  {identity.uri}\nkey:  {identity.key_file}\n"
+              f"cert: {identity.cert_file}" + (f" (signed by {ca_dir})" if ca_dir else " (self-signed)"))
+    return 0
 
 
 def _load(path: str) -> GateConfig | None:
@@ -89,6 +119,8 @@ def _rules(config: GateConfig, action: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "keygen":  # needs no config
+        return _keygen(args)
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG

@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 RELAY_MODES = ("auto", "splice", "copy")
-ACTIONS = ("direct", "upstream", "reject")
+ACTIONS = ("direct", "upstream", "reject", "via")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 T = TypeVar("T")
@@ -190,6 +190,36 @@ class Route:
     upstream: Endpoint | None = None
     preserve_source: bool = False
     proxy_protocol: str | None = None  # "v1" | "v2": tell the upstream who the client is, first thing
+    via: str | None = None  # action "via": the peer gate whose tunnel carries the flow
+
+
+@dataclass(frozen=True)
+class H2Spec(ListenerSpec):
+    """Mesh tunnels from peer gates: TLS 1.3 with client certificates, one HTTP/2 CONNECT stream per flow."""
+
+    kind: ClassVar[str] = "h2"
+
+
+@dataclass(frozen=True)
+class MeshSpec:
+    """This gate's identity and how peers are trusted (see gate.mesh)."""
+
+    identity: Path  # directory with key.pem and cert.pem (ugate keygen --dir)
+    ca: Path | None = None  # trust gates whose certificate this CA signed (URI SAN in trust_domain)
+    trust_domain: str = "cluster.local"
+    window: int = 16 << 20  # HTTP/2 flow-control window per stream and per connection, bytes
+    max_frame: int = (1 << 24) - 1  # the largest DATA frame we accept (HTTP/2's maximum)
+
+
+@dataclass(frozen=True)
+class PeerSpec:
+    """A gate we dial (``address``) and/or accept tunnels from, known by ID, certificate, or CA."""
+
+    name: str
+    address: Endpoint | None = None  # None: only accepted from, never dialled
+    id: str | None = None  # pinned: base32(sha256(public key)) of its certificate
+    cert: Path | None = None  # its (self-signed) certificate: trusted, and its ID pinned
+    allow: tuple[Match, ...] = ()  # what it may reach through our h2 listeners; empty: nothing
 
 
 @dataclass(frozen=True)
@@ -230,6 +260,8 @@ class GateConfig:
     # captures its own traffic. Defaults to 0x2 when capture is configured, else unset.
     mark: int | None = None
     capture: CaptureSpec | None = None
+    mesh: MeshSpec | None = None
+    peers: tuple[PeerSpec, ...] = ()
 
 
 class _Problems:
@@ -424,6 +456,7 @@ _KIND_KEYS: dict[str, tuple[str, ...]] = {
     "tproxy_udp": ("mapping", "session_timeout"),
     "sni": ("port", "default"),
     "mux": ("users", "realm", "tls_port", "ssh", "default"),
+    "h2": (),
 }
 
 
@@ -482,6 +515,8 @@ def _listener(raw: Any, where: str, base: Timeouts, p: _Problems) -> ListenerSpe
             mapping=p.get(m, "mapping", where, _one_of(("full-cone", "symmetric")), "full-cone"),
             session_timeout=p.get(m, "session_timeout", where, _positive_number, 60.0),
         )
+    if kind == "h2":
+        return H2Spec(**common)
     if kind == "socks5":
         return Socks5Spec(**common, users=p.get(m, "users", where, _users, MappingProxyType({})))
     if kind == "http":
@@ -495,17 +530,43 @@ def _listener(raw: Any, where: str, base: Timeouts, p: _Problems) -> ListenerSpe
 
 _MATCH_KEYS = ("listener", "dst", "port", "src", "host", "protocol", "sni", "alpn")
 PROTOCOLS = ("tls", "http", "h2c", "ssh", "socks", "stun", "dns", "quic", "dtls", "wireguard", "unknown", "none")
-_ROUTE_KEYS = ("name", "match", "action", "upstream", "preserve_source", "proxy_protocol")
+_ROUTE_KEYS = ("name", "match", "action", "upstream", "preserve_source", "proxy_protocol", "via")
 
 
-def _route(raw: Any, index: int, listeners: set[str], p: _Problems) -> Route | None:
+def _route(raw: Any, index: int, listeners: set[str], peers: set[str], p: _Problems) -> Route | None:
     where = f"routes[{index}]"
     if not isinstance(raw, Mapping):
         p.add(where, "expected a mapping with match and an action")
         return None
     m = p.mapping(raw, where, _ROUTE_KEYS)
-    mm = p.mapping(m.get("match"), f"{where}.match", _MATCH_KEYS)
-    w = f"{where}.match"
+    match = _match(m.get("match"), f"{where}.match", listeners, p)
+    upstream = p.get(m, "upstream", where, parse_endpoint, None)
+    via = p.get(m, "via", where, _string, None)
+    action = p.get(m, "action", where, _one_of(ACTIONS),
+                   "upstream" if "upstream" in m else "via" if "via" in m else "")
+    if not action:
+        if "action" not in m:
+            p.add(where, "needs an action (direct, reject), upstream: host:port, or via: PEER")
+    elif action == "upstream" and "upstream" not in m:
+        p.add(f"{where}.upstream", "missing (action upstream needs upstream: host:port)")
+    elif action != "upstream" and "upstream" in m:
+        p.add(f"{where}.upstream", f"not allowed with action {action}")
+    elif action == "via" and via is None:
+        p.add(f"{where}.via", "missing (action via needs via: PEER)")
+    elif action != "via" and "via" in m:
+        p.add(f"{where}.via", f"not allowed with action {action}")
+    if via is not None and via not in peers:
+        p.add(f"{where}.via", f"no peer is named {via!r}" + ("" if peers else " (peers: is empty)"))
+    name = p.get(m, "name", where, _string, f"#{index}")
+    preserve = p.get(m, "preserve_source", where, _bool, False)
+    proxy = p.get(m, "proxy_protocol", where, _one_of(("v1", "v2")), None)
+    return Route(index=index, name=name, match=match, action=action, upstream=upstream, preserve_source=preserve,
+                 proxy_protocol=proxy, via=via)
+
+
+def _match(raw: Any, where: str, listeners: set[str], p: _Problems) -> Match:
+    mm = p.mapping(raw, where, _MATCH_KEYS)
+    w = where
     match = Match(
         listener=p.get(mm, "listener", w, _names, ()),
         dst=p.get(mm, "dst", w, _networks, ()),
@@ -519,26 +580,70 @@ def _route(raw: Any, index: int, listeners: set[str], p: _Problems) -> Route | N
     for name in match.listener:
         if name not in listeners:
             p.add(f"{w}.listener", f"no listener is named {name!r}")
-    upstream = p.get(m, "upstream", where, parse_endpoint, None)
-    action = p.get(m, "action", where, _one_of(ACTIONS), "upstream" if "upstream" in m else "")
-    if not action:
-        if "action" not in m:
-            p.add(where, "needs an action (direct, reject) or upstream: host:port")
-    elif action == "upstream" and "upstream" not in m:
-        p.add(f"{where}.upstream", "missing (action upstream needs upstream: host:port)")
-    elif action != "upstream" and "upstream" in m:
-        p.add(f"{where}.upstream", f"not allowed with action {action}")
-    name = p.get(m, "name", where, _string, f"#{index}")
-    preserve = p.get(m, "preserve_source", where, _bool, False)
-    proxy = p.get(m, "proxy_protocol", where, _one_of(("v1", "v2")), None)
-    return Route(index=index, name=name, match=match, action=action, upstream=upstream, preserve_source=preserve,
-                 proxy_protocol=proxy)
+    return match
+
+
+_MESH_KEYS = ("identity", "ca", "trust_domain", "window", "max_frame")
+_PEER_KEYS = ("name", "address", "id", "cert", "allow")
+
+
+def _mesh(raw: Any, p: _Problems) -> MeshSpec | None:
+    if raw is None:
+        return None
+    m = p.mapping(raw, "mesh", _MESH_KEYS)
+    if "identity" not in m:
+        p.add("mesh.identity", "missing (a directory with key.pem and cert.pem: ugate keygen --dir DIR)")
+    window = p.get(m, "window", "mesh", _positive_int, MeshSpec.window)
+    if not 65535 <= window < 1 << 31:
+        p.add("mesh.window", f"{window} is outside 65535 .. 2^31-1")
+    max_frame = p.get(m, "max_frame", "mesh", _positive_int, MeshSpec.max_frame)
+    if not 1 << 14 <= max_frame < 1 << 24:
+        p.add("mesh.max_frame", f"{max_frame} is outside 16384 .. 2^24-1")
+    return MeshSpec(identity=Path(p.get(m, "identity", "mesh", _string, ".")),
+                    ca=p.get(m, "ca", "mesh", lambda v: Path(_string(v)), None),
+                    trust_domain=p.get(m, "trust_domain", "mesh", _string, MeshSpec.trust_domain),
+                    window=window, max_frame=max_frame)
+
+
+def _peers(raw: Any, mesh: MeshSpec | None, listeners: set[str], p: _Problems) -> list[PeerSpec]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        p.add("peers", "expected a list")
+        return []
+    if mesh is None:
+        p.add("peers", "needs a mesh: section (this gate's identity)")
+    peers: list[PeerSpec] = []
+    for i, item in enumerate(raw):
+        where = f"peers[{i}]"
+        m = p.mapping(item, where, _PEER_KEYS)
+        name = p.get(m, "name", where, _string, f"#{i}")
+        if "name" not in m:
+            p.add(f"{where}.name", "missing")
+        allow_raw = m.get("allow", [])
+        if not isinstance(allow_raw, list):
+            p.add(f"{where}.allow", "expected a list of matches (as in routes: dst, port, host, ...)")
+            allow_raw = []
+        peer = PeerSpec(
+            name=name,
+            address=p.get(m, "address", where, parse_endpoint, None),
+            id=p.get(m, "id", where, _string, None),
+            cert=p.get(m, "cert", where, lambda v: Path(_string(v)), None),
+            allow=tuple(_match(a, f"{where}.allow[{j}]", listeners, p) for j, a in enumerate(allow_raw)),
+        )
+        if peer.id is None and peer.cert is None and (mesh is None or mesh.ca is None):
+            p.add(where, "needs id: (pinned) or cert:, or a mesh.ca that signs its certificate")
+        if any(other.name == name for other in peers):
+            p.add(f"{where}.name", f"{name!r} is used twice")
+        peers.append(peer)
+    return peers
 
 
 def parse_config(raw: Any) -> GateConfig:
     """Validate a parsed YAML document; raise ConfigError listing every problem."""
     p = _Problems()
-    top = p.mapping(raw, "config", ("listeners", "routes", "timeouts", "log", "workers", "mark", "capture"))
+    top = p.mapping(raw, "config", ("listeners", "routes", "timeouts", "log", "workers", "mark", "capture", "mesh",
+                                    "peers"))
     workers = p.get(top, "workers", "config", _workers, 1)
     timeouts = _timeouts(top.get("timeouts"), "timeouts", Timeouts(), p)
     lm = p.mapping(top.get("log"), "log", ("level", "access"))
@@ -567,7 +672,12 @@ def parse_config(raw: Any) -> GateConfig:
         p.add("routes", "expected a list")
         raw_routes = []
     names = {str(item.get("name")) for item in raw_listeners if isinstance(item, Mapping)}
-    routes = [r for i, item in enumerate(raw_routes) if (r := _route(item, i, names, p)) is not None]
+    mesh = _mesh(top.get("mesh"), p)
+    peers = _peers(top.get("peers"), mesh, names, p)
+    peer_names = {peer.name for peer in peers}
+    routes = [r for i, item in enumerate(raw_routes) if (r := _route(item, i, names, peer_names, p)) is not None]
+    if mesh is None and any(isinstance(spec, H2Spec) for spec in listeners):
+        p.add("mesh", "missing: an h2 listener needs this gate's identity (mesh: {identity: DIR})")
     capture = _capture(top.get("capture"), listeners, p)
     mark = p.get(top, "mark", "config", _mark, 0x2 if capture else None)
     if capture and mark == capture.route_mark:
@@ -575,7 +685,7 @@ def parse_config(raw: Any) -> GateConfig:
     if p.items:
         raise ConfigError(p.items)
     return GateConfig(listeners=tuple(listeners), routes=tuple(routes), timeouts=timeouts, log=log, workers=workers,
-                      mark=mark, capture=capture)
+                      mark=mark, capture=capture, mesh=mesh, peers=tuple(peers))
 
 
 def load_config(path: str | Path) -> GateConfig:

@@ -27,13 +27,17 @@ class FlowKey:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    action: str  # "direct" | "upstream" | "reject"
+    action: str  # "direct" | "upstream" | "reject" | "via"
     route: Route | None  # None: no route matched (then the action is reject)
     upstream: Endpoint | None = None
 
     @property
     def rule(self) -> str:
         return self.route.name if self.route else "no-match"
+
+    @property
+    def via(self) -> str | None:
+        return self.route.via if self.route else None
 
     @property
     def preserve_source(self) -> bool:
@@ -116,7 +120,7 @@ class Router:
         for route in self.routes:
             reason = why_not(route.match, key)
             if reason is None:
-                target = f" -> {route.upstream}" if route.upstream else ""
+                target = f" -> {route.upstream}" if route.upstream else f" {route.via}" if route.via else ""
                 lines.append(f"routes[{route.index}] {route.name}: MATCH: {route.action}{target}")
                 return lines
             lines.append(f"routes[{route.index}] {route.name}: no: {reason}")

@@ -7,6 +7,7 @@ from typing import Any
 
 from gate.config import (
     ForwardSpec,
+    H2Spec,
     HttpSpec,
     ListenerSpec,
     MuxSpec,
@@ -18,6 +19,7 @@ from gate.config import (
 )
 from gate.listeners.base import Context, Listener, Server
 from gate.listeners.forward import ForwardListener
+from gate.listeners.h2 import H2Listener
 from gate.listeners.http_proxy import HttpListener
 from gate.listeners.mux import MuxListener
 from gate.listeners.sni import SniListener
@@ -36,6 +38,7 @@ SERVERS: dict[type[ListenerSpec], Callable[[Any, Context], Server]] = {
     TproxyUdpSpec: TproxyUdpListener,
     SniSpec: SniListener,
     MuxSpec: MuxListener,
+    H2Spec: H2Listener,
 }
 
 

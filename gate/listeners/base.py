@@ -23,9 +23,10 @@ from gate.accesslog import AccessLog
 from gate.addr import Endpoint
 from gate.config import ListenerSpec
 from gate.dial import Connect, SocketOptions, literal_family, open_tcp
-from gate.errors import ClientProtocolError, GateError, RejectedByRule
+from gate.errors import ClientProtocolError, GateError, RejectedByRule, UpstreamUnreachable
 from gate.flow import Flow
 from gate.listeners.sniffing import FirstBytes, ProxyHeaderReader, sniff_at_once
+from gate.mesh.dialer import Mesh
 from gate.router import Decision, FlowKey, Router
 from sniff import proxy_protocol
 from splice import Relay, Sweeper, sweep_interval
@@ -51,6 +52,7 @@ class Context:
     reuse_port: bool = False
     mark: int | None = None  # SO_MARK of upstream sockets (the capture rules skip it)
     own: frozenset[Endpoint] = frozenset()  # our listeners' addresses: never a destination
+    mesh: Mesh | None = None  # tunnels to peer gates (routes with via:)
     # How sniffing ended, by protocol: hits (tls, http, ...), "unknown" (a miss), "none" (nothing in time)
     sniff_outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
 
@@ -368,7 +370,7 @@ class Listener:
         assert flow.dst is not None
         decision = self.decide(flow)
         target = decision.upstream or flow.dst
-        family = literal_family(target.host) if decision.action != "reject" else None
+        family = literal_family(target.host) if decision.action in ("direct", "upstream") else None
         if family is None:
             Listener.accepted(self, conn, flow)  # rejects and names to resolve take the general path
         else:
@@ -380,6 +382,14 @@ class Listener:
         if decision.action == "reject":
             flow.close_reason = f"rejected by {decision.rule}"
             raise RejectedByRule(flow.close_reason)
+        if decision.action == "via":
+            if self.ctx.mesh is None or decision.via is None:
+                raise UpstreamUnreachable("via: this gate has no mesh section")
+            try:
+                return await self.ctx.mesh.open(decision.via, flow, self.spec.timeouts.connect)
+            except GateError as e:
+                flow.close_reason = f"upstream: {e}"
+                raise
         target = decision.upstream or flow.dst
         assert target is not None
         try:

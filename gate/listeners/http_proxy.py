@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import h11
 
 from gate.addr import Endpoint, is_ip
 from gate.config import HttpSpec
-from gate.dial import open_tcp
 from gate.errors import (
     ClientProtocolError,
     GateError,
@@ -165,8 +165,9 @@ class HttpListener(Listener):
         decision = self.decide(flow)
         if decision.action == "reject":
             raise RejectedByRule(f"rejected by {decision.rule}")
-        target = decision.upstream or origin
-        upstream = await session.get(target, self.spec.timeouts.connect)
+        # reused while the next request goes the same way (same origin or upstream, same peer)
+        way = (decision.via, decision.upstream or origin)
+        upstream = await session.get(way, lambda: self.connect(flow))
         headers = forward_headers(request.headers, VIA)
         if not any(name == b"host" for name, _ in headers):
             headers.insert(0, (b"host", str(origin).encode()))
@@ -267,8 +268,8 @@ def _raw_error(status: int, body: bytes, extra: list[tuple[bytes, bytes]]) -> by
 class _Upstream:
     """One connection to an origin (or fixed upstream) with its own h11 client state."""
 
-    def __init__(self, target: Endpoint, sock: socket.socket) -> None:
-        self.target = target
+    def __init__(self, way: tuple[str | None, Endpoint], sock: socket.socket) -> None:
+        self.way = way
         self.sock = sock
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         self.loop = asyncio.get_running_loop()
@@ -289,11 +290,12 @@ class _UpstreamSession:
     def __init__(self) -> None:
         self.current: _Upstream | None = None
 
-    async def get(self, target: Endpoint, connect_timeout: float) -> _Upstream:
-        if self.current is not None and self.current.target == target and self.current.h11.our_state is h11.IDLE:
+    async def get(self, way: tuple[str | None, Endpoint],
+                  connect: Callable[[], Awaitable[socket.socket]]) -> _Upstream:
+        if self.current is not None and self.current.way == way and self.current.h11.our_state is h11.IDLE:
             return self.current
         self.close()
-        self.current = _Upstream(target, await open_tcp(target, connect_timeout))
+        self.current = _Upstream(way, await connect())
         return self.current
 
     def close(self) -> None:

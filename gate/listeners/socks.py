@@ -80,7 +80,8 @@ class SocksListener(Listener):
             await self.loop.sock_sendall(conn, reply)
             raise
         if success is None:
-            bound = upstream.getsockname()
+            # a tunnelled flow's upstream is a socketpair: no address of ours to tell
+            bound = upstream.getsockname() if upstream.family != socket.AF_UNIX else ("0.0.0.0", 0)
             success = socks.socks5_reply(Reply.SUCCEEDED, bound[0], bound[1])
         try:
             await self.loop.sock_sendall(conn, success)

@@ -1,0 +1,211 @@
+"""Flows ``via`` a peer gate: one TLS + HTTP/2 connection per peer, one CONNECT stream per flow.
+
+The listener side stays the same for every kind (SOCKS replies, half-close, relays): ``open`` returns
+one end of a socketpair whose other end is bridged to the stream, so a tunnelled flow looks to the
+listener like any upstream socket. The peer's answer is mapped back to the errors listeners already
+turn into the client's answer (SOCKS reply code, HTTP 403/502/504, TCP reset).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import socket
+import ssl
+
+from gate.config import PeerSpec
+from gate.dial import SocketOptions, open_tcp
+from gate.errors import (
+    GateError,
+    RejectedByRule,
+    UpstreamRefused,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from gate.flow import Flow
+from gate.mesh.session import Session
+from gate.mesh.trust import Trust
+
+__all__ = ["Mesh", "error_for_status"]
+
+log = logging.getLogger("ugate")
+
+BACKOFF_FIRST, BACKOFF_MAX = 0.2, 5.0  # seconds between connection attempts to a failing peer
+# The peer's reason for a failed CONNECT, in a response header, so the client's answer is exact
+ERROR_HEADER = "ugate-error"
+
+
+def error_for_status(peer: str, status: str, reason: str) -> GateError:
+    """The GateError a non-200 answer from ``peer`` stands for."""
+    text = f"via {peer}: {status} {reason}".rstrip()
+    if status == "403":
+        return RejectedByRule(text)
+    if status == "504" or reason == "timeout":
+        return UpstreamTimeout(text)
+    if reason == "refused":
+        return UpstreamRefused(text)
+    return UpstreamUnreachable(text)
+
+
+class _Peer:
+    """Connection state of one peer: its session, or the attempt under way, or when to retry."""
+
+    def __init__(self, spec: PeerSpec) -> None:
+        self.spec = spec
+        self.session: Session | None = None
+        self.connecting: asyncio.Future[Session] | None = None
+        self.backoff = 0.0
+        self.retry_at = 0.0
+        self.last_error = ""
+        self.connections = 0  # made so far (tests check that flows share one)
+
+
+class Mesh:
+    """The client side of the mesh for one process."""
+
+    def __init__(self, trust: Trust, mark: int | None = None) -> None:
+        self.trust = trust
+        self.mark = mark
+        self.peers = {p.name: _Peer(p) for p in trust.peers if p.address is not None}
+
+    async def open(self, peer_name: str, flow: Flow, timeout: float) -> socket.socket:
+        """A socket carrying ``flow`` to its destination through ``peer_name``; GateError if not."""
+        peer = self.peers.get(peer_name)
+        if peer is None:
+            raise UpstreamUnreachable(f"peer {peer_name} has no address to dial")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        session = await self._session(peer, deadline)
+        assert flow.dst is not None
+        headers = [("ugate-client", str(flow.client))]
+        if flow.protocol:
+            headers.append(("ugate-protocol", flow.protocol))
+        if flow.sni:
+            headers.append(("ugate-sni", flow.sni))
+        try:
+            stream_id, answer = session.open_stream(str(flow.dst), headers)
+        except Exception as e:  # h2 refuses (e.g. too many streams) or the connection just closed
+            raise UpstreamUnreachable(f"via {peer_name}: {e}") from None
+        try:
+            async with asyncio.timeout_at(deadline):
+                response = await answer
+        except TimeoutError:
+            session.discard(stream_id)
+            raise UpstreamTimeout(f"via {peer_name}: no answer within {timeout:g}s") from None
+        except (ConnectionError, OSError) as e:
+            session.discard(stream_id)
+            raise UpstreamUnreachable(f"via {peer_name}: {e}") from None
+        status = response.get(":status", "")
+        if status != "200":
+            session.discard(stream_id)
+            raise error_for_status(peer_name, status, response.get(ERROR_HEADER, ""))
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        theirs.setblocking(False)
+        try:
+            await session.attach(stream_id, theirs)
+        except (ConnectionError, OSError) as e:
+            ours.close()
+            session.discard(stream_id)
+            raise UpstreamUnreachable(f"via {peer_name}: {e}") from None
+        except BaseException:
+            ours.close()
+            theirs.close()
+            session.discard(stream_id)
+            raise
+        return ours
+
+    async def _session(self, peer: _Peer, deadline: float) -> Session:
+        loop = asyncio.get_running_loop()
+        while True:
+            if peer.session is not None and not peer.session.closed:
+                return peer.session
+            if peer.connecting is None:
+                wait = peer.retry_at - loop.time()
+                if wait > 0:
+                    if loop.time() + wait > deadline:
+                        raise UpstreamUnreachable(f"peer {peer.spec.name} unreachable ({peer.last_error}); "
+                                                  f"retrying in {wait:.1f}s")
+                    await asyncio.sleep(wait)
+                    continue
+                peer.connecting = loop.create_future()
+                task = loop.create_task(self._connect(peer, deadline))
+                task.add_done_callback(functools.partial(self._connected, peer))
+            connecting = peer.connecting
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await asyncio.shield(connecting)
+            except TimeoutError:
+                raise UpstreamTimeout(f"peer {peer.spec.name}: no tunnel within the connect timeout") from None
+
+    def _connected(self, peer: _Peer, task: asyncio.Task[Session]) -> None:
+        future, peer.connecting = peer.connecting, None
+        assert future is not None
+        loop = asyncio.get_running_loop()
+        if task.cancelled():
+            future.cancel()
+            return
+        error = task.exception()
+        if error is None:
+            peer.session = task.result()
+            peer.backoff = 0.0
+            peer.connections += 1
+            future.set_result(peer.session)
+            log.info("mesh: tunnel to %s (%s) up", peer.spec.name, peer.spec.address)
+            return
+        peer.last_error = str(error) or type(error).__name__
+        peer.backoff = min(max(peer.backoff * 2, BACKOFF_FIRST), BACKOFF_MAX)
+        peer.retry_at = loop.time() + peer.backoff
+        log.warning("mesh: cannot reach %s (%s): %s", peer.spec.name, peer.spec.address, peer.last_error)
+        future.set_exception(error if isinstance(error, GateError) else UpstreamUnreachable(
+            f"peer {peer.spec.name}: {peer.last_error}"))
+        future.exception()  # retrieved: nobody may be waiting any more
+
+    async def _connect(self, peer: _Peer, deadline: float) -> Session:
+        loop = asyncio.get_running_loop()
+        assert peer.spec.address is not None
+        ctx, check = self.trust.client_context(peer.spec)
+        remaining = max(deadline - loop.time(), 0.001)
+        sock = await open_tcp(peer.spec.address, remaining,
+                              SocketOptions(self.mark, None) if self.mark is not None else None)
+
+        def lost(session: Session) -> None:
+            if peer.session is session:
+                peer.session = None
+                log.info("mesh: tunnel to %s closed", peer.spec.name)
+
+        session: Session | None = None
+
+        def give_up() -> None:
+            if session is not None and session.transport is not None:
+                session.transport.abort()
+            else:
+                sock.close()
+
+        try:
+            async with asyncio.timeout_at(deadline):
+                made = Session(self.trust.mesh, client_side=True, on_lost=lost)
+                await loop.create_connection(lambda: made, sock=sock, ssl=ctx, server_hostname=peer.spec.name)
+                session = made  # (uvloop returns its SSL wrapper as the protocol)
+                check.verify(session.peer_der)  # before any stream: a wrong gate never sees a flow
+                await session.ready
+        except TimeoutError:
+            give_up()
+            raise UpstreamTimeout(f"peer {peer.spec.name}: TLS/HTTP2 setup not done in time") from None
+        except (ssl.SSLError, ConnectionError, OSError) as e:
+            give_up()
+            raise UpstreamUnreachable(f"peer {peer.spec.name}: {e}") from None
+        except BaseException:
+            give_up()
+            raise
+        return session
+
+    def close(self) -> None:
+        for peer in self.peers.values():
+            if peer.session is not None:
+                peer.session.close()
+
+    def open_streams(self) -> int:
+        return sum(p.session.streams_open for p in self.peers.values() if p.session is not None)
+

@@ -1,0 +1,383 @@
+"""One HTTP/2 connection between two gates, and the bridges between its streams and TCP sockets.
+
+The h2 library keeps the protocol state (sans-IO); this module is its asyncio shell. Each flow is one
+CONNECT stream (RFC 9113 section 8.5) bridged to a socket:
+
+- socket -> stream: bytes wait in the bridge's ``pending`` until the stream's and the connection's
+  send windows admit them; above ``PENDING_HIGH`` the socket stops being read (backpressure).
+- stream -> socket: DATA is written to the socket; its flow-control credit is given back only while
+  the socket's write buffer is below its high-water mark, so a slow reader closes the sender's window.
+- a FIN becomes END_STREAM and END_STREAM a FIN (half-close both ways); an error or an abort becomes
+  RST_STREAM, and RST_STREAM a TCP reset.
+
+Windows and frames are large (MeshSpec.window, max_frame) since a flow here is usually a bulk
+transfer over one long-lived connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any, cast
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from gate.config import MeshSpec
+
+__all__ = ["Bridge", "Session"]
+
+log = logging.getLogger("ugate")
+
+PENDING_HIGH = 1 << 20  # bytes read from a socket and not yet sendable before we stop reading it
+SOCKET_WRITE_HIGH = 4 << 20  # a socket's write buffer above this holds back the stream's credit
+H2_MAX_DATA_CHUNK = 1 << 20  # DATA frames we send are cut at this size (frames are copied by h2)
+
+RequestHandler = Callable[["Session", int, dict[str, str]], None]
+
+
+def _headers(raw: Any) -> dict[str, str]:
+    """h2 hands headers as (name, value) pairs, str with header_encoding set (bytes otherwise)."""
+    return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in raw}
+
+
+class Bridge(asyncio.Protocol):
+    """The socket side of one stream (an asyncio protocol on the socket)."""
+
+    def __init__(self, session: Session, stream_id: int, on_closed: Callable[[Bridge], None] | None = None):
+        self.session = session
+        self.stream_id = stream_id
+        self.transport: asyncio.Transport | None = None
+        self.pending = bytearray()
+        self.eof_pending = False  # the socket said FIN; END_STREAM follows the pending bytes
+        self.local_ended = False  # END_STREAM sent
+        self.remote_ended = False  # END_STREAM received (FIN written to the socket)
+        self.reading_paused = False
+        self.write_paused = False
+        self.unacked = 0  # stream credit held back while the socket's write buffer is full
+        self.bytes_to_stream = 0
+        self.bytes_to_socket = 0
+        self.last_active = session.loop.time()
+        self.error: str | None = None
+        self.closed = False
+        self.early: list[bytes] = []  # DATA that came before the socket was attached
+        self.on_closed = on_closed
+
+    # -- asyncio.Protocol (the socket) ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        transport.set_write_buffer_limits(high=SOCKET_WRITE_HIGH)
+        for data in self.early:
+            transport.write(data)
+            self.bytes_to_socket += len(data)
+        self.early.clear()
+        if self.remote_ended and transport.can_write_eof():
+            transport.write_eof()
+        self.session.drain(self)  # END_STREAM already due (a socket attached half-closed) or nothing
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = self.session.loop.time()
+        self.pending += data
+        self.session.drain(self)
+
+    def eof_received(self) -> bool:
+        self.eof_pending = True
+        self.session.drain(self)
+        return True  # keep the socket open for the other direction
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.unacked:
+            self.session.acknowledge(self.stream_id, self.unacked)
+            self.unacked = 0
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not (self.local_ended and self.remote_ended):  # the socket went away mid-flow
+            self.error = self.error or (f"socket error: {exc}" if exc else "socket closed")
+            self.session.reset(self.stream_id, h2.errors.ErrorCodes.CANCEL)
+        self._finished()
+
+    # -- from the session (the stream) ------------------------------------------------------------
+
+    def deliver(self, data: bytes, credit: int) -> None:
+        self.last_active = self.session.loop.time()
+        if self.transport is None:  # not attached yet: bounded by the window we advertised
+            self.early.append(data)
+            self.session.acknowledge(self.stream_id, credit)
+            return
+        if self.transport.is_closing():
+            self.session.acknowledge(self.stream_id, credit)
+            return
+        self.transport.write(data)
+        self.bytes_to_socket += len(data)
+        if self.write_paused:
+            self.unacked += credit
+        else:
+            self.session.acknowledge(self.stream_id, credit)
+
+    def remote_end(self) -> None:
+        self.remote_ended = True
+        if self.transport is not None and not self.transport.is_closing() and self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.close_if_done()
+
+    def close_if_done(self) -> None:
+        if self.local_ended and self.remote_ended and self.transport is not None:
+            self.transport.close()  # flushes what is buffered first
+
+    def abort(self, reason: str) -> None:
+        """The stream was reset or the connection lost: reset the socket (RST, not FIN)."""
+        self.error = self.error or reason
+        self.local_ended = self.remote_ended = True
+        if self.transport is not None:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None and sock.family != socket.AF_UNIX:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
+            self.transport.abort()
+        else:
+            self._finished()
+
+    def _finished(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.session.forget(self.stream_id)
+            if self.on_closed is not None:
+                self.on_closed(self)
+
+
+class Session(asyncio.Protocol):
+    """Either end of a gate-to-gate HTTP/2 connection over TLS."""
+
+    def __init__(self, spec: MeshSpec, client_side: bool, on_request: RequestHandler | None = None,
+                 on_lost: Callable[[Session], None] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.spec = spec
+        self.client_side = client_side
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=client_side,
+                                                                          header_encoding="utf-8"))
+        self.transport: asyncio.Transport | None = None
+        self.bridges: dict[int, Bridge] = {}
+        self.responses: dict[int, asyncio.Future[dict[str, str]]] = {}
+        self.write_paused = False
+        self.closed = False
+        self.peer_der: bytes | None = None  # the peer's certificate (DER)
+        self._on_request = on_request
+        self._on_lost = on_lost
+        self.ready: asyncio.Future[None] = self.loop.create_future()  # the peer's SETTINGS arrived
+
+    # -- asyncio.Protocol (the TLS connection) ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        ssl_object = transport.get_extra_info("ssl_object")
+        self.peer_der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        self.conn.local_settings = h2.settings.Settings(client=self.client_side, initial_values={
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self.spec.window,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: self.spec.max_frame,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 10000,
+        })  # in force at once (h2 treats initial values as acknowledged): the peer learns them below
+        self.conn.max_inbound_frame_size = self.spec.max_frame  # h2 read it from the defaults at __init__
+        self.conn.initiate_connection()
+        self.conn.increment_flow_control_window(self.spec.window - 65535)
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as e:
+            log.warning("mesh: HTTP/2 error from peer: %s", e)
+            self.flush()
+            self.close()
+            return
+        for event in events:
+            self._dispatch(event)
+        self.flush()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for bridge in list(self.bridges.values()):
+            self.drain(bridge)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"tunnel closed: {exc or 'by peer'}"))
+            self.ready.exception()  # retrieved: nobody may be waiting for it
+        for future in self.responses.values():
+            if not future.done():
+                future.set_exception(ConnectionError("tunnel closed before the answer"))
+        self.responses.clear()
+        for bridge in list(self.bridges.values()):
+            bridge.abort("tunnel lost")
+        if self._on_lost is not None:
+            self._on_lost(self)
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def _dispatch(self, event: Any) -> None:
+        if isinstance(event, h2.events.DataReceived):
+            bridge = self.bridges.get(event.stream_id)
+            if bridge is not None:
+                bridge.deliver(event.data, event.flow_controlled_length)
+            else:
+                self.acknowledge(event.stream_id, event.flow_controlled_length)
+        elif isinstance(event, h2.events.WindowUpdated):
+            for bridge in ([self.bridges[event.stream_id]] if event.stream_id in self.bridges
+                           else list(self.bridges.values()) if event.stream_id == 0 else []):
+                self.drain(bridge)
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            if not self.ready.done():
+                self.ready.set_result(None)
+            for bridge in list(self.bridges.values()):
+                self.drain(bridge)
+        elif isinstance(event, h2.events.StreamEnded):
+            bridge = self.bridges.get(event.stream_id)
+            if bridge is not None:
+                bridge.remote_end()
+        elif isinstance(event, h2.events.StreamReset):
+            future = self.responses.pop(event.stream_id, None)
+            if future is not None and not future.done():
+                future.set_exception(ConnectionResetError(f"stream reset by peer ({event.error_code!r})"))
+            bridge = self.bridges.get(event.stream_id)
+            if bridge is not None:
+                bridge.abort(f"reset by peer ({getattr(event.error_code, 'name', event.error_code)})")
+        elif isinstance(event, h2.events.ResponseReceived):
+            future = self.responses.pop(event.stream_id, None)
+            if future is not None and not future.done():
+                future.set_result(_headers(event.headers))
+        elif isinstance(event, h2.events.RequestReceived):
+            if self._on_request is None:
+                self.reset(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            else:
+                self.bridges[event.stream_id] = Bridge(self, event.stream_id)
+                self._on_request(self, event.stream_id, _headers(event.headers))
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.close()
+
+    # -- operations ------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def open_stream(self, authority: str, headers: list[tuple[str, str]]) -> tuple[int, asyncio.Future[dict[str, str]]]:
+        """Client side: send a CONNECT for ``authority``; the future gets the response headers."""
+        stream_id = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(stream_id, [(":method", "CONNECT"), (":authority", authority), *headers])
+        future: asyncio.Future[dict[str, str]] = self.loop.create_future()
+        self.responses[stream_id] = future
+        self.bridges[stream_id] = Bridge(self, stream_id)  # DATA may follow the answer at once
+        self.flush()
+        return stream_id, future
+
+    def respond(self, stream_id: int, status: int, headers: list[tuple[str, str]] = (), end: bool = False) -> None:  # type: ignore[assignment]
+        """Server side: answer a CONNECT (200 opens the tunnel; anything else ends the stream)."""
+        try:
+            self.conn.send_headers(stream_id, [(":status", str(status)), *headers], end_stream=end)
+        except h2.exceptions.StreamClosedError:
+            return
+        self.flush()
+
+    async def attach(self, stream_id: int, sock: socket.socket,
+                     on_closed: Callable[[Bridge], None] | None = None) -> Bridge:
+        """Bridge the stream to ``sock``, which the bridge then owns (closed here if the stream is gone)."""
+        bridge = self.bridges.get(stream_id)
+        if bridge is None or bridge.closed:
+            sock.close()
+            raise ConnectionResetError("the stream ended before its socket was attached")
+        bridge.on_closed = on_closed
+        await self.loop.connect_accepted_socket(lambda: bridge, sock)
+        return bridge
+
+    def discard(self, stream_id: int) -> None:
+        """Drop a stream that will not be bridged (refused, or its flow gave up): reset it if open."""
+        self.responses.pop(stream_id, None)
+        bridge = self.bridges.pop(stream_id, None)
+        if bridge is not None:
+            bridge.closed = True
+        self.reset(stream_id, h2.errors.ErrorCodes.CANCEL)
+
+    def drain(self, bridge: Bridge) -> None:
+        """Send what the windows admit of the bridge's pending bytes; pause or resume its socket."""
+        stream_id = bridge.stream_id
+        if self.closed or bridge.local_ended:
+            bridge.pending.clear()
+            return
+        sent = False
+        try:
+            while bridge.pending and not self.write_paused:
+                window = min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size,
+                             H2_MAX_DATA_CHUNK)
+                if window <= 0:
+                    break
+                chunk = bytes(bridge.pending[:window])
+                del bridge.pending[:window]
+                self.conn.send_data(stream_id, chunk)
+                bridge.bytes_to_stream += len(chunk)
+                sent = True
+            if bridge.eof_pending and not bridge.pending:
+                self.conn.end_stream(stream_id)
+                bridge.local_ended = True
+                sent = True
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
+            bridge.abort(f"stream closed: {e}")
+            return
+        if sent:
+            self.flush()
+        transport = bridge.transport
+        if transport is not None and not transport.is_closing():
+            if len(bridge.pending) > PENDING_HIGH and not bridge.reading_paused:
+                transport.pause_reading()
+                bridge.reading_paused = True
+            elif bridge.reading_paused and len(bridge.pending) <= PENDING_HIGH // 2:
+                transport.resume_reading()
+                bridge.reading_paused = False
+        bridge.close_if_done()
+
+    def acknowledge(self, stream_id: int, credit: int) -> None:
+        if credit and not self.closed:
+            try:
+                self.conn.acknowledge_received_data(credit, stream_id)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                self.conn.increment_flow_control_window(credit)  # the connection's share still counts
+            self.flush()
+
+    def reset(self, stream_id: int, code: h2.errors.ErrorCodes) -> None:
+        if self.closed:
+            return
+        try:
+            self.conn.reset_stream(stream_id, code)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            return
+        self.flush()
+
+    def forget(self, stream_id: int) -> None:
+        self.bridges.pop(stream_id, None)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.conn.close_connection()
+            self.flush()
+            self.transport.close()
+
+    @property
+    def streams_open(self) -> int:
+        return len(self.bridges) + len(self.responses)

@@ -1,0 +1,144 @@
+"""Gate to gate over HTTP/2 with mutual TLS: client -> gate A (socks5, forward) -> tunnel -> gate B -> server.
+
+On loopback: the mesh's TLS, HTTP/2 and stream semantics do not depend on namespaces; the capture
+listeners that feed a tunnel are the same code as for direct flows (tested in test_capture).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import PAYLOAD, ROOT, curl, free_port
+
+
+def keygen(directory: Path, *extra: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "gate", "keygen", "--dir", str(directory), *extra], cwd=ROOT,
+                         check=True, capture_output=True, text=True).stdout
+    return out.split()[1]  # "id: <ID>"
+
+
+@pytest.fixture
+def two_gates(start_gate: Any, tmp_path: Path, http_origin: int, hash_echo: int) -> dict[str, Any]:
+    """Gate B serves h2 and may reach the two origins only; gate A sends everything via B."""
+    id_a, id_b = keygen(tmp_path / "a"), keygen(tmp_path / "b")
+    h2_port, socks, fwd = free_port(), free_port(), free_port()
+    b = start_gate(
+        [{"name": "mesh", "kind": "h2", "listen": f"127.0.0.1:{h2_port}"}],
+        routes=[{"match": {"port": [hash_echo]}, "action": "direct", "name": "echo"},
+                {"match": {"port": [1]}, "action": "reject", "name": "closed"},
+                {"action": "direct", "name": "out"}],
+        mesh={"identity": str(tmp_path / "b")},
+        peers=[{"name": "a", "cert": str(tmp_path / "a" / "cert.pem"),
+                "allow": [{"dst": ["127.0.0.1/32"], "port": [http_origin, hash_echo, 1, 9]}]}],
+    )
+    a = start_gate(
+        [{"name": "socks", "kind": "socks5", "listen": f"127.0.0.1:{socks}"},
+         {"name": "fwd", "kind": "forward", "listen": f"127.0.0.1:{fwd}", "to": f"127.0.0.1:{hash_echo}"}],
+        routes=[{"via": "b", "name": "to-b"}],
+        mesh={"identity": str(tmp_path / "a")},
+        peers=[{"name": "b", "address": f"127.0.0.1:{h2_port}", "id": id_b}],
+    )
+    return {"a": a, "b": b, "socks": socks, "fwd": fwd, "id_a": id_a, "id_b": id_b, "h2": h2_port}
+
+
+def test_keygen_writes_a_private_key_and_an_id_from_the_public_key(tmp_path: Path) -> None:
+    ident = keygen(tmp_path / "k", "--namespace", "ns1", "--trust-domain", "example.test")
+    assert os.stat(tmp_path / "k" / "key.pem").st_mode & 0o777 == 0o600
+    assert len(ident) == 52 and ident == ident.lower()
+    text = subprocess.run(["openssl", "x509", "-in", str(tmp_path / "k" / "cert.pem"), "-noout", "-text"],
+                          check=True, capture_output=True, text=True).stdout
+    assert f"DNS:{ident}.ns1.example.test" in text and f"URI:spiffe://example.test/ns/ns1/gate/{ident}" in text
+    der = subprocess.run(["openssl", "x509", "-in", str(tmp_path / "k" / "cert.pem"), "-pubkey", "-noout"],
+                         check=True, capture_output=True).stdout
+    spki = subprocess.run(["openssl", "pkey", "-pubin", "-outform", "DER"], input=der, check=True,
+                          capture_output=True).stdout
+    import base64
+    assert base64.b32encode(hashlib.sha256(spki).digest()).decode().rstrip("=").lower() == ident
+    again = subprocess.run([sys.executable, "-m", "gate", "keygen", "--dir", str(tmp_path / "k")], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert again.returncode == 1 and "exists" in again.stderr  # never silently replaces an identity
+
+
+def test_flows_cross_the_tunnel_byte_exact(two_gates: dict[str, Any], http_origin: int) -> None:
+    a, socks, fwd = two_gates["a"], two_gates["socks"], two_gates["fwd"]
+    got = curl("-x", f"socks5h://127.0.0.1:{socks}", f"http://127.0.0.1:{http_origin}/payload")
+    assert got.returncode == 0 and hashlib.sha256(got.stdout).digest() == hashlib.sha256(PAYLOAD).digest()
+    blob = os.urandom(3 << 20)
+    with socket.create_connection(("127.0.0.1", fwd), timeout=20) as s:  # upload, then half-close
+        s.sendall(blob)
+        s.shutdown(socket.SHUT_WR)
+        answer = b"".join(iter(lambda: s.recv(65536), b""))
+    assert answer.decode() == f"{hashlib.sha256(blob).hexdigest()} {len(blob)}"
+    records = a.wait_records(2)
+    assert [r["action"] for r in records] == ["via", "via"] and all(r["rule"] == "to-b" for r in records)
+    b_records = two_gates["b"].wait_records(2)
+    assert sorted(r["bytes_up"] for r in b_records)[-1] == len(blob)  # B saw every byte go to the server
+
+
+def test_many_flows_share_one_tls_connection(two_gates: dict[str, Any], http_origin: int) -> None:
+    a, b, socks = two_gates["a"], two_gates["b"], two_gates["socks"]
+
+    def fetch(i: int) -> bytes:
+        return curl("-x", f"socks5h://127.0.0.1:{socks}", f"http://127.0.0.1:{http_origin}/n{i}").stdout
+
+    with ThreadPoolExecutor(100) as pool:
+        answers = list(pool.map(fetch, range(100)))
+    assert answers == [f"hello from {http_origin} /n{i}\n".encode() for i in range(100)]
+    assert a.stderr().count("mesh: tunnel to b") == 1  # one connection up, never reconnected
+    assert b.stderr().count("tunnel from gate a") == 1
+    assert len(b.wait_records(100)) == 100
+
+
+def socks5_reply(port: int, host: str, dport: int) -> int:
+    """The reply code a SOCKS5 CONNECT gets (curl folds every SOCKS failure into exit 97)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"\x05\x01\x00")
+        assert s.recv(2) == b"\x05\x00"
+        s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(host) + dport.to_bytes(2, "big"))
+        return s.recv(10)[1]
+
+
+def test_refusals_reach_the_client_as_its_protocol_says(two_gates: dict[str, Any]) -> None:
+    socks = two_gates["socks"]
+    assert socks5_reply(socks, "127.0.0.1", 2) == 2  # outside B's allow list for A: "not allowed by ruleset"
+    assert socks5_reply(socks, "127.0.0.1", 1) == 2  # allowed, then rejected by B's own route
+    assert socks5_reply(socks, "127.0.0.1", 9) == 5  # allowed, nothing listens at B's side: "refused"
+    records = two_gates["b"].wait_records(3)
+    reasons = sorted(r["close"] for r in records)
+    assert reasons[0].startswith("403 peer a may not reach 127.0.0.1:2"), reasons
+    assert any(r.startswith("403 rejected by closed") for r in reasons), reasons
+    assert any(r.startswith("502") and "refused" in r for r in reasons), reasons
+    assert two_gates["a"].alive() and two_gates["b"].alive()
+
+
+def test_an_unknown_gate_is_refused(start_gate: Any, two_gates: dict[str, Any], tmp_path: Path,
+                                    http_origin: int) -> None:
+    keygen(tmp_path / "stranger")
+    socks = free_port()
+    stranger = start_gate(
+        [{"name": "socks", "kind": "socks5", "listen": f"127.0.0.1:{socks}"}],
+        routes=[{"via": "b"}],
+        mesh={"identity": str(tmp_path / "stranger")},
+        peers=[{"name": "b", "address": f"127.0.0.1:{two_gates['h2']}", "id": two_gates["id_b"]}],
+    )
+    got = curl("-x", f"socks5h://127.0.0.1:{socks}", f"http://127.0.0.1:{http_origin}/")
+    assert got.returncode != 0 and got.stdout == b""
+    assert "refused" in two_gates["b"].stderr()
+    assert "cannot reach b" in stranger.stderr()
+    # and a gate that dials the wrong gate (B's address, A's ID pinned) gives up before any stream
+    wrong = start_gate(
+        [{"name": "socks", "kind": "socks5", "listen": f"127.0.0.1:{(port := free_port())}"}],
+        routes=[{"via": "b"}], mesh={"identity": str(tmp_path / "a")},
+        peers=[{"name": "b", "address": f"127.0.0.1:{two_gates['h2']}", "id": two_gates["id_a"]}],
+    )
+    assert curl("-x", f"socks5h://127.0.0.1:{port}", f"http://127.0.0.1:{http_origin}/").returncode != 0
+    assert f"expected {two_gates['id_a']}" in wrong.stderr()
