@@ -48,6 +48,16 @@ def error_for_status(peer: str, status: str, reason: str) -> GateError:
     return UpstreamUnreachable(text)
 
 
+def _reset_on_close(ours: socket.socket) -> None:
+    """A socketpair cannot send RST, but a unix socket closed with unread bytes makes its peer's next
+    read fail with ECONNRESET: one byte sent from our end before the bridge closes its end does that,
+    so the relay resets the client instead of ending a truncated flow with a clean FIN."""
+    try:
+        ours.send(b"\0", socket.MSG_DONTWAIT)
+    except OSError:
+        pass  # the listener closed its end already (fileno -1): nobody is left to tell
+
+
 class _Peer:
     """Connection state of one peer: its session, or the attempt under way, or when to retry."""
 
@@ -104,7 +114,8 @@ class Mesh:
         ours.setblocking(False)
         theirs.setblocking(False)
         try:
-            await session.attach(stream_id, theirs)
+            bridge = await session.attach(stream_id, theirs)
+            bridge.on_abort = functools.partial(_reset_on_close, ours)
         except (ConnectionError, OSError) as e:
             ours.close()
             session.discard(stream_id)

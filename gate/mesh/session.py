@@ -69,6 +69,7 @@ class Bridge(asyncio.Protocol):
         self.closed = False
         self.early: list[bytes] = []  # DATA that came before the socket was attached
         self.on_closed = on_closed
+        self.on_abort: Callable[[], None] | None = None  # makes the socket's far end see a reset
 
     # -- asyncio.Protocol (the socket) ----------------------------------------------------------
 
@@ -140,6 +141,8 @@ class Bridge(asyncio.Protocol):
         """The stream was reset or the connection lost: reset the socket (RST, not FIN)."""
         self.error = self.error or reason
         self.local_ended = self.remote_ended = True
+        if self.on_abort is not None:
+            self.on_abort()
         if self.transport is not None:
             sock = self.transport.get_extra_info("socket")
             if sock is not None and sock.family != socket.AF_UNIX:

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -142,3 +143,25 @@ def test_an_unknown_gate_is_refused(start_gate: Any, two_gates: dict[str, Any], 
     )
     assert curl("-x", f"socks5h://127.0.0.1:{port}", f"http://127.0.0.1:{http_origin}/").returncode != 0
     assert f"expected {two_gates['id_a']}" in wrong.stderr()
+
+
+def test_restarting_the_far_gate_ends_old_flows_and_new_ones_reconnect(
+        start_gate: Any, two_gates: dict[str, Any], http_origin: int, hash_echo: int) -> None:
+    a, b, fwd = two_gates["a"], two_gates["b"], two_gates["fwd"]
+    assert curl("-x", f"socks5h://127.0.0.1:{two_gates['socks']}", f"http://127.0.0.1:{http_origin}/").stdout
+    held = socket.create_connection(("127.0.0.1", fwd), timeout=10)  # a flow open across the restart
+    held.sendall(b"x" * 1000)
+    time.sleep(0.3)  # through the tunnel and connected at B's side
+    b.proc.kill()  # no goodbye: the tunnel just breaks
+    b.proc.wait()
+    held.settimeout(10)
+    with pytest.raises(ConnectionResetError):  # the old flow is reset, never ended as if complete
+        held.recv(100)
+    held.close()
+    b2 = start_gate(b.config["listeners"], routes=b.config["routes"], mesh=b.config["mesh"], peers=b.config["peers"])
+    got = curl("-x", f"socks5h://127.0.0.1:{two_gates['socks']}", f"http://127.0.0.1:{http_origin}/again")
+    assert got.stdout == f"hello from {http_origin} /again\n".encode()
+    assert a.stderr().count("mesh: tunnel to b") == 3  # up, closed, up again
+    assert "mesh: tunnel to b closed" in a.stderr()
+    assert "reset" in a.wait_records(3)[1]["close"]
+    assert b2.alive()
