@@ -193,3 +193,28 @@ def test_route_proxy_protocol() -> None:
     assert any(p.startswith("routes[0].proxy_protocol: 'v3' is not one of: v1, v2")
                for p in problems({"listeners": [{"name": "s", "kind": "socks5", "listen": "127.0.0.1:1"}],
                                   "routes": [{"action": "direct", "proxy_protocol": "v3"}]}))
+
+
+def test_mesh_peers_and_via_routes() -> None:
+    config = parse_config({
+        "mesh": {"identity": "/etc/ugate/id", "window": 1 << 20},
+        "peers": [{"name": "b", "address": "10.0.0.2:15008", "id": "x" * 52},
+                  {"name": "a", "cert": "/etc/a.pem", "allow": [{"dst": ["10.96.0.0/12"], "port": [80, 443]}]}],
+        "listeners": [{"name": "mesh", "kind": "h2", "listen": "0.0.0.0:15008"}],
+        "routes": [{"match": {"port": [443]}, "via": "b"}, {"action": "direct"}],
+    })
+    assert config.mesh is not None and config.mesh.window == 1 << 20
+    assert config.routes[0].action == "via" and config.routes[0].via == "b"
+    b, a = config.peers
+    assert b.address == Endpoint("10.0.0.2", 15008) and a.address is None and a.allow[0].port == ((80, 80), (443, 443))
+    found = problems({
+        "peers": [{"name": "b", "address": "10.0.0.2:1"}],
+        "listeners": [{"name": "mesh", "kind": "h2", "listen": "0.0.0.0:15008"}],
+        "routes": [{"via": "nobody"}, {"action": "via"}, {"action": "direct", "via": "b"}],
+    })
+    assert "peers: needs a mesh: section (this gate's identity)" in found
+    assert "peers[0]: needs id: (pinned) or cert:, or a mesh.ca that signs its certificate" in found
+    assert "routes[0].via: no peer is named 'nobody'" in found
+    assert "routes[1].via: missing (action via needs via: PEER)" in found
+    assert "routes[2].via: not allowed with action direct" in found
+    assert any(p.startswith("mesh: missing: an h2 listener needs") for p in found)
