@@ -23,6 +23,7 @@ from gate.errors import ConfigError
 from gate.listeners import Context, Server, make_listener
 from gate.listeners.base import bind_listening_socket
 from gate.mesh.dialer import Mesh
+from gate.mesh.inbound import Inbound
 from gate.mesh.trust import Trust
 from gate.router import Router
 from splice import PIPE_POOL
@@ -40,6 +41,13 @@ async def serve(config: GateConfig, stop: asyncio.Event, *, reuse_port: bool = F
     ctx = Context(router=Router(config.routes), access_log=access_log, reuse_port=reuse_port, mark=config.mark,
                   own=frozenset(spec.listen for spec in config.listeners), mesh=mesh)
     listeners: list[Server] = []
+    reverse: list[Inbound] = []  # flows arriving over our reverse tunnels (we are behind NAT)
+    if mesh is not None:
+        def serve_for(peer: str) -> Inbound:
+            reverse.append(Inbound(peer, ctx, config.timeouts.connect))
+            return reverse[-1]
+
+        mesh.start_reverse(serve_for)
     try:
         for spec in config.listeners:
             listener = make_listener(spec, ctx)
@@ -54,6 +62,7 @@ async def serve(config: GateConfig, stop: asyncio.Event, *, reuse_port: bool = F
         for listener in listeners:
             listener.stop_accepting()
         await asyncio.gather(*(listener.drain(config.timeouts.drain) for listener in listeners))
+        await asyncio.gather(*(inbound.drain(config.timeouts.drain) for inbound in reverse))
         if mesh is not None:
             mesh.close()
         if ctx.sniff_outcomes:

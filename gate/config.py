@@ -220,6 +220,9 @@ class PeerSpec:
     id: str | None = None  # pinned: base32(sha256(public key)) of its certificate
     cert: Path | None = None  # its (self-signed) certificate: trusted, and its ID pinned
     allow: tuple[Match, ...] = ()  # what it may reach through our h2 listeners; empty: nothing
+    # We are behind NAT: keep a connection to this peer open and serve the flows it sends over it
+    # (they arrive as listener ``name`` in routes and the access log).
+    reverse: bool = False
 
 
 @dataclass(frozen=True)
@@ -584,7 +587,7 @@ def _match(raw: Any, where: str, listeners: set[str], p: _Problems) -> Match:
 
 
 _MESH_KEYS = ("identity", "ca", "trust_domain", "window", "max_frame")
-_PEER_KEYS = ("name", "address", "id", "cert", "allow")
+_PEER_KEYS = ("name", "address", "id", "cert", "allow", "reverse")
 
 
 def _mesh(raw: Any, p: _Problems) -> MeshSpec | None:
@@ -630,7 +633,10 @@ def _peers(raw: Any, mesh: MeshSpec | None, listeners: set[str], p: _Problems) -
             id=p.get(m, "id", where, _string, None),
             cert=p.get(m, "cert", where, lambda v: Path(_string(v)), None),
             allow=tuple(_match(a, f"{where}.allow[{j}]", listeners, p) for j, a in enumerate(allow_raw)),
+            reverse=p.get(m, "reverse", where, _bool, False),
         )
+        if peer.reverse and peer.address is None:
+            p.add(f"{where}.reverse", "needs address: (the gate to keep a connection to)")
         if peer.id is None and peer.cert is None and (mesh is None or mesh.ca is None):
             p.add(where, "needs id: (pinned) or cert:, or a mesh.ca that signs its certificate")
         if any(other.name == name for other in peers):
@@ -651,8 +657,11 @@ def parse_config(raw: Any) -> GateConfig:
         level=p.get(lm, "level", "log", _one_of(LOG_LEVELS), "info"),
         access=p.get(lm, "access", "log", _string, "stderr"),
     )
-    raw_listeners = top.get("listeners")
-    if not isinstance(raw_listeners, list) or not raw_listeners:
+    raw_listeners = top.get("listeners", [])
+    # a gate behind NAT may only serve its reverse tunnels: then it needs no listener of its own
+    reverse_only = isinstance(top.get("peers"), list) and any(
+        isinstance(peer, Mapping) and peer.get("reverse") for peer in top["peers"])
+    if not isinstance(raw_listeners, list) or not (raw_listeners or reverse_only):
         p.add("listeners", "expected a non-empty list")
         raw_listeners = []
     listeners: list[ListenerSpec] = []
@@ -675,6 +684,7 @@ def parse_config(raw: Any) -> GateConfig:
     mesh = _mesh(top.get("mesh"), p)
     peers = _peers(top.get("peers"), mesh, names, p)
     peer_names = {peer.name for peer in peers}
+    names |= {peer.name for peer in peers if peer.reverse}  # their flows' listener, for route matches
     routes = [r for i, item in enumerate(raw_routes) if (r := _route(item, i, names, peer_names, p)) is not None]
     if mesh is None and any(isinstance(spec, H2Spec) for spec in listeners):
         p.add("mesh", "missing: an h2 listener needs this gate's identity (mesh: {identity: DIR})")

@@ -1,10 +1,9 @@
 """The ``h2`` listener: tunnels from peer gates (TLS 1.3 with client certificates, HTTP/2 CONNECT).
 
-Each stream is one flow: the peer must be a configured gate (see gate.mesh.trust) whose ``allow``
-list admits the destination, then the flow is routed by this gate's own routes (direct, upstream, or
-on ``via`` another peer) and bridged to the upstream socket. Refusals answer in HTTP: 403 (unknown
-gate, not allowed, rejected by a route), 502 with ``ugate-error: refused|unreachable``, 504 on a
-connect timeout; the dialling gate maps them back to its client's protocol.
+A TLS handshake with an unknown certificate fails here; what the streams of an accepted connection
+carry is served by gate.mesh.inbound. A peer that negotiated ALPN ``ugate-reverse`` offers a reverse
+tunnel instead: it is behind NAT, so we take the HTTP/2 client role on its connection and the mesh
+dials it ``via`` that connection (gate.mesh.dialer.Mesh.adopt).
 """
 
 from __future__ import annotations
@@ -16,15 +15,11 @@ import ssl
 from collections.abc import Coroutine
 from typing import Any
 
-from gate.addr import Endpoint, is_ip, parse_endpoint
+from gate.addr import Endpoint
 from gate.config import H2Spec
-from gate.dial import SocketOptions, open_tcp
-from gate.errors import GateError, RejectedByRule, UpstreamRefused, UpstreamTimeout
-from gate.flow import Flow
 from gate.listeners.base import Context, bind_listening_socket
-from gate.mesh.dialer import ERROR_HEADER
-from gate.mesh.session import Bridge, Session
-from gate.router import FlowKey, why_not
+from gate.mesh.inbound import Inbound
+from gate.mesh.session import Session
 
 __all__ = ["H2Listener"]
 
@@ -42,10 +37,10 @@ class H2Listener:
         self.mesh = ctx.mesh
         self.loop = asyncio.get_running_loop()
         self.ssl = self.mesh.trust.server_context()
+        self.inbound = Inbound(spec.name, ctx, spec.timeouts.connect)
         self.sock: socket.socket | None = None
         self.sessions: set[Session] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.flows: dict[tuple[Session, int], Flow] = {}
+        self.handshakes: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         self.sock = bind_listening_socket(self.spec.listen, reuse_port=self.ctx.reuse_port)
@@ -67,11 +62,11 @@ class H2Listener:
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.handshakes.add(task)
+        task.add_done_callback(self.handshakes.discard)
 
     async def _handshake(self, conn: socket.socket, peer_addr: Endpoint) -> None:
-        session = Session(self.mesh.trust.mesh, client_side=False, on_request=self._on_request,
+        session = Session(self.mesh.trust.mesh, client_side=None, on_request=self.inbound.on_request,
                           on_lost=self.sessions.discard)
         try:
             # (with ssl, uvloop returns its SSL wrapper as the protocol: ours is the one made here)
@@ -82,92 +77,18 @@ class H2Listener:
             conn.close()
             return
         ident, peer = self.mesh.trust.inbound_peer(session.peer_der)
+        if session.client_side:  # a reverse tunnel: the peer serves, we open streams
+            if peer is None:
+                log.warning("%s: reverse tunnel from unknown gate %s at %s refused", self.spec.name, ident, peer_addr)
+                session.close()
+                return
+            self.sessions.add(session)
+            self.mesh.adopt(peer.name, session)
+            log.info("%s: reverse tunnel from gate %s (%s) at %s", self.spec.name, peer.name, ident, peer_addr)
+            return
         self.sessions.add(session)
         log.info("%s: tunnel from gate %s (%s) at %s", self.spec.name, peer.name if peer else "unknown", ident,
                  peer_addr)
-
-    def _on_request(self, session: Session, stream_id: int, headers: dict[str, str]) -> None:
-        self._spawn(self._serve(session, stream_id, headers))
-
-    async def _serve(self, session: Session, stream_id: int, headers: dict[str, str]) -> None:
-        ident, peer = self.mesh.trust.inbound_peer(session.peer_der)
-        try:
-            client = parse_endpoint(headers.get("ugate-client", ""))
-        except ValueError:
-            client = Endpoint("0.0.0.0", 0)
-        flow = Flow(listener=self.spec.name, client=client)
-        flow.protocol = headers.get("ugate-protocol") or None
-        flow.sni = headers.get("ugate-sni") or None
-        if headers.get(":method") != "CONNECT":
-            self._refuse(session, stream_id, flow, 405, "only CONNECT is served")
-            return
-        try:
-            flow.dst = parse_endpoint(headers.get(":authority", ""))
-        except ValueError as e:
-            self._refuse(session, stream_id, flow, 400, f"bad authority: {e}")
-            return
-        flow.host = None if is_ip(flow.dst.host) else flow.dst.host.lower()
-        if peer is None:
-            self._refuse(session, stream_id, flow, 403, f"gate {ident} is not a configured peer")
-            return
-        key = FlowKey(self.spec.name, client.host, flow.dst.host, flow.dst.port, flow.host, flow.protocol, flow.sni)
-        if not any(why_not(allowed, key) is None for allowed in peer.allow):
-            self._refuse(session, stream_id, flow, 403, f"peer {peer.name} may not reach {flow.dst}")
-            return
-        try:
-            upstream = await self._connect(flow, key)
-        except GateError as e:
-            status, reason = _answer_for(e)
-            self._refuse(session, stream_id, flow, status, str(e), reason)
-            return
-        except asyncio.CancelledError:
-            session.discard(stream_id)
-            flow.close_reason = "shutdown"
-            self._log(flow)
-            raise
-        session.respond(stream_id, 200)
-        self.flows[(session, stream_id)] = flow
-        try:
-            await session.attach(stream_id, upstream, lambda bridge: self._bridge_closed(session, bridge))
-        except ConnectionError as e:
-            self.flows.pop((session, stream_id), None)
-            flow.close_reason = f"tunnel: {e}"
-            self._log(flow)
-
-    async def _connect(self, flow: Flow, key: FlowKey) -> socket.socket:
-        decision = self.ctx.router.decide(key)
-        flow.rule, flow.action, flow.upstream = decision.rule, decision.action, decision.upstream
-        if decision.action == "reject":
-            raise RejectedByRule(f"rejected by {decision.rule}")
-        if decision.action == "via":
-            assert decision.via is not None
-            return await self.mesh.open(decision.via, flow, self.spec.timeouts.connect)
-        target = decision.upstream or flow.dst
-        assert target is not None
-        opts = SocketOptions(self.ctx.mark, None) if self.ctx.mark is not None else None
-        return await open_tcp(target, self.spec.timeouts.connect, opts)
-
-    def _refuse(self, session: Session, stream_id: int, flow: Flow, status: int, reason: str,
-                kind: str = "") -> None:
-        session.respond(stream_id, status, [(ERROR_HEADER, kind)] if kind else [], end=True)
-        session.discard(stream_id)
-        flow.close_reason = f"{status} {reason}"
-        self._log(flow)
-
-    def _bridge_closed(self, session: Session, bridge: Bridge) -> None:
-        flow = self.flows.pop((session, bridge.stream_id), None)
-        if flow is None:
-            return
-        flow.bytes_up, flow.bytes_down = bridge.bytes_to_socket, bridge.bytes_to_stream
-        flow.path = "h2"
-        flow.close_reason = bridge.error or "closed"
-        self._log(flow)
-
-    def _log(self, flow: Flow) -> None:
-        if not flow.logged:
-            flow.logged = True
-            if self.ctx.access_log.enabled:
-                self.ctx.access_log.write(flow.record())
 
     def stop_accepting(self) -> None:
         if self.sock is not None:
@@ -177,25 +98,8 @@ class H2Listener:
 
     async def drain(self, timeout: float) -> None:
         """Let open streams finish for up to ``timeout``, then close every tunnel."""
-        deadline = self.loop.time() + timeout
-        while self.flows and self.loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        for task in list(self.tasks):
+        await self.inbound.drain(timeout)
+        for task in list(self.handshakes):
             task.cancel()
         for session in list(self.sessions):
             session.close()
-        for flow in list(self.flows.values()):
-            flow.close_reason = "shutdown"
-            self._log(flow)
-        self.flows.clear()
-
-
-def _answer_for(error: GateError) -> tuple[int, str]:
-    """HTTP status and ugate-error reason for a failed inner connect."""
-    if isinstance(error, RejectedByRule):
-        return 403, "rejected"
-    if isinstance(error, UpstreamTimeout):
-        return 504, "timeout"
-    if isinstance(error, UpstreamRefused):
-        return 502, "refused"
-    return 502, "unreachable"

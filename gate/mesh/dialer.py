@@ -13,6 +13,8 @@ import functools
 import logging
 import socket
 import ssl
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from gate.config import PeerSpec
 from gate.dial import SocketOptions, open_tcp
@@ -27,11 +29,15 @@ from gate.flow import Flow
 from gate.mesh.session import Session
 from gate.mesh.trust import Trust
 
+if TYPE_CHECKING:
+    from gate.mesh.inbound import Inbound
+
 __all__ = ["Mesh", "error_for_status"]
 
 log = logging.getLogger("ugate")
 
 BACKOFF_FIRST, BACKOFF_MAX = 0.2, 5.0  # seconds between connection attempts to a failing peer
+CONNECT_TIMEOUT = 10.0  # for a reverse tunnel's connection (no flow is waiting on it)
 # The peer's reason for a failed CONNECT, in a response header, so the client's answer is exact
 ERROR_HEADER = "ugate-error"
 
@@ -58,6 +64,10 @@ def _reset_on_close(ours: socket.socket) -> None:
         pass  # the listener closed its end already (fileno -1): nobody is left to tell
 
 
+def _set_event(event: asyncio.Event, _session: Session) -> None:
+    event.set()
+
+
 class _Peer:
     """Connection state of one peer: its session, or the attempt under way, or when to retry."""
 
@@ -69,6 +79,7 @@ class _Peer:
         self.retry_at = 0.0
         self.last_error = ""
         self.connections = 0  # made so far (tests check that flows share one)
+        self.arrived = asyncio.Event()  # a peer without an address: its reverse tunnel is up
 
 
 class Mesh:
@@ -77,13 +88,15 @@ class Mesh:
     def __init__(self, trust: Trust, mark: int | None = None) -> None:
         self.trust = trust
         self.mark = mark
-        self.peers = {p.name: _Peer(p) for p in trust.peers if p.address is not None}
+        self.peers = {p.name: _Peer(p) for p in trust.peers}
+        self._reverse_tasks: list[asyncio.Task[None]] = []
+        self._closing = False
 
     async def open(self, peer_name: str, flow: Flow, timeout: float) -> socket.socket:
         """A socket carrying ``flow`` to its destination through ``peer_name``; GateError if not."""
         peer = self.peers.get(peer_name)
         if peer is None:
-            raise UpstreamUnreachable(f"peer {peer_name} has no address to dial")
+            raise UpstreamUnreachable(f"no peer is named {peer_name}")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         session = await self._session(peer, deadline)
@@ -132,6 +145,14 @@ class Mesh:
         while True:
             if peer.session is not None and not peer.session.closed:
                 return peer.session
+            if peer.spec.address is None or peer.spec.reverse:  # only the peer can connect: wait for it
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await peer.arrived.wait()
+                except TimeoutError:
+                    raise UpstreamUnreachable(f"peer {peer.spec.name} has no tunnel up (it must connect to us)"
+                                              ) from None
+                continue
             if peer.connecting is None:
                 wait = peer.retry_at - loop.time()
                 if wait > 0:
@@ -173,10 +194,12 @@ class Mesh:
             f"peer {peer.spec.name}: {peer.last_error}"))
         future.exception()  # retrieved: nobody may be waiting any more
 
-    async def _connect(self, peer: _Peer, deadline: float) -> Session:
+    async def _connect(self, peer: _Peer, deadline: float, serve: Inbound | None = None) -> Session:
+        """A verified session to ``peer``: ours to open streams on, or (``serve``) a reverse tunnel whose
+        streams the peer opens and ``serve`` answers."""
         loop = asyncio.get_running_loop()
         assert peer.spec.address is not None
-        ctx, check = self.trust.client_context(peer.spec)
+        ctx, check = self.trust.client_context(peer.spec, reverse=serve is not None)
         remaining = max(deadline - loop.time(), 0.001)
         sock = await open_tcp(peer.spec.address, remaining,
                               SocketOptions(self.mark, None) if self.mark is not None else None)
@@ -184,7 +207,7 @@ class Mesh:
         def lost(session: Session) -> None:
             if peer.session is session:
                 peer.session = None
-                log.info("mesh: tunnel to %s closed", peer.spec.name)
+                log.info("mesh: %s to %s closed", "reverse tunnel" if serve else "tunnel", peer.spec.name)
 
         session: Session | None = None
 
@@ -196,7 +219,8 @@ class Mesh:
 
         try:
             async with asyncio.timeout_at(deadline):
-                made = Session(self.trust.mesh, client_side=True, on_lost=lost)
+                made = Session(self.trust.mesh, client_side=serve is None, on_lost=lost,
+                               on_request=serve.on_request if serve is not None else None)
                 await loop.create_connection(lambda: made, sock=sock, ssl=ctx, server_hostname=peer.spec.name)
                 session = made  # (uvloop returns its SSL wrapper as the protocol)
                 check.verify(session.peer_der)  # before any stream: a wrong gate never sees a flow
@@ -212,7 +236,57 @@ class Mesh:
             raise
         return session
 
+    def adopt(self, peer_name: str, session: Session) -> None:
+        """A reverse tunnel from ``peer_name`` came up (our h2 listener accepted it): flows ``via`` that
+        peer now open their streams on it."""
+        peer = self.peers[peer_name]
+        if peer.session is not None and peer.session is not session:
+            peer.session.close()  # the peer reconnected; the old connection is dead or dying
+        peer.session = session
+        peer.connections += 1
+        peer.arrived.set()
+
+        def lost(closed: Session) -> None:
+            if peer.session is closed:
+                peer.session = None
+                peer.arrived.clear()
+                log.info("mesh: reverse tunnel from %s closed", peer_name)
+
+        session.lost_callbacks.append(lost)
+
+    def start_reverse(self, serve_for: Callable[[str], Inbound]) -> None:
+        """Keep a reverse tunnel open to every peer marked ``reverse`` (we are behind NAT): dial it,
+        serve the flows it sends, and dial again with backoff whenever the connection ends."""
+        for peer in self.peers.values():
+            if peer.spec.reverse:
+                task = asyncio.get_running_loop().create_task(self._keep_reverse(peer, serve_for(peer.spec.name)))
+                self._reverse_tasks.append(task)
+
+    async def _keep_reverse(self, peer: _Peer, serve: Inbound) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            try:
+                session = await self._connect(peer, loop.time() + CONNECT_TIMEOUT, serve)
+            except GateError as e:
+                peer.backoff = min(max(peer.backoff * 2, BACKOFF_FIRST), BACKOFF_MAX)
+                log.warning("mesh: reverse tunnel to %s (%s) failed: %s; again in %.1fs", peer.spec.name,
+                            peer.spec.address, e, peer.backoff)
+                await asyncio.sleep(peer.backoff)
+                continue
+            peer.backoff = 0.0
+            peer.connections += 1
+            log.info("mesh: reverse tunnel to %s (%s) up", peer.spec.name, peer.spec.address)
+            ended = asyncio.Event()
+            session.lost_callbacks.append(functools.partial(_set_event, ended))
+            if not session.closed:
+                await ended.wait()
+            log.info("mesh: reverse tunnel to %s closed; dialling again", peer.spec.name)
+            await asyncio.sleep(BACKOFF_FIRST)  # a peer that restarts needs a moment to listen again
+
     def close(self) -> None:
+        self._closing = True
+        for task in self._reverse_tasks:
+            task.cancel()
         for peer in self.peers.values():
             if peer.session is not None:
                 peer.session.close()

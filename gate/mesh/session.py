@@ -42,6 +42,7 @@ SOCKET_WRITE_HIGH = 4 << 20  # a socket's write buffer above this holds back the
 H2_MAX_DATA_CHUNK = 1 << 20  # DATA frames we send are cut at this size (frames are copied by h2)
 
 RequestHandler = Callable[["Session", int, dict[str, str]], None]
+ALPN_H2, ALPN_REVERSE = "h2", "ugate-reverse"  # reverse: the TLS client serves the HTTP/2 streams
 
 
 def _data_frame_repr(frame: hyperframe.frame.DataFrame) -> str:
@@ -176,12 +177,15 @@ class Bridge(asyncio.Protocol):
 class Session(asyncio.Protocol):
     """Either end of a gate-to-gate HTTP/2 connection over TLS."""
 
-    def __init__(self, spec: MeshSpec, client_side: bool, on_request: RequestHandler | None = None,
+    def __init__(self, spec: MeshSpec, client_side: bool | None, on_request: RequestHandler | None = None,
                  on_lost: Callable[[Session], None] | None = None) -> None:
+        """``client_side`` None: decided by the ALPN the TLS handshake settled (an accepted connection
+        is the HTTP/2 server, unless the peer asked for a reverse tunnel)."""
         self.loop = asyncio.get_running_loop()
         self.spec = spec
-        self.client_side = client_side
-        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=client_side,
+        self.client_side = bool(client_side)
+        self._role_by_alpn = client_side is None
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=self.client_side,
                                                                           header_encoding="utf-8"))
         self.transport: asyncio.Transport | None = None
         self.bridges: dict[int, Bridge] = {}
@@ -190,7 +194,7 @@ class Session(asyncio.Protocol):
         self.closed = False
         self.peer_der: bytes | None = None  # the peer's certificate (DER)
         self._on_request = on_request
-        self._on_lost = on_lost
+        self.lost_callbacks: list[Callable[[Session], None]] = [on_lost] if on_lost is not None else []
         self.ready: asyncio.Future[None] = self.loop.create_future()  # the peer's SETTINGS arrived
 
     # -- asyncio.Protocol (the TLS connection) ---------------------------------------------------
@@ -199,6 +203,10 @@ class Session(asyncio.Protocol):
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         ssl_object = transport.get_extra_info("ssl_object")
         self.peer_der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if self._role_by_alpn and ssl_object is not None and ssl_object.selected_alpn_protocol() == ALPN_REVERSE:
+            self.client_side = True
+            self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
+                                                                              header_encoding="utf-8"))
         self.conn.local_settings = h2.settings.Settings(client=self.client_side, initial_values={
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self.spec.window,
             h2.settings.SettingCodes.MAX_FRAME_SIZE: self.spec.max_frame,
@@ -240,8 +248,8 @@ class Session(asyncio.Protocol):
         self.responses.clear()
         for bridge in list(self.bridges.values()):
             bridge.abort("tunnel lost")
-        if self._on_lost is not None:
-            self._on_lost(self)
+        for callback in self.lost_callbacks:
+            callback(self)
 
     # -- events ----------------------------------------------------------------------------------
 

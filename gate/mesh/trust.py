@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from gate.config import MeshSpec, PeerSpec
 from gate.errors import ConfigError
 from gate.mesh.identity import Identity, id_of_certificate, load_identity, spiffe_uri_of
+from gate.mesh.session import ALPN_H2, ALPN_REVERSE
 
 __all__ = ["PeerCheck", "Trust"]
 
@@ -72,10 +73,10 @@ class Trust:
         by_name = {p.name: p for p in peers}
         self.by_id.update({ident: by_name[name] for ident, name in self.pinned_certs.items()})
 
-    def _base(self, purpose: ssl.Purpose) -> ssl.SSLContext:
+    def _base(self, purpose: ssl.Purpose, alpn: list[str]) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.set_alpn_protocols(["h2"])
+        ctx.set_alpn_protocols(alpn)
         ctx.load_cert_chain(self.identity.cert_file, self.identity.key_file)
         return ctx
 
@@ -91,15 +92,16 @@ class Trust:
         return loaded
 
     def server_context(self) -> ssl.SSLContext:
-        ctx = self._base(ssl.Purpose.CLIENT_AUTH)
+        ctx = self._base(ssl.Purpose.CLIENT_AUTH, [ALPN_H2, ALPN_REVERSE])
         if not self._load_anchors(ctx):
             raise ConfigError(["mesh: an h2 listener needs mesh.ca or peers with cert: to authenticate gates"])
         ctx.verify_mode = ssl.CERT_REQUIRED
         return ctx
 
-    def client_context(self, peer: PeerSpec) -> tuple[ssl.SSLContext, PeerCheck]:
-        """The context for dialling ``peer`` and the check its certificate must pass after the handshake."""
-        ctx = self._base(ssl.Purpose.SERVER_AUTH)
+    def client_context(self, peer: PeerSpec, reverse: bool = False) -> tuple[ssl.SSLContext, PeerCheck]:
+        """The context for dialling ``peer`` (to offer it a reverse tunnel with ``reverse``) and the check
+        its certificate must pass after the handshake."""
+        ctx = self._base(ssl.Purpose.SERVER_AUTH, [ALPN_REVERSE if reverse else ALPN_H2])
         ctx.check_hostname = False  # gates are named by key ID, not by the address we dial
         if peer.cert is not None or (peer.id is None and self.mesh.ca is not None):
             self._load_anchors(ctx, peer)

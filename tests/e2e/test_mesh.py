@@ -165,3 +165,41 @@ def test_restarting_the_far_gate_ends_old_flows_and_new_ones_reconnect(
     assert "mesh: tunnel to b closed" in a.stderr()
     assert "reset" in a.wait_records(3)[1]["close"]
     assert b2.alive()
+
+
+def test_reverse_tunnel_reaches_a_gate_that_only_dials_out(start_gate: Any, tmp_path: Path,
+                                                           http_origin: int) -> None:
+    """Gate C (behind NAT: no listener at all) keeps a connection to gate B open; a client of B's SOCKS
+    listener reaches C's side through it, only where C's allow list for B says, and after B restarts
+    C dials again by itself."""
+    keygen(tmp_path / "c")
+    id_b = keygen(tmp_path / "b")
+    h2_port, socks = free_port(), free_port()
+    b_setup: dict[str, Any] = dict(
+        routes=[{"match": {"port": [http_origin, 2]}, "via": "c", "name": "to-c"}, {"action": "reject"}],
+        mesh={"identity": str(tmp_path / "b")},
+        peers=[{"name": "c", "cert": str(tmp_path / "c" / "cert.pem")}],  # no address: C connects to us
+    )
+    b_listeners = [{"name": "mesh", "kind": "h2", "listen": f"127.0.0.1:{h2_port}"},
+                   {"name": "socks", "kind": "socks5", "listen": f"127.0.0.1:{socks}"}]
+    b = start_gate(b_listeners, **b_setup)
+    c = start_gate([], mesh={"identity": str(tmp_path / "c")},
+                   peers=[{"name": "b", "address": f"127.0.0.1:{h2_port}", "id": id_b, "reverse": True,
+                           "allow": [{"dst": ["127.0.0.1/32"], "port": [http_origin]}]}],
+                   routes=[{"match": {"listener": "b"}, "action": "direct", "name": "from-b"}])
+    via_b = ["-x", f"socks5h://127.0.0.1:{socks}"]
+    got = curl(*via_b, f"http://127.0.0.1:{http_origin}/far")
+    assert got.stdout == f"hello from {http_origin} /far\n".encode(), (got, b.stderr()[-3000:])
+    assert socks5_reply(socks, "127.0.0.1", 2) == 2  # C's allow list does not include port 2
+    (record,) = [r for r in c.wait_records(2) if r["dst"].endswith(f":{http_origin}")]
+    assert (record["listener"], record["rule"], record["path"]) == ("b", "from-b", "h2")
+    assert "reverse tunnel from gate c" in b.stderr() and "reverse tunnel to b" in c.stderr()
+    b.stop()
+    b2 = start_gate(b_listeners, **b_setup)
+    deadline = time.monotonic() + 10
+    while "reverse tunnel from gate c" not in b2.stderr() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    got = curl(*via_b, f"http://127.0.0.1:{http_origin}/again")
+    assert got.stdout == f"hello from {http_origin} /again\n".encode()
+    assert c.stderr().count(f"reverse tunnel to b (127.0.0.1:{h2_port}) up") == 2  # and up again after B's restart
+    assert "reverse tunnel to b closed" in c.stderr()
