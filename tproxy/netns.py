@@ -31,8 +31,9 @@ class Topology:
         """``argv`` run inside the role's namespace."""
         return ["ip", "netns", "exec", self.ns[role], *argv]
 
-    def run(self, role: str, *argv: str) -> str:
-        return subprocess.run(self.cmd(role, *argv), check=True, capture_output=True, text=True).stdout
+    def run(self, role: str, *argv: str, input_text: str | None = None) -> str:
+        return subprocess.run(self.cmd(role, *argv), check=True, capture_output=True, text=True,
+                              input=input_text).stdout
 
     def remove(self) -> None:
         for name in self.ns.values():

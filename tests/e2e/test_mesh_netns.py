@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.test_capture import IPERF_COOKIE, WEB, curl, gateway_config, router  # noqa: F401 (fixture)
+from tests.e2e.test_capture import (  # noqa: F401 (router is a fixture)
+    IPERF_COOKIE,
+    WEB,
+    curl,
+    gateway_config,
+    router,
+    spawn,
+    wait_listening,
+)
 from tests.e2e.test_mesh import keygen
 from tproxy import netns
 
@@ -54,3 +64,57 @@ def test_captured_and_socks_flows_cross_the_mesh(start_gate: Any, router: netns.
     assert b.stop() == 0
     assert {r["dst"] for r in b.records()} >= {f"{a['server4']}:{WEB}", f"[{a['server6']}]:{WEB}",
                                                f"{a['server4']}:5201"}
+
+
+def test_reverse_tunnel_reaches_a_gate_behind_nat(start_gate: Any, tmp_path: Path) -> None:
+    """Gate C sits in the client namespace behind the gateway's MASQUERADE, with no inbound path at
+    all; its reverse tunnel to gate B (server namespace) is the only way in, and B's clients use it."""
+    prefix = f"ugr{os.getpid() % 100000}"
+    netns.remove(prefix)
+    topo = netns.router(prefix)
+    web = None
+    try:
+        topo.run("gateway", "nft", "-f", "-", input_text="""
+table ip ugtest_nat {
+  chain post {
+    type nat hook postrouting priority 100
+    oifname "wan0" masquerade
+  }
+}
+table inet ugtest_fw {
+  chain forward_in {
+    type filter hook forward priority 0; policy drop
+    ct state established,related accept
+    iifname "lan0" accept
+  }
+}
+""")
+        a = topo.addr
+        web = spawn(topo, "client", sys.executable, "-m", "tests.e2e.peer_server", "8081")
+        wait_listening(topo, "client", 8081)
+        blocked = curl(topo, "server", f"http://{a['client4']}:8081/", "--connect-timeout", "1")
+        assert blocked.returncode != 0  # no way in from outside the NAT
+        keygen(tmp_path / "c")
+        id_b = keygen(tmp_path / "b")
+        b = start_gate(
+            [{"name": "mesh", "kind": "h2", "listen": f"{a['server4']}:15008"},
+             {"name": "socks", "kind": "socks5", "listen": "127.0.0.1:1080"}],
+            routes=[{"match": {"dst": [f"{a['client4']}/32"]}, "via": "c"}, {"action": "reject"}],
+            netns=topo.ns["server"], mesh={"identity": str(tmp_path / "b")},
+            peers=[{"name": "c", "cert": str(tmp_path / "c" / "cert.pem")}],
+        )
+        start_gate([], netns=topo.ns["client"], mesh={"identity": str(tmp_path / "c")},
+                   peers=[{"name": "b", "address": f"{a['server4']}:15008", "id": id_b, "reverse": True,
+                           "allow": [{"dst": [f"{a['client4']}/32"], "port": [8081]}]}])
+        deadline = time.monotonic() + 10
+        while "reverse tunnel from gate c" not in b.stderr():
+            assert time.monotonic() < deadline, b.stderr()[-2000:]
+            time.sleep(0.05)
+        assert f"at {a['gateway_wan4']}:" in b.stderr()  # C's connection came through the NAT
+        got = curl(topo, "server", f"http://{a['client4']}:8081/", "-x", "socks5h://127.0.0.1:1080")
+        assert got.stdout == f"you are {a['client4']}\n", got.stderr + b.stderr()[-2000:]
+    finally:
+        if web is not None:
+            web.terminate()
+            web.wait()
+        topo.remove()
