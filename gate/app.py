@@ -44,7 +44,7 @@ async def serve(config: GateConfig, stop: asyncio.Event, *, reuse_port: bool = F
     reverse: list[Inbound] = []  # flows arriving over our reverse tunnels (we are behind NAT)
     if mesh is not None:
         def serve_for(peer: str) -> Inbound:
-            reverse.append(Inbound(peer, ctx, config.timeouts.connect))
+            reverse.append(Inbound(peer, ctx, config.timeouts.connect, config.timeouts.idle))
             return reverse[-1]
 
         mesh.start_reverse(serve_for)

@@ -37,7 +37,7 @@ class H2Listener:
         self.mesh = ctx.mesh
         self.loop = asyncio.get_running_loop()
         self.ssl = self.mesh.trust.server_context()
-        self.inbound = Inbound(spec.name, ctx, spec.timeouts.connect)
+        self.inbound = Inbound(spec.name, ctx, spec.timeouts.connect, spec.timeouts.idle)
         self.sock: socket.socket | None = None
         self.sessions: set[Session] = set()
         self.handshakes: set[asyncio.Task[None]] = set()

@@ -15,6 +15,8 @@ import socket
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+import h2.errors
+
 from gate.addr import Endpoint, is_ip, parse_endpoint
 from gate.dial import SocketOptions, open_tcp
 from gate.errors import GateError, RejectedByRule, UpstreamRefused, UpstreamTimeout
@@ -22,6 +24,7 @@ from gate.flow import Flow
 from gate.mesh.dialer import ERROR_HEADER
 from gate.mesh.session import Bridge, Session
 from gate.router import FlowKey, why_not
+from splice import Sweeper, sweep_interval
 
 if TYPE_CHECKING:
     from gate.listeners.base import Context
@@ -32,14 +35,17 @@ __all__ = ["Inbound"]
 class Inbound:
     """Serves the streams of inbound sessions for one listener (or one reverse tunnel)."""
 
-    def __init__(self, name: str, ctx: Context, connect_timeout: float) -> None:
+    def __init__(self, name: str, ctx: Context, connect_timeout: float, idle_timeout: float) -> None:
         assert ctx.mesh is not None
         self.name = name  # the listener name of these flows in routes and the access log
         self.ctx = ctx
         self.mesh = ctx.mesh
         self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.sweeper = Sweeper(asyncio.get_running_loop(), sweep_interval(idle_timeout))
         self.tasks: set[asyncio.Task[None]] = set()
         self.flows: dict[tuple[Session, int], Flow] = {}
+        self.idle: dict[Bridge, _IdleWatch] = {}
 
     def on_request(self, session: Session, stream_id: int, headers: dict[str, str]) -> None:
         self._spawn(self._serve(session, stream_id, headers))
@@ -88,11 +94,15 @@ class Inbound:
         session.respond(stream_id, 200)
         self.flows[(session, stream_id)] = flow
         try:
-            await session.attach(stream_id, upstream, lambda bridge: self._bridge_closed(session, bridge))
+            bridge = await session.attach(stream_id, upstream, lambda bridge: self._bridge_closed(session, bridge))
         except ConnectionError as e:
             self.flows.pop((session, stream_id), None)
             flow.close_reason = f"tunnel: {e}"
             self._log(flow)
+            return
+        if not bridge.closed:
+            watch = self.idle[bridge] = _IdleWatch(bridge, self.idle_timeout)
+            self.sweeper.add(watch)
 
     async def _connect(self, flow: Flow, key: FlowKey) -> socket.socket:
         decision = self.ctx.router.decide(key)
@@ -115,6 +125,9 @@ class Inbound:
         self._log(flow)
 
     def _bridge_closed(self, session: Session, bridge: Bridge) -> None:
+        watch = self.idle.pop(bridge, None)
+        if watch is not None:
+            self.sweeper.discard(watch)
         flow = self.flows.pop((session, bridge.stream_id), None)
         if flow is None:
             return
@@ -142,6 +155,25 @@ class Inbound:
             flow.close_reason = "shutdown"
             self._log(flow)
         self.flows.clear()
+        self.sweeper.close()
+
+
+class _IdleWatch:
+    """Ends a tunnelled flow that moved no byte either way for ``timeout`` seconds (as the TCP relays'
+    idle timeout does): the upstream socket is reset and the stream with it."""
+
+    __slots__ = ("bridge", "timeout")
+
+    def __init__(self, bridge: Bridge, timeout: float) -> None:
+        self.bridge = bridge
+        self.timeout = timeout
+
+    def deadline(self) -> float:
+        return self.bridge.last_active + self.timeout
+
+    def expire(self) -> None:
+        self.bridge.session.reset(self.bridge.stream_id, h2.errors.ErrorCodes.CANCEL)
+        self.bridge.abort("idle timeout")
 
 
 def _answer_for(error: GateError) -> tuple[int, str]:

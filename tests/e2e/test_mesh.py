@@ -203,3 +203,25 @@ def test_reverse_tunnel_reaches_a_gate_that_only_dials_out(start_gate: Any, tmp_
     assert got.stdout == f"hello from {http_origin} /again\n".encode()
     assert c.stderr().count(f"reverse tunnel to b (127.0.0.1:{h2_port}) up") == 2  # and up again after B's restart
     assert "reverse tunnel to b closed" in c.stderr()
+
+
+def test_an_idle_tunnelled_flow_ends_at_the_far_gates_idle_timeout(start_gate: Any, tmp_path: Path,
+                                                                   hash_echo: int) -> None:
+    id_b = keygen(tmp_path / "b")
+    keygen(tmp_path / "a")
+    h2_port, fwd = free_port(), free_port()
+    b = start_gate([{"name": "mesh", "kind": "h2", "listen": f"127.0.0.1:{h2_port}"}],
+                   timeouts={"handshake": 5, "connect": 5, "idle": 1, "drain": 1},
+                   mesh={"identity": str(tmp_path / "b")},
+                   peers=[{"name": "a", "cert": str(tmp_path / "a" / "cert.pem"), "allow": [{"port": [hash_echo]}]}])
+    start_gate([{"name": "fwd", "kind": "forward", "listen": f"127.0.0.1:{fwd}", "to": f"127.0.0.1:{hash_echo}"}],
+               routes=[{"via": "b"}], mesh={"identity": str(tmp_path / "a")},
+               peers=[{"name": "b", "address": f"127.0.0.1:{h2_port}", "id": id_b}])
+    with socket.create_connection(("127.0.0.1", fwd), timeout=10) as s:
+        s.sendall(b"hello")
+        started = time.monotonic()
+        with pytest.raises(ConnectionResetError):
+            s.recv(100)  # nothing more is said: B's idle timeout (1 s) ends the flow, as a reset
+        assert 0.8 < time.monotonic() - started < 4
+    (record,) = b.wait_records(1)
+    assert record["close"] == "idle timeout" and record["bytes_up"] == 5
