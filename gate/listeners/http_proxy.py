@@ -167,7 +167,7 @@ class HttpListener(Listener):
             raise RejectedByRule(f"rejected by {decision.rule}")
         # reused while the next request goes the same way (same origin or upstream, same peer)
         way = (decision.via, decision.upstream or origin)
-        upstream = await session.get(way, lambda: self.connect(flow))
+        upstream = await session.get(way, lambda: self._connect_with_header(flow))
         headers = forward_headers(request.headers, VIA)
         if not any(name == b"host" for name, _ in headers):
             headers.insert(0, (b"host", str(origin).encode()))
@@ -184,6 +184,21 @@ class HttpListener(Listener):
             session.close()
         flow.close_reason = "done"
         self.log_flow(flow)
+
+    async def _connect_with_header(self, flow: Flow) -> socket.socket:
+        """A new upstream connection for forwarded requests, opened with the PROXY protocol header when
+        the route asks for one (once per connection, as the protocol defines: the connection is then
+        reused by this client's next requests that go the same way)."""
+        upstream = await self.connect(flow)
+        header, flow.preread = flow.preread, b""
+        if header:
+            try:
+                await self.loop.sock_sendall(upstream, header)
+            except OSError as e:
+                upstream.close()
+                raise UpstreamError(f"upstream write failed: {e.strerror}") from None
+            flow.bytes_up += len(header)
+        return upstream
 
     async def _send_request(
         self, conn: socket.socket, client: h11.Connection, upstream: _Upstream, head: h11.Request, flow: Flow

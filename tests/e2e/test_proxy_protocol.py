@@ -40,7 +40,7 @@ def header_recorder() -> Iterator[tuple[int, list[bytes]]]:
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
-def test_forward_socks_and_connect_send_the_header(start_gate: Any, header_recorder: tuple[int, list[bytes]],
+def test_forward_socks_connect_and_http_send_the_header(start_gate: Any, header_recorder: tuple[int, list[bytes]],
                                                    version: str) -> None:
     port, seen = header_recorder
     fwd, socks, http = free_port(), free_port(), free_port()
@@ -49,10 +49,11 @@ def test_forward_socks_and_connect_send_the_header(start_gate: Any, header_recor
                 {"name": "http", "kind": "http", "listen": f"127.0.0.1:{http}"}],
                routes=[{"action": "direct", "proxy_protocol": version}])
     for args in ([f"http://127.0.0.1:{fwd}/"], ["--socks5", f"127.0.0.1:{socks}", f"http://127.0.0.1:{port}/"],
-                 ["-p", "-x", f"http://127.0.0.1:{http}", f"http://127.0.0.1:{port}/"]):
+                 ["-p", "-x", f"http://127.0.0.1:{http}", f"http://127.0.0.1:{port}/"],
+                 ["-x", f"http://127.0.0.1:{http}", f"http://127.0.0.1:{port}/"]):  # plain forwarding too
         got = curl("-v", *args)
         assert got.stdout == b"ok\n", got.stderr
-    assert len(seen) == 3
+    assert len(seen) == 4
     for raw in seen:
         header = parse_proxy_header(raw)
         assert isinstance(header, ProxyHeader)
