@@ -60,6 +60,13 @@ class Context:
     def own_ports(self) -> frozenset[int]:
         return frozenset(e.port for e in self.own)
 
+    def log_flow(self, flow: Flow) -> None:
+        """Write the flow's access-log record, once."""
+        if not flow.logged:
+            flow.logged = True
+            if self.access_log.enabled:
+                self.access_log.write(flow.record())
+
     def is_own(self, dst: Endpoint) -> bool:
         """``dst`` is one of our listeners (a flow there would loop back into ugate). Asked per flow,
         so the common answer (a port none of ours listens on) is one set lookup."""
@@ -477,11 +484,7 @@ class Listener:
         self._flow_done(flow)
 
     def log_flow(self, flow: Flow) -> None:
-        """Write the flow's access-log record, once."""
-        if not flow.logged:
-            flow.logged = True
-            if self.ctx.access_log.enabled:
-                self.ctx.access_log.write(flow.record())
+        self.ctx.log_flow(flow)
 
     def _flow_done(self, flow: Flow) -> None:
         self.log_flow(flow)

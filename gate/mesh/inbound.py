@@ -137,10 +137,7 @@ class Inbound:
         self._log(flow)
 
     def _log(self, flow: Flow) -> None:
-        if not flow.logged:
-            flow.logged = True
-            if self.ctx.access_log.enabled:
-                self.ctx.access_log.write(flow.record())
+        self.ctx.log_flow(flow)
 
     async def drain(self, timeout: float) -> None:
         """Let open flows finish for up to ``timeout``, then cancel what is still being set up and log
