@@ -225,3 +225,63 @@ def test_an_idle_tunnelled_flow_ends_at_the_far_gates_idle_timeout(start_gate: A
         assert 0.8 < time.monotonic() - started < 4
     (record,) = b.wait_records(1)
     assert record["close"] == "idle timeout" and record["bytes_up"] == 5
+
+
+def test_bad_input_on_the_h2_listener(start_gate: Any, two_gates: dict[str, Any], http_origin: int,
+                                      tmp_path: Path) -> None:
+    """Garbage, truncated TLS, slow handshakes, TLS without a client certificate, and HTTP/2 garbage from
+    a certified peer: each connection is closed, B keeps serving, and no descriptor is left behind."""
+    import ssl
+
+    b, port = two_gates["b"], two_gates["h2"]
+    via = ["-x", f"socks5h://127.0.0.1:{two_gates['socks']}", f"http://127.0.0.1:{http_origin}/ok"]
+    assert curl(*via).returncode == 0  # the tunnel is up: the baseline includes it
+    baseline = b.fd_count()
+
+    def closed_after(data: bytes) -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(data)
+            try:
+                while s.recv(65536):
+                    pass
+            except ConnectionResetError:
+                pass
+        return True
+
+    for data in (os.urandom(3000), b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(40),
+                 b"GET / HTTP/1.1\r\n\r\n", b"\x16\x03"):
+        assert closed_after(data)
+    slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]  # say nothing at all
+    time.sleep(0.3)
+    assert curl(*via).returncode == 0  # slow handshakes hold nobody up
+    for s in slow:
+        s.settimeout(10)
+        try:
+            assert s.recv(10) == b""  # closed at the handshake timeout (5 s)
+        except ConnectionResetError:
+            pass
+        s.close()
+    # a TLS client without a certificate gets no further than the handshake
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+            with ctx.wrap_socket(raw) as tls:
+                tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                assert tls.recv(100) == b""  # TLS 1.3: the refusal may only show on the first read
+                raise ConnectionResetError("closed")
+    # a certified peer (A's identity) that sends garbage instead of HTTP/2 is dropped
+    ctx.load_cert_chain(tmp_path / "a" / "cert.pem", tmp_path / "a" / "key.pem")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, ctx.wrap_socket(raw) as tls:
+        tls.sendall(os.urandom(500))
+        try:
+            while tls.recv(65536):
+                pass
+        except (ssl.SSLError, ConnectionResetError):
+            pass
+    assert b.alive() and curl(*via).returncode == 0
+    deadline = time.monotonic() + 5
+    while b.fd_count() > baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert b.fd_count() <= baseline
