@@ -265,12 +265,12 @@ def test_bad_input_on_the_h2_listener(start_gate: Any, two_gates: dict[str, Any]
     ctx = ssl.create_default_context()
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
     ctx.set_alpn_protocols(["h2"])
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
-            with ctx.wrap_socket(raw) as tls:
-                tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-                assert tls.recv(100) == b""  # TLS 1.3: the refusal may only show on the first read
-                raise ConnectionResetError("closed")
+    refused = (ssl.SSLError, ConnectionResetError, BrokenPipeError)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, pytest.raises(refused), \
+            ctx.wrap_socket(raw) as tls:
+        tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        assert tls.recv(100) == b""  # TLS 1.3: the refusal may only show on the first read
+        raise ConnectionResetError("closed")
     # a certified peer (A's identity) that sends garbage instead of HTTP/2 is dropped
     ctx.load_cert_chain(tmp_path / "a" / "cert.pem", tmp_path / "a" / "key.pem")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, ctx.wrap_socket(raw) as tls:
