@@ -78,7 +78,6 @@ class _Peer:
         self.backoff = 0.0
         self.retry_at = 0.0
         self.last_error = ""
-        self.connections = 0  # made so far (tests check that flows share one)
         self.arrived = asyncio.Event()  # a peer without an address: its reverse tunnel is up
 
 
@@ -182,7 +181,6 @@ class Mesh:
         if error is None:
             peer.session = task.result()
             peer.backoff = 0.0
-            peer.connections += 1
             future.set_result(peer.session)
             log.info("mesh: tunnel to %s (%s) up", peer.spec.name, peer.spec.address)
             return
@@ -243,7 +241,6 @@ class Mesh:
         if peer.session is not None and peer.session is not session:
             peer.session.close()  # the peer reconnected; the old connection is dead or dying
         peer.session = session
-        peer.connections += 1
         peer.arrived.set()
 
         def lost(closed: Session) -> None:
@@ -274,7 +271,6 @@ class Mesh:
                 await asyncio.sleep(peer.backoff)
                 continue
             peer.backoff = 0.0
-            peer.connections += 1
             log.info("mesh: reverse tunnel to %s (%s) up", peer.spec.name, peer.spec.address)
             ended = asyncio.Event()
             session.lost_callbacks.append(functools.partial(_set_event, ended))
@@ -290,7 +286,4 @@ class Mesh:
         for peer in self.peers.values():
             if peer.session is not None:
                 peer.session.close()
-
-    def open_streams(self) -> int:
-        return sum(p.session.streams_open for p in self.peers.values() if p.session is not None)
 

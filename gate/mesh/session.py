@@ -399,7 +399,3 @@ class Session(asyncio.Protocol):
             self.conn.close_connection()
             self.flush()
             self.transport.close()
-
-    @property
-    def streams_open(self) -> int:
-        return len(self.bridges) + len(self.responses)
