@@ -20,7 +20,7 @@ import asyncio
 import logging
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import h2.config
@@ -310,7 +310,7 @@ class Session(asyncio.Protocol):
         self.flush()
         return stream_id, future
 
-    def respond(self, stream_id: int, status: int, headers: list[tuple[str, str]] = (), end: bool = False) -> None:  # type: ignore[assignment]
+    def respond(self, stream_id: int, status: int, headers: Sequence[tuple[str, str]] = (), end: bool = False) -> None:
         """Server side: answer a CONNECT (200 opens the tunnel; anything else ends the stream)."""
         try:
             self.conn.send_headers(stream_id, [(":status", str(status)), *headers], end_stream=end)
