@@ -445,6 +445,16 @@ class Listener:
                           self.socket_options(flow, decision))
         self._connecting[attempt] = (conn, flow)
 
+    async def connect_and_relay_or_reset(self, conn: socket.socket, flow: Flow) -> None:
+        """Connect and relay a flow whose client was already told it is connected (or speaks a protocol
+        with no error answer): a failed upstream can only be told by a reset."""
+        try:
+            upstream = await self.connect(flow)
+        except GateError:
+            reset(conn)
+            raise
+        await self.relay(flow, conn, upstream)
+
     async def _serve_relay(self, conn: socket.socket, flow: Flow, upstream: socket.socket) -> None:
         try:
             await self.relay(flow, conn, upstream)

@@ -24,7 +24,7 @@ from gate.errors import (
     UpstreamTimeout,
 )
 from gate.flow import Flow
-from gate.listeners.base import Listener, reset
+from gate.listeners.base import Listener
 from gate.proto.http import TargetError, check_basic_auth, connect_authority, forward_headers, split_absolute_uri
 
 __all__ = ["HttpListener"]
@@ -138,12 +138,7 @@ class HttpListener(Listener):
             await self.loop.sock_sendall(conn, established())
             flow.preread = client.trailing_data[0]
             await self.sniff_tunnel(conn, flow)
-            try:
-                upstream = await self.connect(flow)  # puts any PROXY header before the sniffed bytes
-            except GateError:
-                reset(conn)
-                raise
-            await self.relay(flow, conn, upstream)
+            await self.connect_and_relay_or_reset(conn, flow)  # any PROXY header goes before the sniffed bytes
             return
         upstream = await self.connect(flow)
         try:

@@ -9,7 +9,7 @@ import socket
 
 from gate.addr import Endpoint
 from gate.config import MuxSpec
-from gate.errors import ClientProtocolError, GateError
+from gate.errors import ClientProtocolError
 from gate.flow import Flow
 from gate.listeners.base import Listener, reset
 from gate.listeners.http_proxy import HttpListener
@@ -46,9 +46,4 @@ class MuxListener(HttpListener, SocksListener):
             reset(conn)
             raise ClientProtocolError(f"nothing serves {flow.protocol or 'this'} on this port")
         flow.dst = target
-        try:
-            upstream = await self.connect(flow)
-        except GateError:
-            reset(conn)
-            raise
-        await self.relay(flow, conn, upstream)
+        await self.connect_and_relay_or_reset(conn, flow)

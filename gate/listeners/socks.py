@@ -23,7 +23,7 @@ from gate.errors import (
     UpstreamUnreachable,
 )
 from gate.flow import Flow
-from gate.listeners.base import Listener, reset
+from gate.listeners.base import Listener
 from gate.proto import socks
 from gate.proto.socks import NeedMore, Reply, SocksError
 
@@ -96,12 +96,7 @@ class SocksListener(Listener):
         connection. Its cost: a refused or unreachable upstream can only be told by a reset."""
         await self.loop.sock_sendall(conn, success)
         await self.sniff_tunnel(conn, flow)
-        try:
-            upstream = await self.connect(flow)
-        except GateError:
-            reset(conn)
-            raise
-        await self.relay(flow, conn, upstream)
+        await self.connect_and_relay_or_reset(conn, flow)
 
     async def _negotiate(self, conn: socket.socket, buf: bytearray, greeting: socks.Greeting) -> None:
         """Pick the method (username/password if users are configured) and authenticate."""
