@@ -16,9 +16,9 @@ __all__ = ["H2_PREFACE", "MAX_HEAD", "HttpRequest", "parse_h2_preface", "parse_h
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # A request head beyond this is not sniffed further (h11's default limit is the same order).
 MAX_HEAD = 16 * 1024
-_METHOD = re.compile(rb"^[A-Z]{3,12} ")
-_REQUEST_LINE = re.compile(rb"^([A-Z]{3,12}) (\S+) HTTP/1\.([01])\r?\n")
-_HOST_HEADER = re.compile(rb"\n[ \t]*host[ \t]*:([^\r\n]*)", re.IGNORECASE)  # the first Host header
+_REQUEST_LINE = re.compile(rb"([A-Z]{3,12}) (\S+) HTTP/1\.([01])\r?\n")
+# What the start of a request may look like before its line ends: a method, or a prefix of one
+_METHOD_SO_FAR = re.compile(rb"[A-Z]{3,12} |[A-Z]{0,12}\Z")
 
 
 @dataclass(frozen=True)
@@ -45,26 +45,37 @@ def _host_of(value: str) -> str:
 
 
 def parse_http_request(data: bytes) -> HttpRequest | NeedMore:
-    head_end = data.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
-    if head_end < 0:
-        head_end = data.find(b"\n\n", 0, MAX_HEAD + 2)
-    if not _METHOD.match(data[:14]) and (len(data) >= 14 or not re.match(rb"^[A-Z]{0,12}$", data[:14])):
-        raise NotThisProtocol("not an HTTP/1 request line")
-    if head_end < 0:
+    # Runs for every sniffed flow that starts with a capital letter. Measured in the gateway, each regex
+    # call cost several times its micro-benchmark figure, so the complete case uses plain bytes methods;
+    # the incomplete case checks a bounded prefix (a client may send byte by byte).
+    line_end = data.find(b"\n", 0, MAX_HEAD)
+    if line_end < 0:
         if len(data) > MAX_HEAD:
             raise NotThisProtocol(f"request head over {MAX_HEAD} bytes")
-        line_end = data.find(b"\n")
-        if line_end >= 0 and not _REQUEST_LINE.match(data[: line_end + 1]):
-            raise NotThisProtocol("bad HTTP/1 request line")
+        if _METHOD_SO_FAR.match(data, 0, 14) is None:
+            raise NotThisProtocol("not an HTTP/1 request line")
         return NEED_MORE
-    consumed = head_end + (4 if data[head_end : head_end + 4] == b"\r\n\r\n" else 2)
-    head = data[:consumed]
-    match = _REQUEST_LINE.match(head)
-    if match is None:
+    line = _REQUEST_LINE.fullmatch(data, 0, line_end + 1)
+    if line is None:
         raise NotThisProtocol("bad HTTP/1 request line")
-    method, target, minor = match.group(1).decode(), match.group(2).decode("latin-1"), match.group(3).decode()
-    found = _HOST_HEADER.search(head, match.end() - 1)  # one regex pass: this runs for every sniffed flow
-    host = _host_of(found.group(1).decode("latin-1")) if found else None
-    if host is None and "://" in target:
-        host = _host_of(target.split("://", 1)[1].split("/", 1)[0])
-    return HttpRequest(method, target, f"1.{minor}", host or None, consumed)
+    head_end = data.find(b"\r\n\r\n", line_end - 1, MAX_HEAD + 4)  # the line holds no blank line
+    consumed = head_end + 4
+    if head_end < 0:
+        head_end = data.find(b"\n\n", line_end, MAX_HEAD + 2)
+        consumed = head_end + 2
+        if head_end < 0:
+            if len(data) > MAX_HEAD:
+                raise NotThisProtocol(f"request head over {MAX_HEAD} bytes")
+            return NEED_MORE
+    method, target, minor = line.groups()
+    # the first Host field (RFC 9112 allows no space before the colon; a line starting with space
+    # continues the previous field)
+    fields = data[line_end:consumed].lower()
+    at = fields.find(b"\nhost:")
+    host = None
+    if at >= 0:
+        host = _host_of(fields[at + 6 : fields.find(b"\n", at + 6)].decode("latin-1"))
+    elif b"://" in target:
+        host = _host_of(target.split(b"://", 1)[1].split(b"/", 1)[0].decode("latin-1"))
+    return HttpRequest(method.decode(), target.decode("latin-1"), "1.1" if minor == b"1" else "1.0", host or None,
+                       consumed)

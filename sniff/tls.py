@@ -6,6 +6,7 @@ The handshake message may span several TLS records (and any number of TCP segmen
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from sniff.result import NEED_MORE, NeedMore, NotThisProtocol
@@ -32,30 +33,6 @@ class ClientHello:
     versions: tuple[int, ...]  # supported_versions, or () when absent (TLS <= 1.2 client)
     ech: bool  # the real server name is encrypted; ``sni`` is the public (outer) name
     consumed: int  # bytes of the records that carried the hello
-
-
-class _Reader:
-    """Bounds-checked reads over one complete handshake message; overruns are NotThisProtocol."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def take(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            raise NotThisProtocol("truncated field in ClientHello")
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
-
-    def uint(self, size: int) -> int:
-        return int.from_bytes(self.take(size), "big")
-
-    def vector(self, length_size: int) -> bytes:
-        return self.take(self.uint(length_size))
-
-    def done(self) -> bool:
-        return self.pos >= len(self.data)
 
 
 def _records(data: bytes) -> tuple[bytes, int] | NeedMore:
@@ -103,43 +80,75 @@ def parse_client_hello(data: bytes) -> ClientHello | NeedMore:
     return parse_handshake_message(message, consumed)
 
 
+def _u16(data: bytes, pos: int, end: int) -> int:
+    if pos + 2 > end:
+        raise NotThisProtocol("truncated field in ClientHello")
+    return data[pos] << 8 | data[pos + 1]
+
+
+def _vector(data: bytes, pos: int, end: int, length_size: int) -> tuple[int, int]:
+    """The bounds (start, stop) of the vector at ``pos`` whose length prefix has ``length_size`` bytes."""
+    if length_size == 1:
+        if pos >= end:
+            raise NotThisProtocol("truncated field in ClientHello")
+        start, stop = pos + 1, pos + 1 + data[pos]
+    else:
+        start, stop = pos + 2, pos + 2 + _u16(data, pos, end)
+    if stop > end:
+        raise NotThisProtocol("truncated field in ClientHello")
+    return start, stop
+
+
 def parse_handshake_message(message: bytes, consumed: int) -> ClientHello:
     """A whole ClientHello handshake message (type, 3-byte length, body), as TLS records, DTLS (once
-    reframed) and QUIC CRYPTO frames carry it; ``consumed`` is recorded in the result."""
-    if len(message) < 4 or message[0] != HANDSHAKE_CLIENT_HELLO:
+    reframed) and QUIC CRYPTO frames carry it; ``consumed`` is recorded in the result.
+
+    Runs for every TLS flow, so it walks offsets over the one buffer instead of slicing each field
+    (a ClientHello has a dozen or more extensions); every read is bounds-checked against the
+    enclosing vector, and an overrun is NotThisProtocol."""
+    end = len(message)
+    if end < 4 or message[0] != HANDSHAKE_CLIENT_HELLO:
         raise NotThisProtocol("not a ClientHello message")
-    if int.from_bytes(message[1:4], "big") != len(message) - 4:
+    if int.from_bytes(message[1:4], "big") != end - 4:
         raise NotThisProtocol("ClientHello length does not match")
-    r = _Reader(message[4:])
-    legacy_version = r.uint(2)
-    r.take(32)  # random
-    r.vector(1)  # legacy session id
-    r.vector(2)  # cipher suites
-    r.vector(1)  # compression methods
+    legacy_version = _u16(message, 4, end)
+    pos = 4 + 2 + 32  # random
+    if pos > end:
+        raise NotThisProtocol("truncated field in ClientHello")
+    pos = _vector(message, pos, end, 1)[1]  # legacy session id
+    pos = _vector(message, pos, end, 2)[1]  # cipher suites
+    pos = _vector(message, pos, end, 1)[1]  # compression methods
     sni: str | None = None
     alpn: tuple[str, ...] = ()
     versions: tuple[int, ...] = ()
     ech = False
-    if not r.done():
-        extensions = _Reader(r.vector(2))
-        while not extensions.done():
-            kind = extensions.uint(2)
-            ext = _Reader(extensions.vector(2))
+    if pos < end:
+        pos, extensions_end = _vector(message, pos, end, 2)
+        while pos < extensions_end:  # inlined: a dozen or more rounds per hello
+            start = pos + 4
+            if start > extensions_end:
+                raise NotThisProtocol("truncated extension in ClientHello")
+            kind = message[pos] << 8 | message[pos + 1]
+            pos = start + (message[pos + 2] << 8 | message[pos + 3])
+            if pos > extensions_end:
+                raise NotThisProtocol("truncated extension in ClientHello")
             if kind == EXT_SERVER_NAME:
-                names = _Reader(ext.vector(2))
-                while not names.done():
-                    name_type, name = names.uint(1), names.vector(2)
+                at, names_end = _vector(message, start, pos, 2)
+                while at < names_end:
+                    name_type = message[at]
+                    name_start, at = _vector(message, at + 1, names_end, 2)
                     if name_type == 0 and sni is None:
-                        sni = _text(name, "server name").lower()
+                        sni = _text(message[name_start:at], "server name").lower()
             elif kind == EXT_ALPN:
-                protocols = _Reader(ext.vector(2))
+                at, protocols_end = _vector(message, start, pos, 2)
                 found_alpn = []
-                while not protocols.done():
-                    found_alpn.append(_text(protocols.vector(1), "ALPN protocol"))
+                while at < protocols_end:
+                    name_start, at = _vector(message, at, protocols_end, 1)
+                    found_alpn.append(_text(message[name_start:at], "ALPN protocol"))
                 alpn = tuple(found_alpn)
             elif kind == EXT_SUPPORTED_VERSIONS:
-                listed = _Reader(ext.vector(1))
-                versions = tuple(listed.uint(2) for _ in range(len(listed.data) // 2))
+                at, listed_end = _vector(message, start, pos, 1)
+                versions = struct.unpack_from(f">{(listed_end - at) // 2}H", message, at)
             elif kind == EXT_ECH:
                 ech = True
     return ClientHello(sni, alpn, legacy_version, versions, ech, consumed)

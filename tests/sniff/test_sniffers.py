@@ -65,6 +65,9 @@ CASES: list[tuple[Callable[[bytes], Any], bytes, Any]] = [
      HttpRequest("GET", "http://Abs.Example:8080/x", "1.0", "abs.example", 42)),
     (parse_http_request, b"CONNECT [::1]:443 HTTP/1.1\r\nHost: [::1]:443\r\n\r\n",
      HttpRequest("CONNECT", "[::1]:443", "1.1", "::1", 47)),
+    # a line starting with a space continues the previous field: the first real Host field counts
+    (parse_http_request, b'GET / HTTP/1.1\r\nX-A: 1\r\n Host: folded.example\r\nhost: Real.Example:80\r\n\r\n',
+     HttpRequest("GET", "/", "1.1", "real.example", 72)),
     (parse_ssh_banner, fixture("ssh_banner.bin"), SshBanner("2.0", "OpenSSH_9.2p1", 40)),
 ]
 IDS = [f"{c[0].__name__}-{i}" for i, c in enumerate(CASES)]
