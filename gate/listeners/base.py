@@ -8,7 +8,6 @@ accepting while ``max_flows`` flows are open (the kernel backlog holds the rest)
 from __future__ import annotations
 
 import asyncio
-import collections
 import errno
 import functools
 import ipaddress
@@ -25,7 +24,7 @@ from gate.config import ListenerSpec
 from gate.dial import Connect, SocketOptions, literal_family, open_tcp
 from gate.errors import ClientProtocolError, GateError, RejectedByRule, UpstreamUnreachable
 from gate.flow import Flow
-from gate.listeners.sniffing import FirstBytes, ProxyHeaderReader, sniff_at_once
+from gate.listeners.sniffing import FirstBytes, ProxyHeaderReader, SniffOutcomes, sniff_at_once
 from gate.mesh.dialer import Mesh
 from gate.router import Decision, FlowKey, Router
 from sniff import proxy_protocol
@@ -53,8 +52,7 @@ class Context:
     mark: int | None = None  # SO_MARK of upstream sockets (the capture rules skip it)
     own: frozenset[Endpoint] = frozenset()  # our listeners' addresses: never a destination
     mesh: Mesh | None = None  # tunnels to peer gates (routes with via:)
-    # How sniffing ended, by protocol: hits (tls, http, ...), "unknown" (a miss), "none" (nothing in time)
-    sniff_outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
+    sniff_outcomes: SniffOutcomes = field(default_factory=SniffOutcomes)
 
     @functools.cached_property
     def own_ports(self) -> frozenset[int]:
@@ -340,7 +338,7 @@ class Listener:
         settled = sniff_at_once(conn, flow)
         if settled is not None:  # no waiting (and no extra poll registration) needed
             if settled:
-                self.ctx.sniff_outcomes[flow.protocol or "none"] += 1
+                self.ctx.sniff_outcomes.record(flow)
                 then()
             else:
                 self._close_client(conn)
@@ -350,7 +348,7 @@ class Listener:
         def sniffed(ok: bool) -> None:
             del self._sniffing[watcher]
             if ok:
-                self.ctx.sniff_outcomes[flow.protocol or "none"] += 1
+                self.ctx.sniff_outcomes.record(flow, watcher.timed_out)
                 then()
             else:
                 self._close_client(conn)
@@ -369,7 +367,7 @@ class Listener:
     async def sniff_tunnel(self, conn: socket.socket, flow: Flow) -> None:
         """Classify a tunnel's first bytes (bounded wait, as for transparent flows) into ``flow``;
         ClientProtocolError when the client breaks off meanwhile."""
-        settled = sniff_at_once(conn, flow)
+        settled, timed_out = sniff_at_once(conn, flow), False
         if settled is None:
             done: asyncio.Future[bool] = self.loop.create_future()
             # not in self._sniffing: this flow belongs to the handshake task, which drain cancels
@@ -379,9 +377,10 @@ class Listener:
                 settled = await done
             finally:
                 watcher.cancel()  # only does something when we were cancelled (shutdown)
+            timed_out = watcher.timed_out
         if not settled:
             raise ClientProtocolError(flow.close_reason if flow.close_reason != "open" else "client went away")
-        self.ctx.sniff_outcomes[flow.protocol or "none"] += 1
+        self.ctx.sniff_outcomes.record(flow, timed_out)
 
     def _route_accepted(self, conn: socket.socket, flow: Flow) -> None:
         assert flow.dst is not None

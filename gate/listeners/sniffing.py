@@ -9,6 +9,7 @@ alone, never held longer). The bytes read become the flow's preread, delivered u
 from __future__ import annotations
 
 import asyncio
+import collections
 import socket
 from collections.abc import Callable
 
@@ -17,7 +18,23 @@ from gate.flow import Flow
 from sniff import MAX_SNIFF, NeedMore, NotThisProtocol, Sniffed, classify, proxy_protocol
 from splice import Sweeper
 
-__all__ = ["FirstBytes", "ProxyHeaderReader", "sniff_at_once"]
+__all__ = ["FirstBytes", "ProxyHeaderReader", "SniffOutcomes", "sniff_at_once"]
+
+
+class SniffOutcomes(collections.Counter[str]):
+    """How sniffing ended, counted for the metrics: a hit per protocol (tls, http, quic, ...), "miss"
+    (bytes came that no sniffer recognised, or too many to decide), "timeout" (nothing decisive within
+    the wait: routed on addresses alone), "empty" (the client half-closed before sending a byte)."""
+
+    def record(self, flow: Flow, timed_out: bool = False) -> None:
+        if timed_out:
+            self["timeout"] += 1
+        elif flow.protocol == "unknown":
+            self["miss"] += 1
+        elif flow.protocol == "none":
+            self["empty"] += 1
+        elif flow.protocol is not None:
+            self[flow.protocol] += 1
 
 
 def sniff_at_once(conn: socket.socket, flow: Flow) -> bool | None:
@@ -60,10 +77,11 @@ def _apply(flow: Flow, found: Sniffed) -> None:
 class FirstBytes:
     """Watches one client socket; calls ``done(ok)`` once (ok False: the client broke off)."""
 
-    __slots__ = ("_buf", "_conn", "_deadline", "_done", "_fd", "_loop", "_sweeper", "flow")
+    __slots__ = ("_buf", "_conn", "_deadline", "_done", "_fd", "_loop", "_sweeper", "flow", "timed_out")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, flow: Flow, wait: float,
                  sweeper: Sweeper, done: Callable[[bool], None]) -> None:
+        self.timed_out = False
         self._loop = loop
         self._conn = conn
         self._fd = conn.fileno()
@@ -80,6 +98,7 @@ class FirstBytes:
 
     def expire(self) -> None:
         """Nothing (or not enough) said in time: route on what we have."""
+        self.timed_out = True
         self.flow.protocol = "unknown" if self._buf else "none"
         self._finish(True)
 

@@ -188,7 +188,7 @@ class TproxyUdpListener:
         # the datagram that opens a session is classified (STUN, DNS, QUIC with SNI, DTLS, WireGuard)
         found = classify_datagram(bytes(_view[:n]))
         flow.protocol, flow.sni, flow.alpn, flow.host = found.protocol, found.sni, found.alpn, found.host
-        self.ctx.sniff_outcomes[found.protocol] += 1
+        self.ctx.sniff_outcomes.record(flow)
         decision = self.ctx.router.decide(FlowKey(self.spec.name, client.host, dst.host, dst.port, found.host,
                                                   found.protocol, found.sni, found.alpn))
         flow.rule, flow.action, flow.upstream = decision.rule, decision.action, decision.upstream

@@ -88,7 +88,7 @@ def test_server_first_protocol_waits_only_the_sniff_bound(start_gate: Any, serve
     (record,) = gate.wait_records(1)
     assert record["protocol"] == "none"
     assert gate.stop() == 0
-    assert "sniff outcomes: none=1" in gate.stderr()
+    assert "sniff outcomes: timeout=1" in gate.stderr()
 
 
 def test_skip_ports_are_not_sniffed(start_gate: Any, server_first: int) -> None:
