@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -119,6 +120,55 @@ def test_router_iperf3_through_tproxy(start_gate: Any, router: netns.Topology) -
     # (checksummed transfers elsewhere prove exactness); the relay carried all it was given, no more.
     assert received + IPERF_COOKIE <= record["bytes_up"] <= sent + IPERF_COOKIE
     assert record["path"] == "splice" and record["dst"] == f"{router.addr['server4']}:5201"
+
+
+def test_router_routes_tls_by_sni_through_tproxy(start_gate: Any, router: netns.Topology,
+                                                 tls_files: dict[str, Path], tmp_path: Path) -> None:
+    """Captured TLS flows to one server address take different upstreams by the SNI sniffed from their
+    ClientHello (IPv4 and IPv6, curl and openssl s_client); a sniffed name never changes the
+    destination by itself, only a route's upstream does."""
+    servers = []
+    for name, port in (("one", 8443), ("two", 8444)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "who.txt").write_text(f"{name}\n")
+        servers.append(subprocess.Popen(
+            router.cmd("server", "openssl", "s_server", "-quiet", "-WWW", "-accept", str(port), "-cert",
+                       str(tls_files["cert"]), "-key", str(tls_files["key"])),
+            cwd=tmp_path / name, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        for port in (8443, 8444):
+            wait_listening(router, "server", port)
+        a = router.addr
+        listeners, capture = gateway_config("tproxy")
+        gate = start_gate(listeners, netns=router.ns["gateway"], capture=capture, routes=[
+            {"match": {"sni": "*.blocked.test"}, "action": "reject", "name": "blocked"},
+            {"match": {"sni": "two.test"}, "upstream": f"{a['server4']}:8444", "name": "to-two"},
+            {"match": {"protocol": "tls"}, "action": "direct", "name": "tls"}])
+        for server in (a["server4"], f"[{a['server6']}]"):
+            for name, expected in (("one.test", "one"), ("two.test", "two")):
+                got = curl(router, "client", f"https://{name}:8443/who.txt", "-k", "--resolve",
+                           f"{name}:8443:{server}")
+                assert got.stdout == f"{expected}\n", got.stderr + str(gate.records())
+        blocked = curl(router, "client", "https://www.blocked.test:8443/who.txt", "-k", "--resolve",
+                       f"www.blocked.test:8443:{a['server4']}")
+        assert blocked.returncode != 0
+        s_client = subprocess.run(
+            router.cmd("client", "openssl", "s_client", "-quiet", "-connect", f"{a['server4']}:8443",
+                       "-servername", "two.test"),
+            input=b"GET /who.txt HTTP/1.0\r\n\r\n", capture_output=True, timeout=10)
+        assert s_client.stdout.endswith(b"two\n"), s_client.stderr
+        records = gate.wait_records(6)
+        assert [(r["sni"], r["rule"], r["upstream"]) for r in records] == [
+            ("one.test", "tls", None), ("two.test", "to-two", f"{a['server4']}:8444"),
+            ("one.test", "tls", None), ("two.test", "to-two", f"{a['server4']}:8444"),
+            ("www.blocked.test", "blocked", None), ("two.test", "to-two", f"{a['server4']}:8444")]
+        assert [r["dst"] for r in records[:2]] == [f"{a['server4']}:8443"] * 2  # the original destination
+        assert records[2]["dst"] == f"[{a['server6']}]:8443" and records[2]["listener"] == "tproxy6"
+        assert gate.stop() == 0
+    finally:
+        for proc in servers:
+            proc.terminate()
+            proc.wait()
 
 
 @pytest.mark.parametrize("mapping", ["full-cone", "symmetric"])
