@@ -5,8 +5,8 @@ NotThisProtocol; ``classify`` tries them all within a bounded number of bytes.
 """
 
 from sniff import proxy_protocol
-from sniff.classify import MAX_SNIFF, Sniffed, classify, classify_datagram
+from sniff.classify import MAX_SNIFF, Sniffed, classify, classify_datagrams
 from sniff.result import NEED_MORE, NeedMore, NotThisProtocol
 
-__all__ = ["MAX_SNIFF", "NEED_MORE", "NeedMore", "NotThisProtocol", "Sniffed", "classify", "classify_datagram",
+__all__ = ["MAX_SNIFF", "NEED_MORE", "NeedMore", "NotThisProtocol", "Sniffed", "classify", "classify_datagrams",
            "proxy_protocol"]

@@ -13,7 +13,7 @@ from sniff.ssh import parse_ssh_banner
 from sniff.tls import parse_client_hello
 from sniff.udp import parse_dns_query, parse_dtls_client_hello, parse_stun, parse_wireguard
 
-__all__ = ["MAX_SNIFF", "Sniffed", "classify", "classify_datagram"]
+__all__ = ["MAX_SNIFF", "Sniffed", "classify", "classify_datagrams"]
 
 # Bytes a flow may be held for sniffing; beyond it the flow is "unknown" and relayed as it is.
 MAX_SNIFF = 16 * 1024 + 5
@@ -90,26 +90,26 @@ def classify(data: bytes) -> Sniffed | NeedMore:
     return NEED_MORE if waiting and len(data) < MAX_SNIFF else Sniffed("unknown")
 
 
-def _datagram_sniffers() -> list[Callable[[bytes], Sniffed]]:
-    def stun(data: bytes) -> Sniffed:
-        found = parse_stun(data)
+def _datagram_sniffers() -> list[Callable[[list[bytes]], Sniffed | NeedMore]]:
+    def stun(datagrams: list[bytes]) -> Sniffed:
+        found = parse_stun(datagrams[0])
         return Sniffed("stun", detail=found.message_class)
 
-    def wireguard(data: bytes) -> Sniffed:
-        return Sniffed("wireguard", detail=parse_wireguard(data).message)
+    def wireguard(datagrams: list[bytes]) -> Sniffed:
+        return Sniffed("wireguard", detail=parse_wireguard(datagrams[0]).message)
 
-    def dtls(data: bytes) -> Sniffed:
-        hello = parse_dtls_client_hello(data)
+    def dtls(datagrams: list[bytes]) -> Sniffed:
+        hello = parse_dtls_client_hello(datagrams[0])
         return Sniffed("dtls", sni=hello.sni, alpn=hello.alpn, host=hello.sni)
 
-    def quic(data: bytes) -> Sniffed:
-        hello = parse_quic_initial([data])
-        if isinstance(hello, NeedMore):  # the hello continues in the next datagram
-            return Sniffed("quic")
+    def quic(datagrams: list[bytes]) -> Sniffed | NeedMore:
+        hello = parse_quic_initial(datagrams)
+        if isinstance(hello, NeedMore):  # the hello continues in the next datagram(s)
+            return hello
         return Sniffed("quic", sni=hello.sni, alpn=hello.alpn, host=hello.sni, ech=hello.ech)
 
-    def dns(data: bytes) -> Sniffed:
-        query = parse_dns_query(data)
+    def dns(datagrams: list[bytes]) -> Sniffed:
+        query = parse_dns_query(datagrams[0])
         return Sniffed("dns", host=query.name, detail=str(query.qtype))
 
     return [stun, wireguard, dtls, quic, dns]
@@ -118,11 +118,15 @@ def _datagram_sniffers() -> list[Callable[[bytes], Sniffed]]:
 _DATAGRAM_SNIFFERS = _datagram_sniffers()
 
 
-def classify_datagram(data: bytes) -> Sniffed:
-    """The protocol of a UDP flow's first datagram (each datagram is whole: no NEED_MORE)."""
+def classify_datagrams(datagrams: list[bytes]) -> Sniffed | NeedMore:
+    """The protocol of a UDP flow from its first datagram, or its first few when a QUIC Initial's
+    ClientHello continues in the next ones (Chromium's does): NEED_MORE then, until it is whole or
+    ``quic.MAX_DATAGRAMS`` came (a datagram is whole, so no other protocol ever needs more)."""
+    if not datagrams:
+        return NEED_MORE
     for sniff in _DATAGRAM_SNIFFERS:
         try:
-            return sniff(data)
+            return sniff(datagrams)
         except NotThisProtocol:
             continue
     return Sniffed("unknown")

@@ -136,6 +136,8 @@ def parse_quic_initial(datagrams: list[bytes]) -> ClientHello | NeedMore:
     """The ClientHello carried by the client's first Initial datagram(s)."""
     if not datagrams:
         return NEED_MORE
+    if not datagrams[0]:
+        raise NotThisProtocol("an empty datagram is no QUIC Initial")
     stream = bytearray()
     pieces: dict[int, bytes] = {}
     for index, datagram in enumerate(datagrams[:MAX_DATAGRAMS]):

@@ -6,6 +6,9 @@ Answers go back to the client from a socket bound (IP_TRANSPARENT) to the addres
 the client sees the server's address; that socket is connected to the client, and the kernel then also
 hands it the client's next datagrams to that address, which are relayed like the first. A session ends
 after ``session_timeout`` seconds without a datagram either way, with one access-log record.
+A session is routed on its first datagram, classified; a QUIC Initial whose ClientHello continues in
+the next datagrams (Chromium splits its hello) is held until the hello is whole, for at most
+``timeouts.sniff`` seconds and ``sniff.quic.MAX_DATAGRAMS`` datagrams, then routed and relayed in order.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from gate.config import TproxyUdpSpec
 from gate.flow import Flow
 from gate.listeners.base import Context
 from gate.router import FlowKey
-from sniff import classify_datagram
+from sniff import NeedMore, Sniffed, classify_datagrams
 from splice import Sweeper, mmsg, sweep_interval
 from tproxy.sockopts import set_mark, set_transparent, unmap
 
@@ -76,6 +79,17 @@ def parse_origdst(ancdata: list[tuple[int, int, bytes]]) -> Endpoint | None:
 SessionKey = tuple[Endpoint, Endpoint | None]  # (client, destination), or (client, None) when full-cone
 
 
+class _Held:
+    """The first datagrams of a session not routed yet (its QUIC ClientHello is incomplete)."""
+
+    __slots__ = ("client", "datagrams", "timer")
+
+    def __init__(self, client: Endpoint, timer: asyncio.TimerHandle) -> None:
+        self.client = client
+        self.datagrams: list[tuple[Endpoint, bytes]] = []  # (original destination, payload), in order
+        self.timer = timer
+
+
 def _addr(e: Endpoint) -> tuple[str, int]:
     return (e.host, e.port)
 
@@ -125,6 +139,7 @@ class TproxyUdpListener:
         self.sock: socket.socket | None = None
         self.family = socket.AF_INET6 if ":" in spec.listen.host else socket.AF_INET
         self.sessions: dict[SessionKey, _Session] = {}
+        self.held: dict[SessionKey, _Held] = {}
         self.sweeper = Sweeper(self.loop, sweep_interval(spec.session_timeout))
 
     def start(self) -> None:
@@ -166,29 +181,65 @@ class TproxyUdpListener:
 
     def _from_client(self, client: Endpoint, dst: Endpoint, n: int) -> None:
         key = (client, None if self.spec.mapping == "full-cone" else dst)
-        session = self.sessions.get(key) or self._open(key, client, dst, n)
+        session = self.sessions.get(key)
         if session is None:
-            return
+            self._first_datagrams(key, client, dst, bytes(_view[:n]))
+        else:
+            self._send_up(session, dst, _view[:n])
+
+    def _send_up(self, session: _Session, dst: Endpoint, data: bytes | memoryview) -> None:
         target = session.target or dst
         try:
-            session.upstream.sendto(_view[:n], _addr(target))
+            session.upstream.sendto(data, _addr(target))
         except (BlockingIOError, InterruptedError):
             return  # the upstream socket's buffer is full: dropped, as a router would
         except OSError as e:
             log.debug("%s: send to %s: %s", self.spec.name, target, e)
             return
-        session.flow.bytes_up += n
+        session.flow.bytes_up += len(data)
 
-    def _open(self, key: SessionKey, client: Endpoint, dst: Endpoint, n: int) -> _Session | None:
+    def _first_datagrams(self, key: SessionKey, client: Endpoint, dst: Endpoint, data: bytes) -> None:
+        """A datagram of a client without a session: classify the session's datagrams so far (STUN, DNS,
+        QUIC with SNI, DTLS, WireGuard), then open it and relay them, or hold them for the rest of a
+        QUIC ClientHello."""
+        held = self.held.get(key)
+        datagrams = [*held.datagrams, (dst, data)] if held is not None else [(dst, data)]
+        found = classify_datagrams([payload for _, payload in datagrams])
+        if not isinstance(found, NeedMore):
+            if held is not None:
+                del self.held[key]
+                held.timer.cancel()
+            self._open_and_relay(key, client, datagrams, found, timed_out=False)
+        elif held is not None:
+            held.datagrams = datagrams
+        elif len(self.held) >= self.spec.max_flows:  # no room to wait: route on what is known
+            self._open_and_relay(key, client, datagrams, Sniffed("quic"), timed_out=False)
+        else:
+            held = _Held(client, self.loop.call_later(self.spec.timeouts.sniff, self._hold_expired, key))
+            held.datagrams = datagrams
+            self.held[key] = held
+
+    def _hold_expired(self, key: SessionKey) -> None:
+        """The rest of the ClientHello did not come in time (lost, or never sent): route without it."""
+        held = self.held.pop(key)
+        self._open_and_relay(key, held.client, held.datagrams, Sniffed("quic"), timed_out=True)
+
+    def _open_and_relay(self, key: SessionKey, client: Endpoint, datagrams: list[tuple[Endpoint, bytes]],
+                        found: Sniffed, timed_out: bool) -> None:
+        session = self._open(key, client, datagrams[0][0], found, timed_out)
+        if session is not None:
+            for dst, payload in datagrams:
+                self._send_up(session, dst, payload)
+
+    def _open(self, key: SessionKey, client: Endpoint, dst: Endpoint, found: Sniffed,
+              timed_out: bool) -> _Session | None:
         flow = Flow(listener=self.spec.name, client=client, dst=dst, path="udp")
         if self.ctx.is_own(dst):
             flow.close_reason = "refused: the destination is ugate itself (a loop)"
             self._log(flow)
             return None
-        # the datagram that opens a session is classified (STUN, DNS, QUIC with SNI, DTLS, WireGuard)
-        found = classify_datagram(bytes(_view[:n]))
         flow.protocol, flow.sni, flow.alpn, flow.host = found.protocol, found.sni, found.alpn, found.host
-        self.ctx.sniff_outcomes.record(flow)
+        self.ctx.sniff_outcomes.record(flow, timed_out)
         decision = self.ctx.router.decide(FlowKey(self.spec.name, client.host, dst.host, dst.port, found.host,
                                                   found.protocol, found.sni, found.alpn))
         flow.rule, flow.action, flow.upstream = decision.rule, decision.action, decision.upstream
@@ -337,7 +388,11 @@ class TproxyUdpListener:
             self.sock = None
 
     async def drain(self, timeout: float) -> None:
-        """UDP has no end of flow to wait for: sessions end now, each with its record."""
+        """UDP has no end of flow to wait for: sessions end now, each with its record (held datagrams of
+        sessions not routed yet are dropped: their client retransmits to whoever serves next)."""
+        for held in self.held.values():
+            held.timer.cancel()
+        self.held.clear()
         for session in list(self.sessions.values()):
             self.end(session, "shutdown")
         self.sweeper.close()

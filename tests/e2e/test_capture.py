@@ -195,6 +195,67 @@ def test_router_udp_dns_and_iperf3(start_gate: Any, router: netns.Topology, mapp
     assert iperf and max(r["bytes_up"] for r in iperf) > 1000 * 1400
 
 
+UDP_ECHO = """
+import selectors, socket
+selector = selectors.DefaultSelector()
+for port in (4433, 4434):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", port))
+    selector.register(sock, selectors.EVENT_READ)
+while True:
+    for key, _ in selector.select():
+        data, peer = key.fileobj.recvfrom(65535)
+        key.fileobj.sendto(b"%d %d" % (key.fileobj.getsockname()[1], len(data)), peer)
+"""
+
+QUIC_CLIENT = """
+import socket, sys
+from tests.sniff.test_quic import datagrams
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.settimeout(5)
+sent = datagrams(sys.argv[2])[: int(sys.argv[3])]
+for datagram in sent:  # all first: a gateway may hold the first until it knows the name
+    sock.sendto(datagram, (sys.argv[1], 4433))
+for datagram in sent:
+    print(sock.recv(100).decode(), len(datagram))
+"""
+
+
+def test_router_routes_quic_by_sni_split_over_datagrams(start_gate: Any, router: netns.Topology) -> None:
+    """A QUIC Initial whose ClientHello spans two datagrams (as Chromium's does) is held until the name
+    is known, then routed by it; both datagrams reach the route's upstream, in order. When the rest of
+    the hello never comes, the session is routed without the name after the sniff wait."""
+    server = spawn(router, "server", sys.executable, "-c", UDP_ECHO)
+    try:
+        deadline = time.monotonic() + 10
+        while ":4434 " not in router.run("server", "ss", "-Hlun"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        a = router.addr
+        listeners, capture = gateway_config("tproxy", udp=True)
+        gate = start_gate(listeners, netns=router.ns["gateway"], capture=capture, routes=[
+            {"match": {"sni": "quic.example.test"}, "upstream": f"{a['server4']}:4434", "name": "quic-by-name"},
+            {"action": "direct"}])
+        for fixture, count, port in (("aioquic_initial_split.bin", "2", "4434"), ("aioquic_initial.bin", "2", "4434"),
+                                     ("aioquic_initial_split.bin", "1", "4433")):
+            started = time.monotonic()
+            got = router.run("client", sys.executable, "-c", QUIC_CLIENT, a["server4"], fixture, count)
+            # "<port that answered> <bytes it got> <bytes sent>": the datagrams went there whole
+            lines = [line.split() for line in got.splitlines()]
+            assert len(lines) == int(count) and all(line == [port, line[2], line[2]] for line in lines), got
+        assert 0.25 < time.monotonic() - started < 3  # the last one waited for the sniff bound, no longer
+        gate.stop()
+        records = [r for r in gate.records() if r["path"] == "udp"]
+        assert [(r["protocol"], r["sni"], r["rule"]) for r in records] == [
+            ("quic", "quic.example.test", "quic-by-name"), ("quic", "quic.example.test", "quic-by-name"),
+            ("quic", None, records[2]["rule"])]
+        assert records[2]["rule"] != "quic-by-name"
+        assert "sniff outcomes: quic=2 timeout=1" in gate.stderr()
+    finally:
+        server.terminate()
+        server.wait()
+
+
 @pytest.mark.parametrize("backend", ["nftables", "iptables"])
 def test_rules_survive_kill_9_and_clear_exactly(start_gate: Any, router: netns.Topology, tmp_path: Any,
                                                 backend: str) -> None:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sniff.classify import classify_datagram
+from sniff.classify import Sniffed, classify_datagrams
 from sniff.quic import parse_quic_initial
 from sniff.result import NEED_MORE, NotThisProtocol
 from sniff.tls import ClientHello
@@ -39,12 +39,14 @@ def test_hello_split_over_two_datagrams() -> None:
     hello = parse_quic_initial([first, second])
     assert isinstance(hello, ClientHello) and hello.sni == "quic.example.test"
     assert len(hello.alpn) == 61 and hello.consumed == 2
-    found = classify_datagram(first)
-    assert found.protocol == "quic" and found.sni is None  # the name is in the second datagram
+    assert classify_datagrams([first]) is NEED_MORE  # the name is in the second datagram
+    found = classify_datagrams([first, second])
+    assert isinstance(found, Sniffed) and (found.protocol, found.sni) == ("quic", "quic.example.test")
 
 
 def test_classify_quic() -> None:
-    found = classify_datagram(datagrams("aioquic_initial.bin")[0])
+    found = classify_datagrams(datagrams("aioquic_initial.bin")[:1])
+    assert isinstance(found, Sniffed)
     assert (found.protocol, found.sni, found.alpn) == ("quic", "quic.example.test", ("h3",))
 
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sniff.classify import Sniffed, classify_datagram
+from sniff.classify import Sniffed, classify_datagrams
 from sniff.result import NotThisProtocol
 from sniff.udp import DnsQuery, Stun, WireGuard, parse_dns_query, parse_dtls_client_hello, parse_stun, parse_wireguard
 
@@ -61,7 +61,7 @@ def test_dtls_client_hello_from_openssl() -> None:
     ],
 )
 def test_classify_datagram(data: bytes, protocol: str, field: str, value: Any) -> None:
-    found = classify_datagram(data)
+    found = classify_datagrams([data])
     assert found.protocol == protocol and getattr(found, field) == value
 
 
@@ -69,7 +69,7 @@ def test_classify_datagram(data: bytes, protocol: str, field: str, value: Any) -
                                   (FIXTURES / "openssl_dtls.bin").read_bytes()])
 def test_truncations_are_not_mistaken(data: bytes) -> None:
     for cut in range(len(data) - 1):
-        assert isinstance(classify_datagram(data[:cut]), Sniffed)  # never raises
+        assert isinstance(classify_datagrams([data[:cut]]), Sniffed)  # never raises
 
 
 @pytest.mark.parametrize("parse", [parse_stun, parse_dns_query, parse_wireguard, parse_dtls_client_hello])
