@@ -23,6 +23,7 @@ EXT_SERVER_NAME = 0
 EXT_ALPN = 16
 EXT_SUPPORTED_VERSIONS = 43
 EXT_ECH = 0xFE0D  # encrypted_client_hello (draft-ietf-tls-esni): the outer SNI is then a decoy
+_EXTENSION_HEADER = struct.Struct(">HH")  # type, length
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ def _records(data: bytes) -> tuple[bytes, int] | NeedMore:
         raise NotThisProtocol("not a TLS handshake record")
     if len(data) > 5 and data[5] != HANDSHAKE_CLIENT_HELLO:
         raise NotThisProtocol("first handshake message is not a ClientHello")
+    if len(data) >= 9 and data[5] == HANDSHAKE_CLIENT_HELLO:  # the usual case: the hello in one record
+        length, need = int.from_bytes(data[3:5], "big"), 4 + int.from_bytes(data[6:9], "big")
+        if need <= length <= MAX_HELLO and len(data) >= 5 + length:
+            return data[5 : 5 + need], 5 + length
     body = b""
     pos = 0
     while True:
@@ -128,8 +133,8 @@ def parse_handshake_message(message: bytes, consumed: int) -> ClientHello:
             start = pos + 4
             if start > extensions_end:
                 raise NotThisProtocol("truncated extension in ClientHello")
-            kind = message[pos] << 8 | message[pos + 1]
-            pos = start + (message[pos + 2] << 8 | message[pos + 3])
+            kind, length = _EXTENSION_HEADER.unpack_from(message, pos)
+            pos = start + length
             if pos > extensions_end:
                 raise NotThisProtocol("truncated extension in ClientHello")
             if kind == EXT_SERVER_NAME:
