@@ -141,3 +141,86 @@ def test_connect_and_close_storm(gate: Any) -> None:
             s.close()
     assert settle_fds(gate, baseline) <= baseline
     still_serving(gate)
+
+
+# -- the listeners that read first bytes: sni, mux, and a PROXY-protocol listener ----------------------
+
+PARTIAL_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40  # a ClientHello cut short
+
+
+@pytest.fixture
+def sniffing_gate(start_gate: Any, http_origin: int, https_origin: int) -> Any:
+    ports = {"sni": free_port(), "mux": free_port(), "pp": free_port()}
+    g = start_gate(
+        [{"name": "sni", "kind": "sni", "listen": f"127.0.0.1:{ports['sni']}", "port": https_origin},
+         {"name": "mux", "kind": "mux", "listen": f"127.0.0.1:{ports['mux']}"},
+         {"name": "pp", "kind": "forward", "listen": f"127.0.0.1:{ports['pp']}", "to": f"127.0.0.1:{http_origin}",
+          "proxy_protocol_from": ["127.0.0.0/8"]}],
+        timeouts={"handshake": 1, "connect": 2, "idle": 5, "drain": 1},
+    )
+    g.ports, g.origin, g.https_origin = ports, http_origin, https_origin
+    sniffers_still_serve(g)
+    assert len(g.wait_records(3)) == 3
+    return g
+
+
+def sniffers_still_serve(gate: Any) -> None:
+    sni = subprocess.run(["curl", "-sfk", "--max-time", "10", "--resolve", f"localhost:{gate.ports['sni']}:127.0.0.1",
+                          f"https://localhost:{gate.ports['sni']}/payload.bin"], capture_output=True)
+    assert sni.returncode == 0 and len(sni.stdout) > 0, sni
+    expected = f"hello from {gate.origin} /alive\n".encode()
+    for args in (["--socks5-hostname", f"127.0.0.1:{gate.ports['mux']}", f"http://127.0.0.1:{gate.origin}/alive"],
+                 ["--haproxy-protocol", f"http://127.0.0.1:{gate.ports['pp']}/alive"]):
+        got = subprocess.run(["curl", "-sf", "--max-time", "10", *args], capture_output=True)
+        assert got.stdout == expected, got
+
+
+@pytest.mark.parametrize("data", GARBAGE, ids=lambda d: d[:12].hex())
+def test_sniffing_listeners_close_on_garbage(sniffing_gate: Any, data: bytes) -> None:
+    gate = sniffing_gate
+    baseline = gate.fd_count()
+    assert answer(gate.ports["sni"], data) == b""  # no TLS server name and no default: closed
+    assert answer(gate.ports["pp"], data) == b""  # not a PROXY header from a trusted balancer: reset
+    mux = answer(gate.ports["mux"], data)  # whatever it looked like, answered in that protocol, or closed
+    assert mux == b"" or len(mux) <= 12 or mux.startswith((b"HTTP/1.1 400", b"HTTP/1.1 431")), mux[:100]
+    assert gate.alive()
+    assert settle_fds(gate, baseline) <= baseline
+    sniffers_still_serve(gate)
+
+
+def test_sniffing_listeners_truncated_then_close(sniffing_gate: Any) -> None:
+    gate = sniffing_gate
+    baseline = gate.fd_count()
+    for port, data in ((gate.ports["sni"], PARTIAL_HELLO), (gate.ports["mux"], PARTIAL_HELLO),
+                       (gate.ports["mux"], b"\x05"), (gate.ports["pp"], b"PROXY TCP4 127.0.0.1")):
+        assert answer(port, data, close_write=True) == b"", (port, data)
+    assert settle_fds(gate, baseline) <= baseline
+    sniffers_still_serve(gate)
+
+
+def test_sniffing_listeners_slow_clients_time_out(sniffing_gate: Any) -> None:
+    gate = sniffing_gate
+    baseline = gate.fd_count()
+    logged = len(gate.records())
+    slow = []
+    for port, first in ((gate.ports["sni"], PARTIAL_HELLO), (gate.ports["pp"], b"PROXY TCP4 ")):
+        for _ in range(30):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(first)
+            slow.append(s)
+    deadline = time.monotonic() + 3
+    while gate.fd_count() < baseline + 60 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sniffers_still_serve(gate)  # slow clients hold nobody else up
+    for s in slow:
+        s.settimeout(5)
+        try:
+            assert s.recv(4096) == b""  # closed after the handshake timeout (1 s), never answered
+        except ConnectionResetError:
+            pass
+        s.close()
+    assert settle_fds(gate, baseline) <= baseline
+    records = gate.wait_records(logged + 63)[logged:]  # 60 slow clients + 3 flows of sniffers_still_serve
+    closes = collections.Counter(r["close"] for r in records)
+    assert closes["no TLS server name (and no default)"] == 30, closes
+    assert closes["no PROXY protocol header in time"] == 30, closes
