@@ -103,7 +103,12 @@ def _datagram_sniffers() -> list[Callable[[list[bytes]], Sniffed | NeedMore]]:
         return Sniffed("dtls", sni=hello.sni, alpn=hello.alpn, host=hello.sni)
 
     def quic(datagrams: list[bytes]) -> Sniffed | NeedMore:
-        hello = parse_quic_initial(datagrams)
+        try:
+            hello = parse_quic_initial(datagrams)
+        except NotThisProtocol:
+            if len(datagrams) > 1:  # the first was an Initial (nothing else asks for more): its hello never ended
+                return Sniffed("quic")
+            raise
         if isinstance(hello, NeedMore):  # the hello continues in the next datagram(s)
             return hello
         return Sniffed("quic", sni=hello.sni, alpn=hello.alpn, host=hello.sni, ech=hello.ech)

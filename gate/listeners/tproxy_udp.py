@@ -84,9 +84,9 @@ class _Held:
 
     __slots__ = ("client", "datagrams", "timer")
 
-    def __init__(self, client: Endpoint, timer: asyncio.TimerHandle) -> None:
+    def __init__(self, client: Endpoint, datagrams: list[tuple[Endpoint, bytes]], timer: asyncio.TimerHandle) -> None:
         self.client = client
-        self.datagrams: list[tuple[Endpoint, bytes]] = []  # (original destination, payload), in order
+        self.datagrams = datagrams  # (original destination, payload), in order
         self.timer = timer
 
 
@@ -215,9 +215,8 @@ class TproxyUdpListener:
         elif len(self.held) >= self.spec.max_flows:  # no room to wait: route on what is known
             self._open_and_relay(key, client, datagrams, Sniffed("quic"), timed_out=False)
         else:
-            held = _Held(client, self.loop.call_later(self.spec.timeouts.sniff, self._hold_expired, key))
-            held.datagrams = datagrams
-            self.held[key] = held
+            timer = self.loop.call_later(self.spec.timeouts.sniff, self._hold_expired, key)
+            self.held[key] = _Held(client, datagrams, timer)
 
     def _hold_expired(self, key: SessionKey) -> None:
         """The rest of the ClientHello did not come in time (lost, or never sent): route without it."""

@@ -44,6 +44,12 @@ def test_hello_split_over_two_datagrams() -> None:
     assert isinstance(found, Sniffed) and (found.protocol, found.sni) == ("quic", "quic.example.test")
 
 
+def test_a_hello_that_never_ends_is_still_quic() -> None:
+    first = datagrams("aioquic_initial_split.bin")[0]
+    assert classify_datagrams([first] * 7) is NEED_MORE  # the same piece again adds nothing
+    assert classify_datagrams([first] * 8) == Sniffed("quic")  # sniff.quic.MAX_DATAGRAMS: routed without a name
+
+
 def test_classify_quic() -> None:
     found = classify_datagrams(datagrams("aioquic_initial.bin")[:1])
     assert isinstance(found, Sniffed)
