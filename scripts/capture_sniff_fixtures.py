@@ -2,14 +2,19 @@
 """Capture the first bytes real clients send: the sniff tests' fixtures (tests/sniff/fixtures/*.bin).
 
     cd tests/sniff/fixtures && python3 ../../../scripts/capture_sniff_fixtures.py    (needs openssl, curl, ssh)
+
+With Debian's chromium installed, Chromium's TLS ClientHello and QUIC first flight are captured too
+(headless, every name mapped to 127.0.0.1).
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
 import ssl
 import subprocess
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +60,41 @@ def capture_udp(name: str, client: list[str]) -> None:
     server.close()
     Path(name).write_bytes(data)
     print(name, len(data))
+
+
+CHROMIUM = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--host-resolver-rules=MAP * 127.0.0.1"]
+
+
+def chromium_tls(name: str) -> None:
+    with tempfile.TemporaryDirectory() as profile:
+        capture(name, [*CHROMIUM, f"--user-data-dir={profile}", "--disable-quic", "https://www.example.test:PORT/"])
+
+
+def chromium_quic(name: str) -> None:
+    """Chromium's first datagrams to a QUIC-only origin, length-prefixed (2 bytes) as quic_initials'."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.Popen([*CHROMIUM, f"--user-data-dir={profile}", "--enable-quic",
+                                 f"--origin-to-force-quic-on=www.example.test:{port}", f"https://www.example.test:{port}/"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server.settimeout(20)
+        first, peer = server.recvfrom(65535)
+        got = [first]
+        server.settimeout(0.5)
+        with contextlib.suppress(TimeoutError):
+            while len(got) < 4:
+                data, sender = server.recvfrom(65535)
+                if sender == peer:
+                    got.append(data)
+        proc.kill()
+        proc.wait()
+    server.close()
+    Path(name).write_bytes(b"".join(len(d).to_bytes(2, "big") + d for d in got))
+    print(name, [len(d) for d in got])
 
 
 def quic_initials(name: str, alpn: list[str], version: int | None = None) -> None:
@@ -118,3 +158,8 @@ if __name__ == "__main__":
     quic_initials("aioquic_initial.bin", ["h3"])
     quic_initials("aioquic_initial_split.bin", ["h3"] + [f"proto-{i:04d}-padding-padding" for i in range(60)])
     quic_initials("aioquic_initial_v2.bin", ["h3"], 0x6B3343CF)
+    if shutil.which("chromium"):
+        chromium_tls("chromium_tls.bin")
+        chromium_quic("chromium_quic_initial.bin")
+    else:
+        print("no chromium: its fixtures are left as they are")

@@ -222,7 +222,7 @@ for datagram in sent:
 
 
 def test_router_routes_quic_by_sni_split_over_datagrams(start_gate: Any, router: netns.Topology) -> None:
-    """A QUIC Initial whose ClientHello spans two datagrams (as Chromium's does) is held until the name
+    """A QUIC Initial whose ClientHello spans two datagrams (Chromium's, captured) is held until the name
     is known, then routed by it; both datagrams reach the route's upstream, in order. When the rest of
     the hello never comes, the session is routed without the name after the sniff wait."""
     server = spawn(router, "server", sys.executable, "-c", UDP_ECHO)
@@ -234,9 +234,11 @@ def test_router_routes_quic_by_sni_split_over_datagrams(start_gate: Any, router:
         a = router.addr
         listeners, capture = gateway_config("tproxy", udp=True)
         gate = start_gate(listeners, netns=router.ns["gateway"], capture=capture, routes=[
-            {"match": {"sni": "quic.example.test"}, "upstream": f"{a['server4']}:4434", "name": "quic-by-name"},
+            {"match": {"sni": ["quic.example.test", "www.example.test"]}, "upstream": f"{a['server4']}:4434",
+             "name": "quic-by-name"},
             {"action": "direct"}])
-        for fixture, count, port in (("aioquic_initial_split.bin", "2", "4434"), ("aioquic_initial.bin", "2", "4434"),
+        for fixture, count, port in (("chromium_quic_initial.bin", "3", "4434"),
+                                     ("aioquic_initial_split.bin", "2", "4434"), ("aioquic_initial.bin", "2", "4434"),
                                      ("aioquic_initial_split.bin", "1", "4433")):
             started = time.monotonic()
             got = router.run("client", sys.executable, "-c", QUIC_CLIENT, a["server4"], fixture, count)
@@ -247,10 +249,10 @@ def test_router_routes_quic_by_sni_split_over_datagrams(start_gate: Any, router:
         gate.stop()
         records = [r for r in gate.records() if r["path"] == "udp"]
         assert [(r["protocol"], r["sni"], r["rule"]) for r in records] == [
-            ("quic", "quic.example.test", "quic-by-name"), ("quic", "quic.example.test", "quic-by-name"),
-            ("quic", None, records[2]["rule"])]
-        assert records[2]["rule"] != "quic-by-name"
-        assert "sniff outcomes: quic=2 timeout=1" in gate.stderr()
+            ("quic", "www.example.test", "quic-by-name"), ("quic", "quic.example.test", "quic-by-name"),
+            ("quic", "quic.example.test", "quic-by-name"), ("quic", None, records[3]["rule"])]
+        assert records[3]["rule"] != "quic-by-name"
+        assert "sniff outcomes: quic=3 timeout=1" in gate.stderr()
     finally:
         server.terminate()
         server.wait()

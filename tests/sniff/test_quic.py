@@ -1,5 +1,5 @@
 """QUIC Initial decryption on datagrams captured from aioquic's client (v1, v2, and a ClientHello big
-enough to be split over two datagrams, as Chromium's is), plus fuzzing."""
+enough to be split over two datagrams) and from Chromium (whose hello is split), plus fuzzing."""
 
 from __future__ import annotations
 
@@ -44,6 +44,17 @@ def test_hello_split_over_two_datagrams() -> None:
     assert isinstance(found, Sniffed) and (found.protocol, found.sni) == ("quic", "quic.example.test")
 
 
+def test_chromium_splits_its_hello_over_two_datagrams() -> None:
+    """Chromium 156's first flight (scripts/capture_sniff_fixtures.py): three 1250-byte Initials, the
+    ClientHello (with a post-quantum key share) in the first two."""
+    sent = datagrams("chromium_quic_initial.bin")
+    assert [len(d) for d in sent] == [1250, 1250, 1250]
+    assert classify_datagrams(sent[:1]) is NEED_MORE
+    for count in (2, 3):
+        found = classify_datagrams(sent[:count])
+        assert found == Sniffed("quic", sni="www.example.test", alpn=("h3",), host="www.example.test", ech=True)
+
+
 def test_a_hello_that_never_ends_is_still_quic() -> None:
     first = datagrams("aioquic_initial_split.bin")[0]
     assert classify_datagrams([first] * 7) is NEED_MORE  # the same piece again adds nothing
@@ -77,3 +88,14 @@ def test_arbitrary_input_only_three_outcomes(data: bytes, cut: int) -> None:
         except NotThisProtocol:
             continue
         assert result is NEED_MORE or isinstance(result, ClientHello)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cut=st.integers(0, 1250), junk=st.binary(max_size=200))
+def test_a_damaged_second_datagram_only_three_outcomes(cut: int, junk: bytes) -> None:
+    first, second = datagrams("chromium_quic_initial.bin")[:2]
+    try:
+        result = parse_quic_initial([first, second[:cut] + junk])
+    except NotThisProtocol:
+        return
+    assert result is NEED_MORE or isinstance(result, ClientHello)

@@ -60,6 +60,10 @@ CASES: list[tuple[Callable[[bytes], Any], bytes, Any]] = [
     (parse_client_hello, fixture("python_ssl.bin"),
      ClientHello("python.example.test", ("h2", "http/1.1"), 0x0303, (0x0304, 0x0303), False, 517)),
     (parse_client_hello, fixture("openssl_tls12_nosni.bin"), ClientHello(None, (), 0x0303, (), False, 188)),
+    # Chromium 156: a 1.9 KB hello (post-quantum key share), GREASE versions, and a (GREASE) ECH extension,
+    # which on the wire looks like real ECH: the name seen is the outer one
+    (parse_client_hello, fixture("chromium_tls.bin"),
+     ClientHello("www.example.test", ("h2", "http/1.1"), 0x0303, (0x7A7A, 0x0304, 0x0303), True, 1924)),
     (parse_http_request, fixture("curl_http.bin"), HttpRequest("GET", "/path?q=1", "1.1", "web.example.test", 88)),
     (parse_http_request, b"GET http://Abs.Example:8080/x HTTP/1.0\r\n\r\n",
      HttpRequest("GET", "http://Abs.Example:8080/x", "1.0", "abs.example", 42)),
