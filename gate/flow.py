@@ -25,6 +25,7 @@ class Flow:
     protocol: str | None = None  # sniffed: tls, http, h2c, ssh, socks, unknown; "none": nothing sent in time
     sni: str | None = None
     alpn: tuple[str, ...] = ()
+    ech: bool = False  # the hello carried an ECH extension: the real name may be hidden behind ``sni``
     preread: bytes = b""  # bytes read during the handshake that belong upstream, sent first
     started: float = field(default_factory=time.time)
     rule: str | None = None
@@ -48,6 +49,7 @@ class Flow:
             "protocol": self.protocol,
             "sni": self.sni,
             "alpn": list(self.alpn) if self.alpn else None,
+            "ech": self.ech or None,
             "rule": self.rule,
             "action": self.action,
             "upstream": str(self.upstream) if self.upstream else None,

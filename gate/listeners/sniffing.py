@@ -18,7 +18,7 @@ from gate.flow import Flow
 from sniff import MAX_SNIFF, NeedMore, NotThisProtocol, Sniffed, classify, proxy_protocol
 from splice import Sweeper
 
-__all__ = ["FirstBytes", "ProxyHeaderReader", "SniffOutcomes", "sniff_at_once"]
+__all__ = ["FirstBytes", "ProxyHeaderReader", "SniffOutcomes", "apply_sniffed", "sniff_at_once"]
 
 
 class SniffOutcomes(collections.Counter[str]):
@@ -57,7 +57,7 @@ def sniff_at_once(conn: socket.socket, flow: Flow) -> bool | None:
     found = classify(data)
     if isinstance(found, NeedMore):
         return None
-    _apply(flow, found)
+    apply_sniffed(flow, found)
     return True
 
 
@@ -68,8 +68,9 @@ def park(loop: asyncio.AbstractEventLoop, fd: int) -> None:
     loop.add_reader(fd, loop.remove_reader, fd)
 
 
-def _apply(flow: Flow, found: Sniffed) -> None:
-    flow.protocol, flow.sni, flow.alpn = found.protocol, found.sni, found.alpn
+def apply_sniffed(flow: Flow, found: Sniffed) -> None:
+    """What sniffing found, into the flow (a name the client asked for stays the flow's host)."""
+    flow.protocol, flow.sni, flow.alpn, flow.ech = found.protocol, found.sni, found.alpn, found.ech
     if flow.host is None and found.host:
         flow.host = found.host
 
@@ -119,7 +120,7 @@ class FirstBytes:
         found = classify(bytes(self._buf))
         if isinstance(found, NeedMore) and len(self._buf) < MAX_SNIFF:
             return
-        _apply(self.flow, found if isinstance(found, Sniffed) else Sniffed("unknown"))
+        apply_sniffed(self.flow, found if isinstance(found, Sniffed) else Sniffed("unknown"))
         self._finish(True)
 
     def _finish(self, ok: bool) -> None:

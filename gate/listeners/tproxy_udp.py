@@ -22,6 +22,7 @@ from gate.addr import Endpoint
 from gate.config import TproxyUdpSpec
 from gate.flow import Flow
 from gate.listeners.base import Context
+from gate.listeners.sniffing import apply_sniffed
 from gate.router import FlowKey
 from sniff import NeedMore, Sniffed, classify_datagrams
 from splice import Sweeper, mmsg, sweep_interval
@@ -237,7 +238,7 @@ class TproxyUdpListener:
             flow.close_reason = "refused: the destination is ugate itself (a loop)"
             self._log(flow)
             return None
-        flow.protocol, flow.sni, flow.alpn, flow.host = found.protocol, found.sni, found.alpn, found.host
+        apply_sniffed(flow, found)
         self.ctx.sniff_outcomes.record(flow, timed_out)
         decision = self.ctx.router.decide(FlowKey(self.spec.name, client.host, dst.host, dst.port, found.host,
                                                   found.protocol, found.sni, found.alpn))

@@ -252,6 +252,7 @@ def test_router_routes_quic_by_sni_split_over_datagrams(start_gate: Any, router:
             ("quic", "www.example.test", "quic-by-name"), ("quic", "quic.example.test", "quic-by-name"),
             ("quic", "quic.example.test", "quic-by-name"), ("quic", None, records[3]["rule"])]
         assert records[3]["rule"] != "quic-by-name"
+        assert [r["ech"] for r in records] == [True, None, None, None]  # Chromium sends (GREASE) ECH
         assert "sniff outcomes: quic=3 timeout=1" in gate.stderr()
     finally:
         server.terminate()
