@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 RELAY_MODES = ("auto", "splice", "copy")
-ACTIONS = ("direct", "upstream", "reject", "via")
+ACTIONS = ("direct", "upstream", "resolve", "reject", "via")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 T = TypeVar("T")
@@ -549,7 +549,7 @@ def _route(raw: Any, index: int, listeners: set[str], peers: set[str], p: _Probl
                    "upstream" if "upstream" in m else "via" if "via" in m else "")
     if not action:
         if "action" not in m:
-            p.add(where, "needs an action (direct, reject), upstream: host:port, or via: PEER")
+            p.add(where, "needs an action (direct, resolve, reject), upstream: host:port, or via: PEER")
     elif action == "upstream" and "upstream" not in m:
         p.add(f"{where}.upstream", "missing (action upstream needs upstream: host:port)")
     elif action != "upstream" and "upstream" in m:

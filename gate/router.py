@@ -27,7 +27,7 @@ class FlowKey:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    action: str  # "direct" | "upstream" | "reject" | "via"
+    action: str  # "direct" | "upstream" | "resolve" | "reject" | "via"
     route: Route | None  # None: no route matched (then the action is reject)
     upstream: Endpoint | None = None
 
@@ -88,6 +88,15 @@ def why_not(match: Match, key: FlowKey) -> str | None:
     return None
 
 
+def _decision(route: Route, key: FlowKey) -> Decision:
+    if route.action == "resolve":
+        # the name the client asked for (or sent as SNI / Host), on the port it connected to; decided
+        # here so every listener simply dials the decision's upstream. Without a name: the original.
+        name = key.host
+        return Decision("resolve", route, Endpoint(name, key.port) if name and key.port else None)
+    return Decision(route.action, route, route.upstream)
+
+
 class Router:
     def __init__(self, routes: tuple[Route, ...]) -> None:
         self.routes = routes
@@ -105,13 +114,13 @@ class Router:
             m = route.match
             if why_not(without_sniffed if name_known else without_host, key) is not None:
                 continue  # fails on what is known already, whatever sniffing finds
-            return bool(m.protocol or m.sni or m.alpn or (m.host and not name_known))
+            return bool(m.protocol or m.sni or m.alpn or ((m.host or route.action == "resolve") and not name_known))
         return False
 
     def decide(self, key: FlowKey) -> Decision:
         for route in self.routes:
             if why_not(route.match, key) is None:
-                return Decision(route.action, route, route.upstream)
+                return _decision(route, key)
         return Decision("reject", None)
 
     def explain(self, key: FlowKey) -> list[str]:
@@ -120,7 +129,10 @@ class Router:
         for route in self.routes:
             reason = why_not(route.match, key)
             if reason is None:
-                target = f" -> {route.upstream}" if route.upstream else f" {route.via}" if route.via else ""
+                upstream = _decision(route, key).upstream
+                target = f" -> {upstream}" if upstream else f" {route.via}" if route.via else ""
+                if route.action == "resolve" and upstream is None:
+                    target = " (no name known: the original destination)"
                 lines.append(f"routes[{route.index}] {route.name}: MATCH: {route.action}{target}")
                 return lines
             lines.append(f"routes[{route.index}] {route.name}: no: {reason}")

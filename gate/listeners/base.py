@@ -386,7 +386,7 @@ class Listener:
         assert flow.dst is not None
         decision = self.decide(flow)
         target = decision.upstream or flow.dst
-        family = literal_family(target.host) if decision.action in ("direct", "upstream") else None
+        family = literal_family(target.host) if decision.action in ("direct", "upstream", "resolve") else None
         if family is None:
             Listener.accepted(self, conn, flow)  # rejects and names to resolve take the general path
         else:

@@ -242,12 +242,14 @@ class TproxyUdpListener:
         self.ctx.sniff_outcomes.record(flow, timed_out)
         decision = self.ctx.router.decide(FlowKey(self.spec.name, client.host, dst.host, dst.port, found.host,
                                                   found.protocol, found.sni, found.alpn))
-        flow.rule, flow.action, flow.upstream = decision.rule, decision.action, decision.upstream
+        # "resolve" is for TCP flows: a UDP session opens on its first datagram without waiting on DNS,
+        # so it goes to the original destination
+        target = decision.upstream if decision.action == "upstream" else None
+        flow.rule, flow.action, flow.upstream = decision.rule, decision.action, target
         if decision.action == "reject" or len(self.sessions) >= self.spec.max_flows:
             flow.close_reason = f"rejected by {decision.rule}" if decision.action == "reject" else "max_flows reached"
             self._log(flow)  # one record per refused datagram: a client retrying shows as retries
             return None
-        target = decision.upstream
         family = socket.AF_INET6 if ":" in (target or dst).host else socket.AF_INET
         upstream = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         try:

@@ -8,11 +8,12 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import curl, free_port
+from tests.conftest import curl, free_port, wait_port
 
 
 def test_sni_routes_to_different_upstreams(start_gate: Any, two_https: tuple[int, int]) -> None:
@@ -123,6 +124,41 @@ def test_sni_listener_routes_by_name_without_terminating(start_gate: Any, two_ht
     assert [(r["rule"], r["dst"]) for r in records[:3]] == [
         ("two", f"two.test:{one}"), ("by-name", f"localhost:{one}"), ("internal", f"db.internal.test:{one}")]
     assert records[3]["close"] == "no TLS server name (and no default)"
+
+
+def test_resolve_dials_the_sniffed_name_instead_of_the_address(start_gate: Any, tls_files: dict[str, Path],
+                                                                tmp_path: Path) -> None:
+    """The same port on two loopback addresses: flows sent to 127.0.0.2 stay there unless a resolve
+    route dials their SNI (localhost, i.e. 127.0.0.1) instead."""
+    port, servers = free_port(), []
+    for name, address in (("one", "127.0.0.1"), ("two", "127.0.0.2")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "who.txt").write_text(f"{name}\n")
+        servers.append(subprocess.Popen(
+            ["openssl", "s_server", "-quiet", "-WWW", "-accept", f"{address}:{port}", "-cert", str(tls_files["cert"]),
+             "-key", str(tls_files["key"])], cwd=tmp_path / name, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        for address in ("127.0.0.1", "127.0.0.2"):
+            wait_port(address, port)
+        listen = free_port()
+        gate = start_gate(
+            [{"name": "fwd", "kind": "forward", "listen": f"127.0.0.1:{listen}", "to": f"127.0.0.2:{port}",
+              "sniff": True}],
+            routes=[{"match": {"sni": "localhost"}, "action": "resolve", "name": "by-name"},
+                    {"action": "direct", "name": "rest"}])
+
+        def fetch(name: str) -> bytes:
+            return curl("-k", "--resolve", f"{name}:{listen}:127.0.0.1", f"https://{name}:{listen}/who.txt").stdout
+
+        assert fetch("localhost") == b"one\n"
+        assert fetch("other.test") == b"two\n"  # a name alone never moves a flow
+        records = gate.wait_records(2)
+        assert [(r["rule"], r["action"], r["upstream"]) for r in records] == [
+            ("by-name", "resolve", f"localhost:{port}"), ("rest", "direct", None)]
+    finally:
+        for proc in servers:
+            proc.terminate()
+            proc.wait()
 
 
 @pytest.mark.parametrize("proxy", ["socks5h", "http"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from gate.addr import Endpoint
 from gate.config import parse_config
 from gate.router import FlowKey, Router
 
@@ -119,3 +120,32 @@ TUNNEL_ROUTER = Router(parse_config({
 def test_needs_sniff_only_when_sniffed_fields_could_change_the_decision(
         dst: str, port: int, host: str | None, needed: bool) -> None:
     assert TUNNEL_ROUTER.needs_sniff(FlowKey("s", "127.0.0.1", dst, port, host)) is needed
+
+
+RESOLVE_ROUTER = Router(parse_config({
+    "listeners": [{"name": "t", "kind": "tproxy", "listen": "0.0.0.0:15001"}],
+    "routes": [{"name": "by-name", "match": {"sni": "*.cdn.test"}, "action": "resolve"},
+               {"name": "names", "match": {"port": 8443}, "action": "resolve"},
+               {"name": "rest", "action": "direct"}],
+}).routes)
+
+
+def test_resolve_dials_the_name_on_the_original_port() -> None:
+    key = FlowKey("t", "10.0.0.1", "1.2.3.4", 443, "a.cdn.test", "tls", "a.cdn.test")
+    decision = RESOLVE_ROUTER.decide(key)
+    assert (decision.action, decision.upstream) == ("resolve", Endpoint("a.cdn.test", 443))
+    assert RESOLVE_ROUTER.explain(key)[-1] == "routes[0] by-name: MATCH: resolve -> a.cdn.test:443"
+
+
+def test_resolve_without_a_name_keeps_the_original_destination() -> None:
+    key = FlowKey("t", "10.0.0.1", "1.2.3.4", 8443, None, "unknown")
+    assert RESOLVE_ROUTER.decide(key).upstream is None
+    assert RESOLVE_ROUTER.explain(key)[-1] == (
+        "routes[1] names: MATCH: resolve (no name known: the original destination)")
+
+
+def test_a_resolve_route_needs_the_sniffed_name() -> None:
+    router = Router(RESOLVE_ROUTER.routes[1:])  # "names" resolves whatever name port 8443 flows carry
+    assert router.needs_sniff(FlowKey("t", "10.0.0.1", "1.2.3.4", 8443, None))  # the name is the target
+    assert not router.needs_sniff(FlowKey("t", "10.0.0.1", "www.test", 8443, "www.test"))  # known already
+    assert not router.needs_sniff(FlowKey("t", "10.0.0.1", "1.2.3.4", 443, None))  # only "rest" can match
