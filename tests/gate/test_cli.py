@@ -44,7 +44,7 @@ def test_check_reports_every_located_problem(tmp_path: Path) -> None:
     done = ugate("check", "--config", str(path))
     assert done.returncode == 2
     assert "listeners[1].listen: 'x:99999' is not host:port" in done.stderr
-    assert "routes[0].action: 'deny' is not one of: direct, upstream, reject" in done.stderr
+    assert "routes[0].action: 'deny' is not one of: direct, upstream, resolve, reject" in done.stderr
 
 
 def test_run_with_bad_config_exits_2(tmp_path: Path) -> None:
