@@ -22,7 +22,9 @@ HANDSHAKE_CLIENT_HELLO = 1
 EXT_SERVER_NAME = 0
 EXT_ALPN = 16
 EXT_SUPPORTED_VERSIONS = 43
-EXT_ECH = 0xFE0D  # encrypted_client_hello (draft-ietf-tls-esni): the outer SNI is then a decoy
+# encrypted_client_hello (draft-ietf-tls-esni): the SNI seen is the outer one, maybe a decoy (Chromium
+# always sends a GREASE ECH, which looks the same, with the real name outside)
+EXT_ECH = 0xFE0D
 _EXTENSION_HEADER = struct.Struct(">HH")  # type, length
 
 
@@ -42,7 +44,7 @@ def _records(data: bytes) -> tuple[bytes, int] | NeedMore:
         raise NotThisProtocol("not a TLS handshake record")
     if len(data) > 5 and data[5] != HANDSHAKE_CLIENT_HELLO:
         raise NotThisProtocol("first handshake message is not a ClientHello")
-    if len(data) >= 9 and data[5] == HANDSHAKE_CLIENT_HELLO:  # the usual case: the hello in one record
+    if len(data) >= 9:  # the usual case, the hello in one record: cut it out without the loop below
         length, need = int.from_bytes(data[3:5], "big"), 4 + int.from_bytes(data[6:9], "big")
         if need <= length <= MAX_HELLO and len(data) >= 5 + length:
             return data[5 : 5 + need], 5 + length
