@@ -87,7 +87,9 @@ class FirstBytes:
         self._conn = conn
         self._fd = conn.fileno()
         self.flow = flow
-        self._buf = bytearray(flow.preread)  # what sniff_at_once read already
+        # what sniff_at_once read already; bytes, not a bytearray: one read usually settles it, and
+        # b"" + data is data itself, so nothing is copied on the way to classify and the preread
+        self._buf = flow.preread
         self._deadline = loop.time() + wait
         self._sweeper = sweeper
         self._done: Callable[[bool], None] | None = done
@@ -117,7 +119,7 @@ class FirstBytes:
             self._finish(True)
             return
         self._buf += data
-        found = classify(bytes(self._buf))
+        found = classify(self._buf)
         if isinstance(found, NeedMore) and len(self._buf) < MAX_SNIFF:
             return
         apply_sniffed(self.flow, found if isinstance(found, Sniffed) else Sniffed("unknown"))
@@ -132,7 +134,7 @@ class FirstBytes:
         else:
             self._loop.remove_reader(self._fd)
         self._sweeper.discard(self)
-        self.flow.preread = bytes(self._buf)
+        self.flow.preread = self._buf
         done(ok)
 
     def cancel(self) -> None:
