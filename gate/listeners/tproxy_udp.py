@@ -51,6 +51,9 @@ def _big_buffers(sock: socket.socket) -> None:
         except OSError:
             sock.setsockopt(socket.SOL_SOCKET, plain, UDP_BUFFER)
 
+# Datagrams held (all sessions) while their QUIC ClientHello is incomplete: Initial keys are public, so
+# anyone can craft "incomplete" Initials; past this, new sessions are routed at once without the name.
+MAX_HELD_BYTES = 4 << 20
 BATCHES_PER_WAKEUP = 4  # of up to BATCH_SIZE datagrams each
 BATCH_SIZE = 32  # x MAX_DATAGRAM bytes: 2 MiB, allocated once per process on first use
 
@@ -141,6 +144,7 @@ class TproxyUdpListener:
         self.family = socket.AF_INET6 if ":" in spec.listen.host else socket.AF_INET
         self.sessions: dict[SessionKey, _Session] = {}
         self.held: dict[SessionKey, _Held] = {}
+        self.held_bytes = 0
         self.sweeper = Sweeper(self.loop, sweep_interval(spec.session_timeout))
 
     def start(self) -> None:
@@ -203,25 +207,32 @@ class TproxyUdpListener:
         """A datagram of a client without a session: classify the session's datagrams so far (STUN, DNS,
         QUIC with SNI, DTLS, WireGuard), then open it and relay them, or hold them for the rest of a
         QUIC ClientHello."""
-        held = self.held.get(key)
+        held = self._unhold(key)
         datagrams = [*held.datagrams, (dst, data)] if held is not None else [(dst, data)]
         found = classify_datagrams([payload for _, payload in datagrams])
-        if not isinstance(found, NeedMore):
-            if held is not None:
-                del self.held[key]
-                held.timer.cancel()
-            self._open_and_relay(key, client, datagrams, found, timed_out=False)
-        elif held is not None:
-            held.datagrams = datagrams
-        elif len(self.held) >= self.spec.max_flows:  # no room to wait: route on what is known
-            self._open_and_relay(key, client, datagrams, Sniffed("quic"), timed_out=False)
-        else:
-            timer = self.loop.call_later(self.spec.timeouts.sniff, self._hold_expired, key)
-            self.held[key] = _Held(client, datagrams, timer)
+        if isinstance(found, NeedMore):
+            size = sum(len(payload) for _, payload in datagrams)
+            if len(self.held) < self.spec.max_flows and self.held_bytes + size <= MAX_HELD_BYTES:
+                timer = held.timer if held is not None else self.loop.call_later(
+                    self.spec.timeouts.sniff, self._hold_expired, key)
+                self.held[key] = _Held(client, datagrams, timer)
+                self.held_bytes += size
+                return
+            found = Sniffed("quic")  # no room to wait: route on what is known
+        if held is not None:
+            held.timer.cancel()
+        self._open_and_relay(key, client, datagrams, found, timed_out=False)
+
+    def _unhold(self, key: SessionKey) -> _Held | None:
+        held = self.held.pop(key, None)
+        if held is not None:
+            self.held_bytes -= sum(len(payload) for _, payload in held.datagrams)
+        return held
 
     def _hold_expired(self, key: SessionKey) -> None:
         """The rest of the ClientHello did not come in time (lost, or never sent): route without it."""
-        held = self.held.pop(key)
+        held = self._unhold(key)
+        assert held is not None  # a held session's timer is cancelled whenever it leaves self.held
         self._open_and_relay(key, held.client, held.datagrams, Sniffed("quic"), timed_out=True)
 
     def _open_and_relay(self, key: SessionKey, client: Endpoint, datagrams: list[tuple[Endpoint, bytes]],
@@ -395,6 +406,7 @@ class TproxyUdpListener:
         for held in self.held.values():
             held.timer.cancel()
         self.held.clear()
+        self.held_bytes = 0
         for session in list(self.sessions.values()):
             self.end(session, "shutdown")
         self.sweeper.close()
