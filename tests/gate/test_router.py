@@ -149,3 +149,28 @@ def test_a_resolve_route_needs_the_sniffed_name() -> None:
     assert router.needs_sniff(FlowKey("t", "10.0.0.1", "1.2.3.4", 8443, None))  # the name is the target
     assert not router.needs_sniff(FlowKey("t", "10.0.0.1", "www.test", 8443, "www.test"))  # known already
     assert not router.needs_sniff(FlowKey("t", "10.0.0.1", "1.2.3.4", 443, None))  # only "rest" can match
+
+
+@pytest.mark.parametrize(
+    ("config", "key", "rule", "upstream"),
+    [
+        ("sni-ingress", FlowKey("tls", "1.2.3.4", None, None, "api.example.com", "tls", "api.example.com"),
+         "api", Endpoint("10.20.0.21", 8443)),
+        ("sni-ingress", FlowKey("tls", "1.2.3.4", None, None, "x.apps.example.com", "tls", "x.apps.example.com",
+                                ("h2",)), "apps", Endpoint("10.20.0.30", 443)),
+        ("sni-ingress", FlowKey("tls", "1.2.3.4", None, None, "evil.test", "tls", "evil.test"), "unknown-names", None),
+        ("sni-ingress", FlowKey("web", "1.2.3.4", "10.20.0.10", 80, "old.example.com", "http"), "legacy-host",
+         Endpoint("10.20.0.99", 80)),
+        ("mux", FlowKey("one-port", "1.2.3.4", "127.0.0.1", 22, None, "ssh"), "ssh", None),
+        ("mux", FlowKey("one-port", "1.2.3.4", "192.168.1.1", 80, None, "socks"), "no-lan", None),
+        ("mux", FlowKey("one-port", "1.2.3.4", "www.example.com", 443, "www.example.com", "tls", "www.example.com"),
+         "own-site", Endpoint("127.0.0.1", 4443)),
+    ],
+)
+def test_example_configs_route_as_their_comments_say(config: str, key: FlowKey, rule: str,
+                                                     upstream: Endpoint | None) -> None:
+    from gate.config import load_config
+    from tests.conftest import ROOT
+
+    decision = Router(load_config(ROOT / "configs" / f"{config}.yaml").routes).decide(key)
+    assert (decision.rule, decision.upstream) == (rule, upstream)
