@@ -177,3 +177,20 @@ def test_classify_prefixes_and_unknowns() -> None:
 @given(data=st.binary(max_size=300))
 def test_classify_never_raises(data: bytes) -> None:
     assert classify(data) is NEED_MORE or isinstance(classify(data), Sniffed)
+
+
+@pytest.mark.parametrize("name", ["openssl_sni_alpn.bin", "curl_https.bin", "python_ssl.bin", "chromium_tls.bin",
+                                  "curl_http.bin", "curl_h2c_prior.bin", "ssh_banner.bin"])
+def test_classify_fed_byte_by_byte(name: str) -> None:
+    """As a flow that sends one byte per segment is sniffed: NEED_MORE until the message is whole, then
+    exactly what the whole message gives."""
+    data = fixture(name)
+    whole = classify(data)
+    assert isinstance(whole, Sniffed) and whole.protocol != "unknown"
+    fed = b""
+    for byte in data:
+        fed += bytes([byte])
+        found = classify(fed)
+        if found is not NEED_MORE:
+            break
+    assert found == whole
