@@ -175,9 +175,10 @@ class Match:
     dst: tuple[IPNetwork, ...] = ()
     port: tuple[tuple[int, int], ...] = ()
     src: tuple[IPNetwork, ...] = ()
-    host: tuple[str, ...] = ()  # lower-case; "*.suffix" matches the suffix's subdomains
+    # lower-case; "*.suffix" matches the suffix's subdomains, ".suffix" the suffix itself and its subdomains
+    host: tuple[str, ...] = ()
     protocol: tuple[str, ...] = ()  # sniffed protocol: tls, http, h2c, ssh, socks, unknown
-    sni: tuple[str, ...] = ()  # TLS server name, exact or "*.suffix"
+    sni: tuple[str, ...] = ()  # TLS server name, exact, "*.suffix" or ".suffix"
     alpn: tuple[str, ...] = ()  # any of these offered by the TLS client
 
 
@@ -362,8 +363,9 @@ def _ports(value: Any) -> tuple[tuple[int, int], ...]:
 def _hosts(value: Any) -> tuple[str, ...]:
     hosts = []
     for item in _as_list(value):
-        if not isinstance(item, str) or not item or "*" in item.removeprefix("*."):
-            raise ValueError(f"{item!r} is not a host name or *.suffix")
+        if (not isinstance(item, str) or item.strip(".*") == "" or "*" in item.removeprefix("*.")
+                or item.startswith("..")):
+            raise ValueError(f"{item!r} is not a host name, *.suffix or .suffix")
         hosts.append(item.lower().rstrip("."))
     return tuple(hosts)
 

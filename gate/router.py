@@ -55,8 +55,11 @@ def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
 
 
 def _host_matches(pattern: str, name: str) -> bool:
+    """Exact; "*.example.com": any subdomain; ".example.com": the domain and any subdomain."""
     if pattern.startswith("*."):
         return name.endswith(pattern[1:])
+    if pattern.startswith("."):
+        return name.endswith(pattern) or name == pattern[1:]
     return name == pattern
 
 

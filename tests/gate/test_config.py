@@ -218,3 +218,15 @@ def test_mesh_peers_and_via_routes() -> None:
     assert "routes[1].via: missing (action via needs via: PEER)" in found
     assert "routes[2].via: not allowed with action direct" in found
     assert any(p.startswith("mesh: missing: an h2 listener needs") for p in found)
+
+
+def test_name_patterns_are_exact_star_dot_or_dot_suffixes() -> None:
+    def config(pattern: str) -> dict[str, Any]:
+        return {"listeners": [{"name": "t", "kind": "tproxy", "listen": "0.0.0.0:1"}],
+                "routes": [{"match": {"sni": pattern}, "action": "direct"}]}
+
+    for good, kept in (("example.com", "example.com"), ("*.example.com", "*.example.com"),
+                       (".example.com", ".example.com"), ("Example.COM.", "example.com")):
+        assert parse_config(config(good)).routes[0].match.sni == (kept,)
+    for bad in ("*", ".", "..example.com", "a*b.example.com", ""):
+        assert problems(config(bad)) == [f"routes[0].match.sni: {bad!r} is not a host name, *.suffix or .suffix"]

@@ -174,3 +174,20 @@ def test_example_configs_route_as_their_comments_say(config: str, key: FlowKey, 
 
     decision = Router(load_config(ROOT / "configs" / f"{config}.yaml").routes).decide(key)
     assert (decision.rule, decision.upstream) == (rule, upstream)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "name", "matches"),
+    [
+        ("example.com", "example.com", True), ("example.com", "www.example.com", False),
+        ("*.example.com", "www.example.com", True), ("*.example.com", "a.b.example.com", True),
+        ("*.example.com", "example.com", False), ("*.example.com", "badexample.com", False),
+        (".example.com", "example.com", True), (".example.com", "www.example.com", True),
+        (".example.com", "badexample.com", False), (".example.com", "example.com.evil", False),
+    ],
+)
+def test_name_patterns(pattern: str, name: str, matches: bool) -> None:
+    router = Router(parse_config({"listeners": [{"name": "t", "kind": "tproxy", "listen": "0.0.0.0:15001"}],
+                                  "routes": [{"name": "p", "match": {"sni": pattern}, "action": "direct"}]}).routes)
+    key = FlowKey("t", "10.0.0.1", "1.2.3.4", 443, name, "tls", name)
+    assert (router.decide(key).rule == "p") is matches
