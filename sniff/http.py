@@ -59,14 +59,14 @@ def parse_http_request(data: bytes) -> HttpRequest | NeedMore:
     if line is None:
         raise NotThisProtocol("bad HTTP/1 request line")
     head_end = data.find(b"\r\n\r\n", line_end - 1, MAX_HEAD + 4)  # the line holds no blank line
-    consumed = head_end + 4
-    if head_end < 0:
-        head_end = data.find(b"\n\n", line_end, MAX_HEAD + 2)
+    if head_end >= 0:
+        consumed = head_end + 4
+    elif (head_end := data.find(b"\n\n", line_end, MAX_HEAD + 2)) >= 0:
         consumed = head_end + 2
-        if head_end < 0:
-            if len(data) > MAX_HEAD:
-                raise NotThisProtocol(f"request head over {MAX_HEAD} bytes")
-            return NEED_MORE
+    elif len(data) > MAX_HEAD:
+        raise NotThisProtocol(f"request head over {MAX_HEAD} bytes")
+    else:
+        return NEED_MORE
     method, target, minor = line.groups()
     # the first Host field (RFC 9112 allows no space before the colon; a line starting with space
     # continues the previous field)
