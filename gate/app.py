@@ -16,13 +16,15 @@ import time
 
 import uvloop
 
+from gate.accept import bind_listening_socket
 from gate.accesslog import AccessLog
 from gate.capture import applied
 from gate.config import GateConfig
+from gate.context import Context
 from gate.errors import ConfigError
-from gate.listeners import Context, Server, make_listener
-from gate.listeners.base import bind_listening_socket
+from gate.listeners import Server, make_listener
 from gate.mesh.dialer import Mesh
+from gate.mesh.h2_streams import Serve
 from gate.mesh.inbound import Inbound
 from gate.mesh.trust import Trust
 from gate.router import Router
@@ -43,9 +45,9 @@ async def serve(config: GateConfig, stop: asyncio.Event, *, reuse_port: bool = F
     listeners: list[Server] = []
     reverse: list[Inbound] = []  # flows arriving over our reverse tunnels (we are behind NAT)
     if mesh is not None:
-        def serve_for(peer: str) -> Inbound:
+        def serve_for(peer: str) -> Serve:
             reverse.append(Inbound(peer, ctx, config.timeouts.connect, config.timeouts.idle))
-            return reverse[-1]
+            return reverse[-1].serve
 
         mesh.start_reverse(serve_for)
     try:

@@ -16,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gate.addr import Endpoint, is_ip
+from gate.deadlines import Sweeper
 from gate.errors import UpstreamError, UpstreamRefused, UpstreamTimeout, UpstreamUnreachable
-from splice import Sweeper
 from tproxy.sockopts import set_mark, set_transparent
 
-__all__ = ["Connect", "SocketOptions", "literal_family", "open_tcp"]
+__all__ = ["Connect", "SocketOptions", "literal_family", "open_tcp", "resolve"]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -155,28 +155,31 @@ class Connect:
         self.sock.close()
 
 
-async def _addresses(dst: Endpoint) -> list[tuple[int, Endpoint]]:
+async def resolve(dst: Endpoint, timeout: float) -> list[tuple[int, Endpoint]]:
+    """``dst``'s addresses with their families (an address literal is its own), within ``timeout``."""
     family = literal_family(dst.host)
     if family is not None:
         return [(family, dst)]
     loop = asyncio.get_running_loop()
     try:
-        infos = await loop.getaddrinfo(dst.host, dst.port, type=socket.SOCK_STREAM)
+        async with asyncio.timeout(timeout):
+            infos = await loop.getaddrinfo(dst.host, dst.port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise UpstreamUnreachable(f"{dst.host}: {e.strerror}") from None
+    except TimeoutError:
+        raise UpstreamTimeout(f"{dst}: name not resolved within {timeout:g}s") from None
     return [(family, Endpoint(str(addr[0]), int(addr[1]))) for family, _, _, _, addr in infos]
 
 
-async def open_tcp(dst: Endpoint, timeout: float, opts: SocketOptions | None = None) -> socket.socket:
-    """Connect to ``dst`` (resolving a name, trying each address in turn) within ``timeout`` seconds."""
+async def open_tcp(dst: Endpoint, timeout: float, opts: SocketOptions | None = None,
+                   addresses: list[tuple[int, Endpoint]] | None = None) -> socket.socket:
+    """Connect to ``dst`` within ``timeout`` seconds, trying each of its addresses in turn (resolved
+    here, or the ``addresses`` the caller resolved and vetted)."""
     loop = asyncio.get_running_loop()
     error: UpstreamError = UpstreamUnreachable(f"{dst}: no address")
     deadline = loop.time() + timeout
-    try:
-        async with asyncio.timeout_at(deadline):
-            addresses = await _addresses(dst)
-    except TimeoutError:
-        raise UpstreamTimeout(f"{dst}: name not resolved within {timeout:g}s") from None
+    if addresses is None:
+        addresses = await resolve(dst, timeout)
     for family, addr in addresses:
         fut: asyncio.Future[socket.socket] = loop.create_future()
 

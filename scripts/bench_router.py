@@ -5,7 +5,7 @@ transparent peer (`bind ... transparent`, `server s 0.0.0.0:0` = the original de
 splice), steered by the same TPROXY rules. UDP: delivered packets/s of 1200-byte datagrams through
 ugate `tproxy_udp` and through nginx stream UDP on the gateway, twice: with the gateway's LAN veth plain
 (every packet handed over alone, in the sender's syscall) and NIC-like (GRO with threaded NAPI, as a real
-NIC's driver batches; see tproxy.netns.nic_like). Rounds are interleaved; medians.
+NIC's driver batches; see tests/netns.py nic_like). Rounds are interleaved; medians.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tproxy import netns  # noqa: E402
+from tests import netns  # noqa: E402
 
 SERVER_PORT = 5201
 

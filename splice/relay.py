@@ -21,10 +21,9 @@ import os
 import socket
 import struct
 from collections.abc import Callable
+from typing import Protocol
 
-from splice.sweep import Sweeper, sweep_interval
-
-__all__ = ["PIPE_POOL", "PipePool", "Relay", "can_splice"]
+__all__ = ["PIPE_POOL", "Deadlines", "PipePool", "Relay", "can_splice"]
 
 F_SETPIPE_SZ = 1031  # fcntl.h; not exported by Python 3.11's fcntl module
 # 1 MiB is the default /proc/sys/fs/pipe-max-size: one splice moves up to this much per call.
@@ -42,6 +41,16 @@ _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 # Errors that mean "this peer is gone" rather than a bug in us.
 _PEER_ERRORS = (ConnectionError, TimeoutError)
 _LINGER_RST = struct.pack("ii", 1, 0)
+
+
+class Deadlines(Protocol):
+    """Who watches relays' idle deadlines: a coarse timer shared by many flows (gate.deadlines.Sweeper),
+    so a relay costs no loop timer of its own. It calls ``relay.expire()`` once ``relay.deadline()``
+    passed."""
+
+    def add(self, item: Relay) -> None: ...
+
+    def discard(self, item: Relay) -> None: ...
 
 
 class PipePool:
@@ -279,7 +288,7 @@ class Relay:
         idle_timeout: float,
         on_done: Callable[[Relay], None],
         loop: asyncio.AbstractEventLoop | None = None,
-        sweeper: Sweeper | None = None,
+        sweeper: Deadlines,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
         self.client = client
@@ -294,8 +303,7 @@ class Relay:
         self.on_done = on_done
         self.last_active = self.loop.time()
         self.close_reason = "open"
-        # The idle deadline is watched by a sweeper shared with other flows (or one of our own).
-        self._sweeper = sweeper if sweeper is not None else Sweeper(self.loop, sweep_interval(idle_timeout))
+        self._sweeper = sweeper  # watches the idle deadline, shared with other flows
         self._closed = False
 
     @property

@@ -17,17 +17,18 @@ from gate.config import (
     TproxySpec,
     TproxyUdpSpec,
 )
-from gate.listeners.base import Context, Listener, Server
+from gate.context import Context
 from gate.listeners.forward import ForwardListener
 from gate.listeners.h2 import H2Listener
 from gate.listeners.http_proxy import HttpListener
 from gate.listeners.mux import MuxListener
 from gate.listeners.sni import SniListener
 from gate.listeners.socks import SocksListener
+from gate.listeners.tcp import Server, TcpListener
 from gate.listeners.tproxy_udp import TproxyUdpListener
 from gate.listeners.transparent import RedirectListener, TproxyListener
 
-__all__ = ["SERVERS", "Context", "Listener", "Server", "make_listener"]
+__all__ = ["SERVERS", "Server", "TcpListener", "make_listener"]
 
 SERVERS: dict[type[ListenerSpec], Callable[[Any, Context], Server]] = {
     Socks5Spec: SocksListener,

@@ -15,19 +15,24 @@ from typing import Any
 import h11
 
 from gate.addr import Endpoint, is_ip
-from gate.config import HttpSpec
+from gate.config import HttpSpec, MuxSpec
+from gate.context import Context
 from gate.errors import (
     ClientProtocolError,
     GateError,
+    HandshakeTimeout,
+    RefusedByPolicy,
     RejectedByRule,
     UpstreamError,
     UpstreamTimeout,
 )
-from gate.flow import Flow
-from gate.listeners.base import Listener
+from gate.flow import Close, Flow
+from gate.listeners.tcp import TcpListener
 from gate.proto.http import TargetError, check_basic_auth, connect_authority, forward_headers, split_absolute_uri
+from gate.runner import FlowRunner
+from gate.upstream import Upstream
 
-__all__ = ["HttpListener"]
+__all__ = ["HttpListener", "HttpProxy"]
 
 # A request or response head larger than this is refused (431 / 502): no legitimate client needs more,
 # and it bounds what one connection can make us buffer.
@@ -41,7 +46,7 @@ class _ClientGone(Exception):
 
 
 def _status_for(error: GateError) -> int:
-    if isinstance(error, RejectedByRule):
+    if isinstance(error, (RejectedByRule, RefusedByPolicy)):
         return 403
     if isinstance(error, UpstreamTimeout):
         return 504
@@ -50,10 +55,17 @@ def _status_for(error: GateError) -> int:
     return 400
 
 
-class HttpListener(Listener):
-    spec: HttpSpec
+class HttpProxy:
+    """The HTTP proxy's requests and answers, for the ``http`` listener and the ``mux`` one. Each
+    forwarded request is a flow of its own, ended here; a CONNECT tunnel goes to the runner's relay."""
 
-    async def handle(self, conn: socket.socket, flow: Flow) -> None:
+    def __init__(self, spec: HttpSpec | MuxSpec, runner: FlowRunner) -> None:
+        self.spec = spec
+        self.runner = runner
+        self.ctx = runner.ctx
+        self.loop = runner.loop
+
+    async def serve(self, conn: socket.socket, flow: Flow) -> None:
         client = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         if flow.preread:  # bytes a mux listener read while sniffing (b"" would tell h11 "closed")
             client.receive_data(flow.preread)
@@ -67,9 +79,9 @@ class HttpListener(Listener):
                     request = await self._next_request(conn, client, wait)
                 except _ClientGone as gone:
                     if first:
-                        flow.close_reason = str(gone)  # a connection that never asked for anything
+                        flow.closing(Close.CLIENT_ERROR, str(gone))  # a connection that never asked
                     return
-                flow = flow if first else Flow(listener=flow.listener, client=flow.client)
+                flow = flow if first else self.ctx.begin(Flow(listener=flow.listener, client=flow.client))
                 first = False
                 if not await self._serve_request(conn, client, request, flow, session):
                     return
@@ -88,7 +100,7 @@ class HttpListener(Listener):
             realm = self.spec.realm.replace('"', "")
             await self._error(conn, client, flow, 407, "proxy authentication required",
                               [(b"proxy-authenticate", f'Basic realm="{realm}"'.encode())])
-            self.log_flow(flow)
+            self.ctx.finish(flow, Close.CLIENT_ERROR, "407 proxy authentication required")
             return False
         try:
             if request.method == b"CONNECT":
@@ -97,10 +109,13 @@ class HttpListener(Listener):
             await self._forward(conn, client, request, flow, session)
             return True
         except TargetError as e:
+            flow.closing(Close.CLIENT_ERROR, f"400 {e}")
             await self._error(conn, client, flow, 400, str(e))
         except GateError as e:
-            await self._error(conn, client, flow, _status_for(e), str(e))
-        self.log_flow(flow)
+            status = _status_for(e)
+            flow.closing(e.close, f"{status} {e}")
+            await self._error(conn, client, flow, status, str(e))
+        self.ctx.finish(flow)
         return False
 
     async def _next_request(self, conn: socket.socket, client: h11.Connection, wait: float) -> h11.Request:
@@ -122,7 +137,7 @@ class HttpListener(Listener):
             if client.their_state is h11.IDLE and not client.trailing_data[0]:
                 raise _ClientGone("idle timeout") from None  # nothing was sent: close without an answer
             await self._error(conn, client, None, 408, "request head not received in time")
-            raise ClientProtocolError("handshake timeout") from None
+            raise HandshakeTimeout("request head not received in time") from None
 
     async def _tunnel(self, conn: socket.socket, client: h11.Connection, request: h11.Request, flow: Flow) -> None:
         flow.dst = connect_authority(request.target)
@@ -132,22 +147,22 @@ class HttpListener(Listener):
             assert data is not None
             return data
 
-        if self.sniffs_in_tunnel(flow):
+        if self.runner.sniffs_in_tunnel(flow):
             # a route depends on the tunnel's first bytes, which come only after our 200: answer first,
             # then sniff, route and connect (a failed upstream can then only be told by a reset)
             await self.loop.sock_sendall(conn, established())
             flow.preread = client.trailing_data[0]
-            await self.sniff_tunnel(conn, flow)
-            await self.connect_and_relay_or_reset(conn, flow)  # any PROXY header goes before the sniffed bytes
+            await self.runner.sniff_tunnel(conn, flow)
+            await self.runner.connect_and_relay_or_reset(conn, flow)  # a PROXY header goes before the bytes
             return
-        upstream = await self.connect(flow)
+        upstream = await self.runner.connect(flow)
         try:
             await self.loop.sock_sendall(conn, established())
         except BaseException:
-            upstream.close()
+            upstream.sock.close()
             raise
-        flow.preread += client.trailing_data[0]  # after any PROXY header the route asked for
-        await self.relay(flow, conn, upstream)
+        flow.preread += client.trailing_data[0]
+        await self.runner.relay(conn, flow, upstream)
 
     async def _forward(
         self, conn: socket.socket, client: h11.Connection, request: h11.Request, flow: Flow,
@@ -157,12 +172,14 @@ class HttpListener(Listener):
         flow.dst = origin
         flow.host = None if is_ip(origin.host) else origin.host.lower()
         flow.path = "http"
-        decision = self.decide(flow)
+        opener = self.runner.opener
+        decision = opener.decide(flow)
         if decision.action == "reject":
             raise RejectedByRule(f"rejected by {decision.rule}")
         # reused while the next request goes the same way (same origin or upstream, same peer)
         way = (decision.via, decision.upstream or origin)
-        upstream = await session.get(way, lambda: self._connect_with_header(flow))
+        upstream = await session.get(way, lambda: self._connect_with_header(opener.open(decision, flow), flow))
+        flow.peer = decision.via
         headers = forward_headers(request.headers, VIA)
         if not any(name == b"host" for name, _ in headers):
             headers.insert(0, (b"host", str(origin).encode()))
@@ -177,23 +194,21 @@ class HttpListener(Listener):
             upstream.h11.start_next_cycle()
         else:
             session.close()
-        flow.close_reason = "done"
-        self.log_flow(flow)
+        self.ctx.finish(flow, Close.DONE)
 
-    async def _connect_with_header(self, flow: Flow) -> socket.socket:
+    async def _connect_with_header(self, opening: Awaitable[Upstream], flow: Flow) -> socket.socket:
         """A new upstream connection for forwarded requests, opened with the PROXY protocol header when
         the route asks for one (once per connection, as the protocol defines: the connection is then
         reused by this client's next requests that go the same way)."""
-        upstream = await self.connect(flow)
-        header, flow.preread = flow.preread, b""
-        if header:
+        upstream = await opening
+        if upstream.header:
             try:
-                await self.loop.sock_sendall(upstream, header)
+                await self.loop.sock_sendall(upstream.sock, upstream.header)
             except OSError as e:
-                upstream.close()
+                upstream.sock.close()
                 raise UpstreamError(f"upstream write failed: {e.strerror}") from None
-            flow.bytes_up += len(header)
-        return upstream
+            flow.bytes_up += len(upstream.header)
+        return upstream.sock
 
     async def _send_request(
         self, conn: socket.socket, client: h11.Connection, upstream: _Upstream, head: h11.Request, flow: Flow
@@ -252,7 +267,7 @@ class HttpListener(Listener):
     ) -> None:
         """Answer ``status`` and mark the connection for closing (the request body may be unread)."""
         if flow is not None:
-            flow.close_reason = flow.close_reason if flow.close_reason != "open" else f"{status} {reason}"
+            flow.closing(Close.CLIENT_ERROR if status < 500 else Close.UPSTREAM_ERROR, f"{status} {reason}")
         if client.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return  # a response is already under way: the caller closes the connection
         body = f"{status} {reason}\n".encode()
@@ -312,3 +327,14 @@ class _UpstreamSession:
         if self.current is not None:
             self.current.sock.close()
             self.current = None
+
+
+class HttpListener(TcpListener):
+    spec: HttpSpec
+
+    def __init__(self, spec: HttpSpec, ctx: Context) -> None:
+        super().__init__(spec, ctx)
+        self.http = HttpProxy(spec, self.runner)
+
+    def accepted(self, conn: socket.socket, flow: Flow) -> None:
+        self.runner.handshake(conn, flow, self.http.serve)

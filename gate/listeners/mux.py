@@ -9,27 +9,35 @@ import socket
 
 from gate.addr import Endpoint
 from gate.config import MuxSpec
+from gate.context import Context
 from gate.errors import ClientProtocolError
 from gate.flow import Flow
-from gate.listeners.base import Listener, reset
-from gate.listeners.http_proxy import HttpListener
-from gate.listeners.socks import SocksListener
+from gate.listeners.http_proxy import HttpProxy
+from gate.listeners.socks import Socks
+from gate.listeners.tcp import TcpListener
+from gate.runner import reset
 
 __all__ = ["MuxListener"]
 
 
-class MuxListener(HttpListener, SocksListener):
-    spec: MuxSpec  # type: ignore[assignment]  # it has what both handlers read (users, realm, timeouts)
+class MuxListener(TcpListener):
+    spec: MuxSpec
+
+    def __init__(self, spec: MuxSpec, ctx: Context) -> None:
+        super().__init__(spec, ctx)
+        self.socks = Socks(spec, self.runner)
+        self.http = HttpProxy(spec, self.runner)
 
     def accepted(self, conn: socket.socket, flow: Flow) -> None:
         # clients of every protocol served here speak first: wait as long as a handshake may take
-        self.sniff_then(conn, flow, self.spec.timeouts.handshake, lambda: Listener.accepted(self, conn, flow))
+        self.runner.sniff(conn, flow, self.spec.timeouts.handshake,
+                          lambda: self.runner.handshake(conn, flow, self._serve))
 
-    async def handle(self, conn: socket.socket, flow: Flow) -> None:
+    async def _serve(self, conn: socket.socket, flow: Flow) -> None:
         if flow.protocol == "socks":
-            await SocksListener.handle(self, conn, flow)
+            await self.socks.serve(conn, flow)
         elif flow.protocol == "http":
-            await HttpListener.handle(self, conn, flow)
+            await self.http.serve(conn, flow)
         else:
             await self._pass_through(conn, flow)
 
@@ -46,4 +54,4 @@ class MuxListener(HttpListener, SocksListener):
             reset(conn)
             raise ClientProtocolError(f"nothing serves {flow.protocol or 'this'} on this port")
         flow.dst = target
-        await self.connect_and_relay_or_reset(conn, flow)
+        await self.runner.connect_and_relay_or_reset(conn, flow)

@@ -13,22 +13,24 @@ from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 from gate.addr import Endpoint, is_ip
-from gate.config import Socks5Spec
+from gate.config import MuxSpec, Socks5Spec
+from gate.context import Context
 from gate.errors import (
     ClientProtocolError,
     GateError,
+    RefusedByPolicy,
     RejectedByRule,
     UpstreamRefused,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
 from gate.flow import Flow
-from gate.listeners.base import Listener
+from gate.listeners.tcp import TcpListener
 from gate.proto import socks
 from gate.proto.socks import NeedMore, Reply, SocksError
+from gate.runner import FlowRunner
 
-__all__ = ["SocksListener"]
-
+__all__ = ["Socks", "SocksListener"]
 
 
 class _Message(Protocol):
@@ -41,7 +43,7 @@ T = TypeVar("T", bound=_Message)
 
 def socks5_code(error: GateError) -> Reply:
     """The SOCKS5 reply for a failed CONNECT; a timeout reads as unreachable, as in Dante and 3proxy."""
-    if isinstance(error, RejectedByRule):
+    if isinstance(error, (RejectedByRule, RefusedByPolicy)):
         return Reply.NOT_ALLOWED
     if isinstance(error, UpstreamRefused):
         return Reply.CONNECTION_REFUSED
@@ -50,10 +52,15 @@ def socks5_code(error: GateError) -> Reply:
     return Reply.GENERAL_FAILURE
 
 
-class SocksListener(Listener):
-    spec: Socks5Spec
+class Socks:
+    """The SOCKS handshake and its answers, for the ``socks5`` listener and the ``mux`` one."""
 
-    async def handle(self, conn: socket.socket, flow: Flow) -> None:
+    def __init__(self, spec: Socks5Spec | MuxSpec, runner: FlowRunner) -> None:
+        self.spec = spec
+        self.runner = runner
+        self.loop = runner.loop
+
+    async def serve(self, conn: socket.socket, flow: Flow) -> None:
         buf = bytearray(flow.preread)  # bytes a mux listener read while sniffing
         flow.preread = b""
         async with asyncio.timeout(self.spec.timeouts.handshake):
@@ -70,33 +77,34 @@ class SocksListener(Listener):
         flow.dst = Endpoint(host, port)
         flow.host = None if is_ip(host) else host.lower()
         flow.preread = bytes(buf)  # an optimistic client may send data before our reply
-        if self.sniffs_in_tunnel(flow):
+        if self.runner.sniffs_in_tunnel(flow):
             await self._connect_after_sniffing(conn, flow, success or socks.socks5_reply(Reply.SUCCEEDED))
             return
         try:
-            upstream = await self.connect(flow)
+            upstream = await self.runner.connect(flow)
         except GateError as e:
             reply = socks.socks4_reply(False) if failure is None else socks.socks5_reply(failure(e))
             await self.loop.sock_sendall(conn, reply)
             raise
         if success is None:
             # a tunnelled flow's upstream is a socketpair: no address of ours to tell
-            bound = upstream.getsockname() if upstream.family != socket.AF_UNIX else ("0.0.0.0", 0)
+            sock = upstream.sock
+            bound = sock.getsockname() if sock.family != socket.AF_UNIX else ("0.0.0.0", 0)
             success = socks.socks5_reply(Reply.SUCCEEDED, bound[0], bound[1])
         try:
             await self.loop.sock_sendall(conn, success)
         except BaseException:
-            upstream.close()
+            upstream.sock.close()
             raise
-        await self.relay(flow, conn, upstream)
+        await self.runner.relay(conn, flow, upstream)
 
     async def _connect_after_sniffing(self, conn: socket.socket, flow: Flow, success: bytes) -> None:
         """A route depends on what the client says inside the tunnel, and it says nothing before our
         reply: so "succeeded" goes first (bound address 0.0.0.0:0), then sniffing, routing and the
         connection. Its cost: a refused or unreachable upstream can only be told by a reset."""
         await self.loop.sock_sendall(conn, success)
-        await self.sniff_tunnel(conn, flow)
-        await self.connect_and_relay_or_reset(conn, flow)
+        await self.runner.sniff_tunnel(conn, flow)
+        await self.runner.connect_and_relay_or_reset(conn, flow)
 
     async def _negotiate(self, conn: socket.socket, buf: bytearray, greeting: socks.Greeting) -> None:
         """Pick the method (username/password if users are configured) and authenticate."""
@@ -129,3 +137,14 @@ class SocksListener(Listener):
             if not data:
                 raise ClientProtocolError("client closed during the SOCKS handshake")
             buf += data
+
+
+class SocksListener(TcpListener):
+    spec: Socks5Spec
+
+    def __init__(self, spec: Socks5Spec, ctx: Context) -> None:
+        super().__init__(spec, ctx)
+        self.socks = Socks(spec, self.runner)
+
+    def accepted(self, conn: socket.socket, flow: Flow) -> None:
+        self.runner.handshake(conn, flow, self.socks.serve)

@@ -20,12 +20,14 @@ import struct
 
 from gate.addr import Endpoint
 from gate.config import TproxyUdpSpec
-from gate.flow import Flow
-from gate.listeners.base import Context
-from gate.listeners.sniffing import apply_sniffed
+from gate.context import Context
+from gate.deadlines import Sweeper, sweep_interval
+from gate.flow import Close, Flow
 from gate.router import FlowKey
+from gate.sniffing import apply_sniffed
+from gate.upstream import LOOP, OwnAddresses
 from sniff import NeedMore, Sniffed, classify_datagrams
-from splice import Sweeper, mmsg, sweep_interval
+from splice import mmsg
 from tproxy.sockopts import set_mark, set_transparent, unmap
 
 __all__ = ["TproxyUdpListener", "parse_origdst"]
@@ -130,7 +132,7 @@ class _Session:
         return self.last_active + self.timeout
 
     def expire(self) -> None:
-        self.listener.end(self, "idle timeout")
+        self.listener.end(self, Close.IDLE)
 
 
 class TproxyUdpListener:
@@ -146,6 +148,7 @@ class TproxyUdpListener:
         self.held: dict[SessionKey, _Held] = {}
         self.held_bytes = 0
         self.sweeper = Sweeper(self.loop, sweep_interval(spec.session_timeout))
+        self.own = OwnAddresses(ctx.own)
 
     def start(self) -> None:
         sock = socket.socket(self.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
@@ -245,9 +248,8 @@ class TproxyUdpListener:
     def _open(self, key: SessionKey, client: Endpoint, dst: Endpoint, found: Sniffed,
               timed_out: bool) -> _Session | None:
         flow = Flow(listener=self.spec.name, client=client, dst=dst, path="udp")
-        if self.ctx.is_own(dst):
-            flow.close_reason = "refused: the destination is ugate itself (a loop)"
-            self._log(flow)
+        if dst in self.own:
+            self._log(flow, Close.REFUSED, LOOP)
             return None
         apply_sniffed(flow, found)
         self.ctx.sniff_outcomes.record(flow, timed_out)
@@ -258,8 +260,8 @@ class TproxyUdpListener:
         target = decision.upstream if decision.action == "upstream" else None
         flow.rule, flow.action, flow.upstream = decision.rule, decision.action, target
         if decision.action == "reject" or len(self.sessions) >= self.spec.max_flows:
-            flow.close_reason = f"rejected by {decision.rule}" if decision.action == "reject" else "max_flows reached"
-            self._log(flow)  # one record per refused datagram: a client retrying shows as retries
+            self._log(flow, Close.REJECTED, f"rejected by {decision.rule}") if decision.action == "reject" else \
+                self._log(flow, Close.REFUSED, "max_flows reached")  # a record per refused datagram: retries show
             return None
         family = socket.AF_INET6 if ":" in (target or dst).host else socket.AF_INET
         upstream = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
@@ -380,19 +382,17 @@ class TproxyUdpListener:
 
     # -- ending ----------------------------------------------------------------------------------
 
-    def end(self, session: _Session, reason: str) -> None:
+    def end(self, session: _Session, reason: Close) -> None:
         self.sessions.pop(session.key, None)
         self.sweeper.discard(session)
         for sock in (session.upstream, *session.replies.values()):
             self.loop.remove_reader(sock.fileno())
             sock.close()
         session.replies.clear()
-        session.flow.close_reason = reason
-        self._log(session.flow)
+        self._log(session.flow, reason)
 
-    def _log(self, flow: Flow) -> None:
-        if self.ctx.access_log.enabled:
-            self.ctx.access_log.write(flow.record())
+    def _log(self, flow: Flow, close: Close, detail: str | None = None) -> None:
+        self.ctx.finish(flow, close, detail)
 
     def stop_accepting(self) -> None:
         if self.sock is not None:
@@ -408,6 +408,6 @@ class TproxyUdpListener:
         self.held.clear()
         self.held_bytes = 0
         for session in list(self.sessions.values()):
-            self.end(session, "shutdown")
+            self.end(session, Close.SHUTDOWN)
         self.sweeper.close()
 

@@ -10,38 +10,39 @@ import socket
 
 from gate.addr import Endpoint
 from gate.config import RedirectSpec, TproxySpec
-from gate.flow import Flow
-from gate.listeners.forward import ForwardListener
+from gate.flow import Close, Flow
+from gate.listeners.tcp import TcpListener
 from tproxy.sockopts import OriginalDstUnavailable, original_dst, unmap
 
 __all__ = ["RedirectListener", "TproxyListener"]
 
 
-class TproxyListener(ForwardListener):
+class TproxyListener(TcpListener):
     """IP_TRANSPARENT listener: TPROXY delivers connections for any address, and the accepted socket's
     local address is where the client was going."""
 
-    spec: TproxySpec  # type: ignore[assignment]
+    spec: TproxySpec
     transparent = True
 
     def accepted(self, conn: socket.socket, flow: Flow) -> None:
         host, port = conn.getsockname()[:2]
         flow.dst = Endpoint(unmap(host), port)
-        self.route_without_handshake(conn, flow)
+        self.runner.forward(conn, flow)
 
 
-class RedirectListener(ForwardListener):
+class RedirectListener(TcpListener):
     """Plain listener behind iptables/nftables REDIRECT: conntrack knows the original destination."""
 
-    spec: RedirectSpec  # type: ignore[assignment]
+    spec: RedirectSpec
 
     def accepted(self, conn: socket.socket, flow: Flow) -> None:
+        local = conn.getsockname()
         try:
             host, port = original_dst(conn)
         except OriginalDstUnavailable:
-            host, port = conn.getsockname()[:2]  # a direct connection: the destination is us
+            host, port = local[:2]  # a direct connection: the destination is us
         flow.dst = Endpoint(unmap(host), port)
-        if flow.dst == Endpoint(unmap(conn.getsockname()[0]), conn.getsockname()[1]):
-            self.refuse(conn, flow, "refused: not redirected (a direct connection to the listener)")
+        if flow.dst == Endpoint(unmap(local[0]), local[1]):
+            self.runner.refuse(conn, flow, Close.REFUSED, "not redirected (a direct connection to the listener)")
             return
-        self.route_without_handshake(conn, flow)
+        self.runner.forward(conn, flow)

@@ -1,4 +1,5 @@
-"""Flows ``via`` a peer gate: one TLS + HTTP/2 connection per peer, one CONNECT stream per flow.
+"""The HTTP/2 mesh transport (``transport.Transport``): flows ``via`` a peer gate, one TLS + HTTP/2
+connection per peer, one CONNECT stream per flow.
 
 The listener side stays the same for every kind (SOCKS replies, half-close, relays): ``open`` returns
 one end of a socketpair whose other end is bridged to the stream, so a tunnelled flow looks to the
@@ -14,44 +15,22 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from gate.config import PeerSpec
 from gate.dial import SocketOptions, open_tcp
-from gate.errors import (
-    GateError,
-    RejectedByRule,
-    UpstreamRefused,
-    UpstreamTimeout,
-    UpstreamUnreachable,
-)
+from gate.errors import GateError, UpstreamTimeout, UpstreamUnreachable
 from gate.flow import Flow
+from gate.mesh.h2_streams import ERROR_HEADER, Serve, error_for_status, meta_headers, request_handler
 from gate.mesh.session import Session
+from gate.mesh.transport import FlowMeta
 from gate.mesh.trust import Trust
 
-if TYPE_CHECKING:
-    from gate.mesh.inbound import Inbound
-
-__all__ = ["Mesh", "error_for_status"]
+__all__ = ["Mesh"]
 
 log = logging.getLogger("ugate")
 
 BACKOFF_FIRST, BACKOFF_MAX = 0.2, 5.0  # seconds between connection attempts to a failing peer
 CONNECT_TIMEOUT = 10.0  # for a reverse tunnel's connection (no flow is waiting on it)
-# The peer's reason for a failed CONNECT, in a response header, so the client's answer is exact
-ERROR_HEADER = "ugate-error"
-
-
-def error_for_status(peer: str, status: str, reason: str) -> GateError:
-    """The GateError a non-200 answer from ``peer`` stands for."""
-    text = f"via {peer}: {status} {reason}".rstrip()
-    if status == "403":
-        return RejectedByRule(text)
-    if status == "504" or reason == "timeout":
-        return UpstreamTimeout(text)
-    if reason == "refused":
-        return UpstreamRefused(text)
-    return UpstreamUnreachable(text)
 
 
 def _reset_on_close(ours: socket.socket) -> None:
@@ -91,7 +70,7 @@ class Mesh:
         self._reverse_tasks: list[asyncio.Task[None]] = []
         self._closing = False
 
-    async def open(self, peer_name: str, flow: Flow, timeout: float) -> socket.socket:
+    async def open_stream(self, peer_name: str, flow: Flow, timeout: float) -> socket.socket:
         """A socket carrying ``flow`` to its destination through ``peer_name``; GateError if not."""
         peer = self.peers.get(peer_name)
         if peer is None:
@@ -99,14 +78,9 @@ class Mesh:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         session = await self._session(peer, deadline)
-        assert flow.dst is not None
-        headers = [("ugate-client", str(flow.client))]
-        if flow.protocol:
-            headers.append(("ugate-protocol", flow.protocol))
-        if flow.sni:
-            headers.append(("ugate-sni", flow.sni))
+        meta = FlowMeta.of(flow)
         try:
-            stream_id, answer = session.open_stream(str(flow.dst), headers)
+            stream_id, answer = session.open_stream(str(meta.dst), meta_headers(meta))
         except Exception as e:  # h2 refuses (e.g. too many streams) or the connection just closed
             raise UpstreamUnreachable(f"via {peer_name}: {e}") from None
         try:
@@ -192,7 +166,7 @@ class Mesh:
             f"peer {peer.spec.name}: {peer.last_error}"))
         future.exception()  # retrieved: nobody may be waiting any more
 
-    async def _connect(self, peer: _Peer, deadline: float, serve: Inbound | None = None) -> Session:
+    async def _connect(self, peer: _Peer, deadline: float, serve: Serve | None = None) -> Session:
         """A verified session to ``peer``: ours to open streams on, or (``serve``) a reverse tunnel whose
         streams the peer opens and ``serve`` answers."""
         loop = asyncio.get_running_loop()
@@ -218,7 +192,7 @@ class Mesh:
         try:
             async with asyncio.timeout_at(deadline):
                 made = Session(self.trust.mesh, client_side=serve is None, on_lost=lost,
-                               on_request=serve.on_request if serve is not None else None)
+                               on_request=request_handler(self.trust, serve) if serve is not None else None)
                 await loop.create_connection(lambda: made, sock=sock, ssl=ctx, server_hostname=peer.spec.name)
                 session = made  # (uvloop returns its SSL wrapper as the protocol)
                 check.verify(session.peer_der)  # before any stream: a wrong gate never sees a flow
@@ -251,7 +225,7 @@ class Mesh:
 
         session.lost_callbacks.append(lost)
 
-    def start_reverse(self, serve_for: Callable[[str], Inbound]) -> None:
+    def start_reverse(self, serve_for: Callable[[str], Serve]) -> None:
         """Keep a reverse tunnel open to every peer marked ``reverse`` (we are behind NAT): dial it,
         serve the flows it sends, and dial again with backoff whenever the connection ends."""
         for peer in self.peers.values():
@@ -259,7 +233,7 @@ class Mesh:
                 task = asyncio.get_running_loop().create_task(self._keep_reverse(peer, serve_for(peer.spec.name)))
                 self._reverse_tasks.append(task)
 
-    async def _keep_reverse(self, peer: _Peer, serve: Inbound) -> None:
+    async def _keep_reverse(self, peer: _Peer, serve: Serve) -> None:
         loop = asyncio.get_running_loop()
         while not self._closing:
             try:

@@ -31,7 +31,7 @@ import h2.exceptions
 import h2.settings
 import hyperframe.frame
 
-from gate.config import MeshSpec
+from gate.config import MeshSpec, PeerSpec
 
 __all__ = ["Bridge", "Session"]
 
@@ -193,6 +193,7 @@ class Session(asyncio.Protocol):
         self.write_paused = False
         self.closed = False
         self.peer_der: bytes | None = None  # the peer's certificate (DER)
+        self.peer: tuple[str, PeerSpec | None] | None = None  # its gate ID and peer entry, once looked up
         self._on_request = on_request
         self.lost_callbacks: list[Callable[[Session], None]] = [on_lost] if on_lost is not None else []
         self.ready: asyncio.Future[None] = self.loop.create_future()  # the peer's SETTINGS arrived

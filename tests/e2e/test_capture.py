@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from tests import netns
 from tests.conftest import ROOT
-from tproxy import netns
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 PREFIX = f"ugt{os.getpid() % 100000}"

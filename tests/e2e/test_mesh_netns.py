@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests import netns
 from tests.e2e.test_capture import (  # noqa: F401 (router is a fixture)
     IPERF_COOKIE,
     WEB,
@@ -22,7 +23,6 @@ from tests.e2e.test_capture import (  # noqa: F401 (router is a fixture)
     wait_listening,
 )
 from tests.e2e.test_mesh import keygen
-from tproxy import netns
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 

@@ -36,4 +36,4 @@ def test_one_port_four_protocols(start_gate: Any, http_origin: int, two_https: t
     records = gate.wait_records(6)
     assert [r["protocol"] for r in records] == ["socks", "socks", "http", "tls", "ssh", "unknown"]
     assert records[3]["dst"] == f"localhost:{one}" and records[4]["dst"] == f"127.0.0.1:{hash_echo}"
-    assert records[5]["close"] == "nothing serves unknown on this port"
+    assert (records[5]["close"], records[5]["detail"]) == ("client error", "nothing serves unknown on this port")

@@ -92,4 +92,5 @@ def test_listeners_accept_the_header_from_load_balancers_only(start_gate: Any, h
     by_listener = {r["listener"] + ":" + (r["rule"] or "-"): r for r in records}
     assert by_listener["fwd:from-lb-client"]["client"] == "203.0.113.7:40000"
     assert by_listener["socks:from-lb-client"]["client"] == "203.0.113.9:5555"
-    assert by_listener["fwd:-"]["close"].startswith("bad PROXY protocol header")
+    assert by_listener["fwd:-"]["close"] == "client error"
+    assert by_listener["fwd:-"]["detail"].startswith("bad PROXY protocol header")

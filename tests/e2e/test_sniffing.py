@@ -123,7 +123,7 @@ def test_sni_listener_routes_by_name_without_terminating(start_gate: Any, two_ht
     records = gate.wait_records(4)
     assert [(r["rule"], r["dst"]) for r in records[:3]] == [
         ("two", f"two.test:{one}"), ("by-name", f"localhost:{one}"), ("internal", f"db.internal.test:{one}")]
-    assert records[3]["close"] == "no TLS server name (and no default)"
+    assert (records[3]["close"], records[3]["detail"]) == ("refused", "no TLS server name (and no default)")
 
 
 def test_resolve_dials_the_sniffed_name_instead_of_the_address(start_gate: Any, tls_files: dict[str, Path],

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 import uvloop
 
+from gate.deadlines import Sweeper, sweep_interval
 from splice import PIPE_POOL, Relay
 
 PATHS = ["splice", "copy"]
@@ -36,7 +37,8 @@ async def _relayed(path: str, idle: float = 30.0) -> tuple[socket.socket, socket
     client, gw_client = await _pair(loop)
     gw_upstream, server = await _pair(loop)
     done: asyncio.Future[Relay] = loop.create_future()
-    relay = Relay(gw_client, gw_upstream, mode=path, idle_timeout=idle, on_done=done.set_result)
+    relay = Relay(gw_client, gw_upstream, mode=path, idle_timeout=idle, on_done=done.set_result,
+                  sweeper=Sweeper(asyncio.get_running_loop(), sweep_interval(idle)))
     relay.start()
     return client, server, relay, done
 

@@ -10,8 +10,8 @@ import pytest
 from gate.accesslog import AccessLog
 from gate.addr import Endpoint
 from gate.config import parse_config
+from gate.context import Context
 from gate.listeners import tproxy_udp
-from gate.listeners.base import Context
 from gate.router import Router
 from tests.sniff.test_quic import datagrams
 

@@ -1,5 +1,7 @@
 """Network-namespace topologies for trying and testing capture (iproute2 commands, root only).
 
+A test and scripts tool (scripts/netns, scripts/bench_router.py), not part of the installed gateway.
+
 ``router``: client -- gateway -- server, the gateway forwarding between a LAN and a WAN veth, IPv4 and
 IPv6. ``sidecar``: an app namespace (where ugate runs beside the app) linked to a server namespace.
 Every namespace name starts with the given prefix, so ``remove`` (also ``scripts/netns down``) can find

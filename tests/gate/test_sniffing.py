@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gate.addr import Endpoint
 from gate.flow import Flow
-from gate.listeners.sniffing import SniffOutcomes
+from gate.sniffing import SniffOutcomes
 
 
 def flow(protocol: str | None) -> Flow:

@@ -14,9 +14,9 @@ import socket
 from collections.abc import Callable
 
 from gate.addr import Endpoint
-from gate.flow import Flow
+from gate.deadlines import Sweeper
+from gate.flow import Close, Flow
 from sniff import MAX_SNIFF, NeedMore, NotThisProtocol, Sniffed, classify, proxy_protocol
-from splice import Sweeper
 
 __all__ = ["FirstBytes", "ProxyHeaderReader", "SniffOutcomes", "apply_sniffed", "sniff_at_once"]
 
@@ -48,7 +48,7 @@ def sniff_at_once(conn: socket.socket, flow: Flow) -> bool | None:
             return None
         data = flow.preread
     except OSError as e:
-        flow.close_reason = f"client error while sniffing: {e.strerror}"
+        flow.closing(Close.CLIENT_ERROR, f"while sniffing: {e.strerror}")
         return False
     flow.preread = data
     if not data:
@@ -111,7 +111,7 @@ class FirstBytes:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            self.flow.close_reason = f"client error while sniffing: {e.strerror}"
+            self.flow.closing(Close.CLIENT_ERROR, f"while sniffing: {e.strerror}")
             self._finish(False)
             return
         if not data:  # half-closed before saying (all) it had: route with what came
@@ -165,7 +165,7 @@ class ProxyHeaderReader:
         return self._deadline
 
     def expire(self) -> None:
-        self.flow.close_reason = "no PROXY protocol header in time"
+        self.flow.closing(Close.HANDSHAKE_TIMEOUT, "no PROXY protocol header in time")
         self._finish(False)
 
     def _readable(self) -> None:
@@ -174,18 +174,18 @@ class ProxyHeaderReader:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            self.flow.close_reason = f"client error: {e.strerror}"
+            self.flow.closing(Close.CLIENT_ERROR, e.strerror)
             self._finish(False)
             return
         self._buf += data
         try:
             header = proxy_protocol.parse_proxy_header(self._buf) if data else None
         except NotThisProtocol as e:
-            self.flow.close_reason = f"bad PROXY protocol header: {e}"
+            self.flow.closing(Close.CLIENT_ERROR, f"bad PROXY protocol header: {e}")
             self._finish(False)
             return
         if header is None:
-            self.flow.close_reason = "closed before a PROXY protocol header"
+            self.flow.closing(Close.CLIENT_ERROR, "closed before a PROXY protocol header")
             self._finish(False)
         elif isinstance(header, proxy_protocol.ProxyHeader):
             if header.source is not None:

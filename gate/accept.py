@@ -1,0 +1,179 @@
+"""The one accept loop of every TCP listener kind (h2 included).
+
+Accepts in batches, backs off on descriptor exhaustion (EMFILE/ENFILE/ENOBUFS/ENOMEM) instead of
+spinning or dying, stops accepting while ``max_flows`` flows are open (the kernel backlog holds the
+rest), and reads the PROXY protocol header of trusted load balancers before a flow is handed on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable
+
+from gate.addr import Endpoint
+from gate.config import ListenerSpec
+from gate.deadlines import Sweeper, sweep_interval
+from gate.flow import Close, Flow, FlowState
+from gate.sniffing import ProxyHeaderReader
+from tproxy.sockopts import set_transparent, unmap
+
+__all__ = ["ACCEPTS_PER_WAKEUP", "AcceptLoop", "bind_listening_socket"]
+
+log = logging.getLogger("ugate")
+
+# Errors where accept() failing says "the process or the system is out of something", not "this client".
+_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+ACCEPT_BACKOFF_FIRST, ACCEPT_BACKOFF_MAX = 0.01, 1.0  # seconds; doubles while accept() keeps failing
+ACCEPTS_PER_WAKEUP = 64  # bounded so one busy listener cannot starve the relays
+BACKLOG = 4096  # capped by net.core.somaxconn
+
+
+def bind_listening_socket(at: Endpoint, *, reuse_port: bool = False, transparent: bool = False) -> socket.socket:
+    """A non-blocking listening socket; IPv6 sockets are v6-only so v4 and v6 listeners never collide.
+
+    ``reuse_port``: several worker processes each bind the same port and the kernel spreads new
+    connections across them (SO_REUSEPORT).
+    """
+    infos = socket.getaddrinfo(at.host, at.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # accepted sockets inherit TCP_NODELAY from the listener: one setsockopt less per flow
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if transparent:
+            set_transparent(sock)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(addr)
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class AcceptLoop:
+    """Accepts the connections of one listener and hands each on as ``(socket, Flow)``.
+
+    ``active()`` counts the listener's open flows (for max_flows); whoever ends a flow calls
+    ``resume()``. Connections from ``spec.proxy_protocol_from`` count as open flows while their
+    PROXY header is read, and ``on_refused`` gets those whose header is bad or late.
+    """
+
+    def __init__(self, spec: ListenerSpec, *, on_flow: Callable[[socket.socket, Flow], None],
+                 on_refused: Callable[[socket.socket, Flow], None], active: Callable[[], int],
+                 reuse_port: bool = False, transparent: bool = False) -> None:
+        self.spec = spec
+        self.loop = asyncio.get_running_loop()
+        self.sock: socket.socket | None = None
+        self._on_flow = on_flow
+        self._on_refused = on_refused
+        self._active = active
+        self._reuse_port = reuse_port
+        self._transparent = transparent
+        self._accepting = False
+        self._backoff = 0.0
+        self._retry: asyncio.TimerHandle | None = None
+        self.headers: dict[ProxyHeaderReader, socket.socket] = {}  # PROXY headers being read
+        self._header_sweeper = Sweeper(self.loop, sweep_interval(spec.timeouts.handshake))
+
+    def start(self) -> None:
+        self.sock = bind_listening_socket(self.spec.listen, reuse_port=self._reuse_port,
+                                          transparent=self._transparent)
+        self.resume()
+
+    def resume(self) -> None:
+        """Accept again if we stopped for max_flows (a flow ended) and are not backing off."""
+        if (self.sock is not None and not self._accepting and self._retry is None
+                and self._active() < self.spec.max_flows):
+            self.loop.add_reader(self.sock.fileno(), self._on_accept)
+            self._accepting = True
+
+    def _pause(self) -> None:
+        if self._accepting and self.sock is not None:
+            self.loop.remove_reader(self.sock.fileno())
+            self._accepting = False
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        self.resume()
+
+    def _on_accept(self) -> None:
+        assert self.sock is not None
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                conn, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionAbortedError:
+                continue  # the client gave up while queued
+            except OSError as e:
+                if e.errno not in _EXHAUSTED:
+                    raise
+                self._pause()
+                self._backoff = min(max(self._backoff * 2, ACCEPT_BACKOFF_FIRST), ACCEPT_BACKOFF_MAX)
+                if self._backoff == ACCEPT_BACKOFF_FIRST or self._backoff == ACCEPT_BACKOFF_MAX:
+                    # once when it starts and then about once a second: not a line per failed accept
+                    log.warning("%s: accept failed (%s); retrying in %.2fs", self.spec.name, e.strerror,
+                                self._backoff)
+                self._retry = self.loop.call_later(self._backoff, self._retry_now)
+                return
+            self._backoff = 0.0
+            conn.setblocking(False)  # O_NONBLOCK is not inherited through accept(); TCP_NODELAY is
+            flow = Flow(listener=self.spec.name, client=Endpoint(addr[0], addr[1]))
+            if self.spec.proxy_protocol_from and self._from_load_balancer(flow):
+                self._read_proxy_header(conn, flow)
+            else:
+                self._on_flow(conn, flow)
+            if self._active() >= self.spec.max_flows:
+                self._pause()
+                break
+
+    def _from_load_balancer(self, flow: Flow) -> bool:
+        try:
+            ip = ipaddress.ip_address(unmap(flow.client.host))
+        except ValueError:
+            return False
+        return any(ip in net for net in self.spec.proxy_protocol_from)
+
+    def _read_proxy_header(self, conn: socket.socket, flow: Flow) -> None:
+        flow.state = FlowState.HANDSHAKE
+
+        def read(ok: bool) -> None:
+            del self.headers[reader]
+            if ok:
+                self._on_flow(conn, flow)
+            else:
+                self._on_refused(conn, flow)
+
+        reader = ProxyHeaderReader(self.loop, conn, flow, self.spec.timeouts.handshake, self._header_sweeper, read)
+        self.headers[reader] = conn
+
+    def stop(self) -> None:
+        """Stop accepting and close the listening socket (open flows go on)."""
+        self._pause()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def cut(self) -> list[tuple[socket.socket, Flow]]:
+        """Shutdown: stop reading PROXY headers; returns those connections for the caller to end."""
+        cut = []
+        for reader, conn in list(self.headers.items()):
+            reader.cancel()
+            reader.flow.closing(Close.SHUTDOWN)
+            cut.append((conn, reader.flow))
+        self.headers.clear()
+        self._header_sweeper.close()
+        return cut

@@ -1,0 +1,95 @@
+"""The mesh transport interface: what the rest of the gate asks of a tunnel to a peer gate.
+
+Two questions, whatever carries the bytes (HTTP/2 over mutual TLS today, WebRTC next):
+- dialling: "open a stream to peer P carrying this flow" (``Transport.open_stream``), answered with a
+  socket that looks like any upstream to the listener that asked;
+- serving: "a stream arrived from peer P carrying this flow" (``gate.mesh.inbound.Inbound.serve``, given
+  a ``Stream`` to refuse or to bridge to the upstream the gate opened).
+``FlowMeta`` is what travels with each stream: every field routing may look at, so routes on the far
+gate match exactly as they would here, and a hop count that bounds loops through the mesh.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from gate.addr import Endpoint, is_ip
+from gate.errors import GateError
+from gate.flow import Close, Flow
+
+__all__ = ["MAX_HOPS", "FlowMeta", "Stream", "StreamEnd", "Transport"]
+
+# A flow that crossed this many gates is refused: a loop through the mesh (A via B, B via A) would
+# otherwise open streams until something runs out. Real meshes are one or two hops deep.
+MAX_HOPS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class FlowMeta:
+    """A flow's facts as the far gate needs them."""
+
+    dst: Endpoint
+    client: Endpoint
+    host: str | None = None  # the name asked for, or sniffed (SNI / HTTP Host)
+    protocol: str | None = None
+    sni: str | None = None
+    alpn: tuple[str, ...] = ()
+    ech: bool = False
+    hops: int = 1  # gates this flow crossed, counting the one it is arriving at
+
+    @classmethod
+    def of(cls, flow: Flow) -> FlowMeta:
+        assert flow.dst is not None
+        return cls(flow.dst, flow.client, flow.host, flow.protocol, flow.sni, flow.alpn, flow.ech, flow.hops + 1)
+
+    def flow(self, listener: str) -> Flow:
+        """The flow as it starts on the serving gate (arriving on ``listener``)."""
+        host = self.host if self.host is not None else (None if is_ip(self.dst.host) else self.dst.host.lower())
+        return Flow(listener=listener, client=self.client, dst=self.dst, host=host, protocol=self.protocol,
+                    sni=self.sni, alpn=self.alpn, ech=self.ech, hops=self.hops)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """How a served stream ended, in the access log's words, and what it carried."""
+
+    close: Close
+    detail: str | None
+    bytes_in: int  # from the peer gate to our upstream
+    bytes_out: int  # from our upstream back to the peer gate
+
+
+class Stream(Protocol):
+    """A stream a peer opened to us, as the serving side sees it."""
+
+    @property
+    def last_active(self) -> float:
+        """Loop time a byte last moved either way (for the idle timeout)."""
+        ...
+
+    def refuse(self, error: GateError) -> None:
+        """Answer the peer that the flow cannot be served, in the transport's terms."""
+        ...
+
+    async def accept(self, upstream: socket.socket, on_end: Callable[[StreamEnd], None]) -> bool:
+        """Tell the peer the flow is connected and move bytes between the stream and ``upstream`` (owned
+        by the stream from now on); ``on_end`` is called once when it ends. False if the stream was
+        gone already (``on_end`` was called)."""
+        ...
+
+    def cancel(self, close: Close) -> None:
+        """End the stream now (idle, shutdown): both the peer and the upstream see a reset."""
+        ...
+
+
+class Transport(Protocol):
+    """The dialling side of the mesh for one process."""
+
+    async def open_stream(self, peer: str, flow: Flow, timeout: float) -> socket.socket:
+        """A socket carrying ``flow`` to its destination through ``peer``; a GateError if not."""
+        ...
+
+    def close(self) -> None: ...

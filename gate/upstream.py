@@ -1,0 +1,184 @@
+"""The one upstream opener: route a flow, apply the checks that hold for every flow, open its upstream.
+
+Every path that sends a flow somewhere comes through here: each TCP listener kind, the HTTP proxy's
+forwarded requests, streams served for mesh peers, and UDP sessions. So the policy lives here and
+nowhere else:
+- the route decision (recorded in the flow);
+- the loop guard: a destination that is one of this gate's own listening addresses is refused,
+  whether the flow names it as an address or as a name that resolves to one (names are resolved
+  here, before dialling, and only addresses that pass are dialled);
+- what the route asks of the upstream connection (SO_MARK, the client's source address, a PROXY
+  protocol header, which comes back in the result instead of being spliced into the flow's bytes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from gate.addr import Endpoint
+from gate.deadlines import Sweeper
+from gate.dial import Connect, SocketOptions, literal_family, open_tcp, resolve
+from gate.errors import GateError, RefusedByPolicy, RejectedByRule, UpstreamError, UpstreamUnreachable
+from gate.flow import Flow, FlowState
+from gate.router import Decision, FlowKey
+from sniff import proxy_protocol
+from tproxy.sockopts import is_local_address, unmap
+
+if TYPE_CHECKING:
+    from gate.context import Context
+
+__all__ = ["LOOP", "Opener", "OwnAddresses", "Upstream"]
+
+LOOP = "the destination is ugate itself (a loop)"
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """An opened upstream: its socket, the bytes to send before the client's (a PROXY protocol
+    header, when the route asks for one), and the mesh peer carrying it (route action via)."""
+
+    sock: socket.socket
+    header: bytes = b""
+    peer: str | None = None
+
+
+class OwnAddresses:
+    """This gate's listening addresses: a flow to one of them would come straight back to us."""
+
+    def __init__(self, listening: frozenset[Endpoint]) -> None:
+        self.listening = listening
+        self.ports = frozenset(e.port for e in listening)
+        self.wildcard_ports = frozenset(e.port for e in listening if e.host in ("0.0.0.0", "::"))
+
+    def __contains__(self, dst: Endpoint) -> bool:
+        """Asked per flow for an address literal: the common answer (a port none of ours listens on)
+        is one set lookup."""
+        if dst.port not in self.ports:
+            return False
+        host = unmap(dst.host)
+        if Endpoint(host, dst.port) in self.listening:
+            return True
+        return dst.port in self.wildcard_ports and literal_family(host) is not None and is_local_address(host)
+
+
+def proxy_header(version: str | None, client: Endpoint, upstream: socket.socket) -> bytes:
+    """The PROXY protocol header a route asks for: the client, and the address actually dialled."""
+    if version is None:
+        return b""
+    source = (client.host, client.port)
+    try:
+        peer = upstream.getpeername()
+    except OSError:
+        peer = None
+    if peer is None or (":" in source[0]) != (":" in peer[0]):  # families differ: say "unknown"
+        return b"PROXY UNKNOWN\r\n" if version == "v1" else proxy_protocol.V2_SIGNATURE + b"\x20\x00\x00\x00"
+    destination = (peer[0], peer[1])
+    if version == "v1":
+        return proxy_protocol.build_v1(source, destination)
+    return proxy_protocol.build_v2(source, destination)
+
+
+class Opener:
+    """Routes and opens upstreams for the flows of one listener (or one mesh inbound)."""
+
+    def __init__(self, ctx: Context, listener: str, connect_timeout: float, *, preserve_source: bool = False,
+                 sweeper: Sweeper | None = None) -> None:
+        self.ctx = ctx
+        self.listener = listener
+        self.connect_timeout = connect_timeout
+        self.preserve_source = preserve_source
+        self.own = OwnAddresses(ctx.own)
+        loop = asyncio.get_running_loop()
+        self._sweeper = sweeper if sweeper is not None else Sweeper(loop, min(connect_timeout / 4, 1.0))
+
+    # -- routing ---------------------------------------------------------------------------------
+
+    def key(self, flow: Flow) -> FlowKey:
+        """What routing may look at of ``flow``."""
+        dst = flow.dst
+        assert dst is not None
+        return FlowKey(self.listener, flow.client.host, dst.host, dst.port, flow.host, flow.protocol, flow.sni,
+                       flow.alpn)
+
+    def decide(self, flow: Flow) -> Decision:
+        """Route the flow and record the decision in it."""
+        decision = self.ctx.router.decide(self.key(flow))
+        flow.rule, flow.action, flow.upstream = decision.rule, decision.action, decision.upstream
+        flow.state = FlowState.ROUTED
+        return decision
+
+    def needs_sniff(self, flow: Flow) -> bool:
+        """Could what sniffing finds change this flow's route? (see Router.needs_sniff)"""
+        return self.ctx.router.needs_sniff(self.key(flow))
+
+    def literal(self, decision: Decision, flow: Flow) -> tuple[Endpoint, int] | None:
+        """The address and family to dial when the decision names an address literal (the callback
+        path, ``open_soon``, serves those); None for rejects, peers and names."""
+        if decision.action not in ("direct", "upstream", "resolve"):
+            return None
+        target = decision.upstream or flow.dst
+        assert target is not None
+        family = literal_family(target.host)
+        return None if family is None else (target, family)
+
+    # -- opening ---------------------------------------------------------------------------------
+
+    def _options(self, flow: Flow, decision: Decision) -> SocketOptions | None:
+        """The upstream socket's mark, and the client's address to leave from when preserving it."""
+        preserve = decision.preserve_source or self.preserve_source
+        if not preserve and self.ctx.mark is None:
+            return None
+        return SocketOptions(self.ctx.mark, (flow.client.host, flow.client.port) if preserve else None)
+
+    def _header(self, decision: Decision, flow: Flow, sock: socket.socket) -> bytes:
+        return proxy_header(decision.route.proxy_protocol if decision.route else None, flow.client, sock)
+
+    async def open(self, decision: Decision, flow: Flow) -> Upstream:
+        """Open the upstream ``decision`` names for ``flow``; RejectedByRule, RefusedByPolicy or an
+        UpstreamError when there is none."""
+        flow.state = FlowState.CONNECTING
+        if decision.action == "reject":
+            raise RejectedByRule(f"rejected by {decision.rule}")
+        if decision.action == "via":
+            if self.ctx.mesh is None or decision.via is None:
+                raise UpstreamUnreachable("via: this gate has no mesh section")
+            flow.peer = decision.via
+            sock = await self.ctx.mesh.open_stream(decision.via, flow, self.connect_timeout)
+            return Upstream(sock, b"", decision.via)
+        target = decision.upstream or flow.dst
+        assert target is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
+        addresses = await resolve(target, self.connect_timeout)
+        allowed = [(family, addr) for family, addr in addresses if addr not in self.own]
+        if not allowed:
+            raise RefusedByPolicy(LOOP if literal_family(target.host) else f"{target.host}: {LOOP}")
+        sock = await open_tcp(target, max(deadline - loop.time(), 0.001), self._options(flow, decision), allowed)
+        return Upstream(sock, self._header(decision, flow, sock))
+
+    def open_soon(self, decision: Decision, flow: Flow, target: Endpoint, family: int,
+                  done: Callable[[Upstream | None, GateError | None], None]) -> Connect | None:
+        """``open`` without a task, for a decision naming an address literal (see ``literal``): the
+        connect is driven by callbacks, and ``done`` gets the upstream or the error. Per-flow cost is
+        what limits the connection rate, and a task with its coroutine frames is the largest part of
+        it. Returns the attempt (to cancel at shutdown), or None when the flow was refused at once
+        (``done`` has been called)."""
+        flow.state = FlowState.CONNECTING
+        if target in self.own:
+            done(None, RefusedByPolicy(LOOP))
+            return None
+        return Connect(asyncio.get_running_loop(), target, family, self.connect_timeout,
+                       functools.partial(self._connected, decision, flow, done), self._sweeper,
+                       self._options(flow, decision))
+
+    def _connected(self, decision: Decision, flow: Flow, done: Callable[[Upstream | None, GateError | None], None],
+                   sock: socket.socket | None, error: UpstreamError | None) -> None:
+        done(None, error) if sock is None else done(Upstream(sock, self._header(decision, flow, sock)), None)
+
+    def close(self) -> None:
+        self._sweeper.close()
