@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import struct
 
 from gate.addr import Endpoint
 from gate.config import TproxyUdpSpec
@@ -26,31 +25,15 @@ from gate.listeners.sniffing import apply_sniffed
 from gate.router import FlowKey
 from sniff import NeedMore, Sniffed, classify_datagrams
 from splice import Sweeper, mmsg, sweep_interval
-from tproxy.sockopts import set_mark, set_transparent, unmap
+from tproxy.sockopts import parse_origdst, set_big_buffers, set_mark, set_recv_origdst, set_transparent, unmap
 
-__all__ = ["TproxyUdpListener", "parse_origdst"]
+__all__ = ["TproxyUdpListener"]
 
 log = logging.getLogger("ugate")
 
-IP_RECVORIGDSTADDR = 20  # linux/in.h (cmsg type IP_ORIGDSTADDR has the same value)
-IPV6_RECVORIGDSTADDR = 74  # linux/in6.h (IPV6_ORIGDSTADDR)
 MAX_DATAGRAM = 65535  # the largest UDP payload; one buffer of this size is reused for every read
 DATAGRAMS_PER_WAKEUP = 128  # fairness between sockets, and fewer wake-ups per datagram under load
 ANCILLARY_SIZE = socket.CMSG_SPACE(28)  # one sockaddr_in6 (the larger of the two)
-# Socket buffers of the relay's UDP sockets: a burst that arrives while the loop is busy elsewhere waits
-# here instead of being dropped (the 208 KiB default holds ~170 full datagrams). SO_RCVBUFFORCE passes
-# net.core.rmem_max; we have CAP_NET_ADMIN anyway, as TPROXY needs it.
-UDP_BUFFER = 4 << 20
-SO_RCVBUFFORCE, SO_SNDBUFFORCE = 33, 32  # asm-generic/socket.h
-
-
-def _big_buffers(sock: socket.socket) -> None:
-    for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, force, UDP_BUFFER)
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, plain, UDP_BUFFER)
-
 # Datagrams held (all sessions) while their QUIC ClientHello is incomplete: Initial keys are public, so
 # anyone can craft "incomplete" Initials; past this, new sessions are routed at once without the name.
 MAX_HELD_BYTES = 4 << 20
@@ -67,17 +50,6 @@ def _batch() -> mmsg.DatagramBatch | None:
     if not _batches and mmsg.available():
         _batches.append(mmsg.DatagramBatch(BATCH_SIZE, MAX_DATAGRAM, segments=True))
     return _batches[0] if _batches else None
-
-
-def parse_origdst(ancdata: list[tuple[int, int, bytes]]) -> Endpoint | None:
-    """The original destination from IP(V6)_ORIGDSTADDR ancillary data (a struct sockaddr_in/in6)."""
-    for level, kind, data in ancdata:
-        if level == socket.IPPROTO_IP and kind == IP_RECVORIGDSTADDR and len(data) >= 8:
-            return Endpoint(socket.inet_ntop(socket.AF_INET, data[4:8]), struct.unpack_from("!H", data, 2)[0])
-        if level == socket.IPPROTO_IPV6 and kind == IPV6_RECVORIGDSTADDR and len(data) >= 24:
-            host = unmap(socket.inet_ntop(socket.AF_INET6, data[8:24]))
-            return Endpoint(host, struct.unpack_from("!H", data, 2)[0])
-    return None
 
 
 SessionKey = tuple[Endpoint, Endpoint | None]  # (client, destination), or (client, None) when full-cone
@@ -154,12 +126,10 @@ class TproxyUdpListener:
             if self.ctx.reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             set_transparent(sock)
-            _big_buffers(sock)
+            set_big_buffers(sock)
             if self.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
-            else:
-                sock.setsockopt(socket.IPPROTO_IP, IP_RECVORIGDSTADDR, 1)
+            set_recv_origdst(sock)
             sock.bind(_addr(self.spec.listen))
         except BaseException:
             sock.close()
@@ -180,9 +150,9 @@ class TproxyUdpListener:
             except OSError as e:  # e.g. an ICMP error queued on the socket
                 log.debug("%s: recvmsg: %s", self.spec.name, e)
                 continue
-            dst = parse_origdst(ancdata)
-            if dst is not None:
-                self._from_client(Endpoint(unmap(peer[0]), peer[1]), dst, n)
+            origdst = parse_origdst(ancdata)
+            if origdst is not None:
+                self._from_client(Endpoint(unmap(peer[0]), peer[1]), Endpoint(*origdst), n)
 
     def _from_client(self, client: Endpoint, dst: Endpoint, n: int) -> None:
         key = (client, None if self.spec.mapping == "full-cone" else dst)
@@ -266,7 +236,7 @@ class TproxyUdpListener:
         try:
             if self.ctx.mark is not None:
                 set_mark(upstream, self.ctx.mark)
-            _big_buffers(upstream)
+            set_big_buffers(upstream)
             upstream.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
         except OSError as e:
             upstream.close()
@@ -323,7 +293,7 @@ class TproxyUdpListener:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # other clients' sessions share it
             set_transparent(sock)
-            _big_buffers(sock)
+            set_big_buffers(sock)
             if self.ctx.mark is not None:
                 set_mark(sock, self.ctx.mark)
             sock.bind(_addr(source))
