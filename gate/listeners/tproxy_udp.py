@@ -227,6 +227,9 @@ class TproxyUdpListener:
         if decision.action == "reject":
             flow.close_reason = f"rejected by {decision.rule}"
             return False
+        if decision.action == "via":  # relaying it direct would contradict the route (and its log)
+            flow.close_reason = f"refused: via {decision.via} is TCP-only (UDP over the mesh is not built yet)"
+            return False
         return True
 
     # -- upstream -> client ----------------------------------------------------------------------

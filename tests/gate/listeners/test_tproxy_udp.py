@@ -11,7 +11,7 @@ from typing import Any
 
 from gate.accesslog import AccessLog
 from gate.addr import Endpoint
-from gate.config import Route, parse_config
+from gate.config import Match, Route, parse_config
 from gate.listeners import tproxy_udp
 from gate.listeners.base import Context
 from gate.router import Router
@@ -61,6 +61,23 @@ def test_held_bytes_are_bounded_and_released(tmp_path: Path) -> None:
     asyncio.run(scenario())
     assert [(r["client"], r["sni"], r["close"]) for r in records(tmp_path / "log")] == [
         (str(B), None, "shutdown"), (str(A), "www.example.test", "shutdown")]
+
+
+def test_a_via_route_is_refused_not_relayed_direct(tmp_path: Path) -> None:
+    """Until UDP crosses the mesh, a session routed via a peer must not quietly go direct."""
+    via = Route(index=0, name="to-b", match=Match(), action="via", via="b")
+
+    async def scenario() -> None:
+        gate = listener(tmp_path / "log", routes=(via,))
+        feed(gate, A, SERVER, DNS_QUERY)
+        feed(gate, A, SERVER, DNS_QUERY)  # the client retries: asked again, refused again
+        assert not gate.sessions and gate.table.held_bytes == 0
+        await gate.drain(0)
+
+    asyncio.run(scenario())
+    reason = "refused: via b is TCP-only (UDP over the mesh is not built yet)"
+    assert [(r["rule"], r["action"], r["upstream"], r["bytes_up"], r["close"]) for r in records(tmp_path / "log")] == [
+        ("to-b", "via", None, 0, reason)] * 2
 
 
 def test_a_direct_session_relays_and_answers_are_looked_up_by_the_table_rule(tmp_path: Path) -> None:
