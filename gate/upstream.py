@@ -7,6 +7,7 @@ nowhere else:
 - the loop guard: a destination that is one of this gate's own listening addresses is refused,
   whether the flow names it as an address or as a name that resolves to one (names are resolved
   here, before dialling, and only addresses that pass are dialled);
+- UDP sessions' upstream sockets (``open_udp``), under the same route decision and loop guard;
 - what the route asks of the upstream connection (SO_MARK, the client's source address, a PROXY
   protocol header, which comes back in the result instead of being spliced into the flow's bytes).
 """
@@ -27,7 +28,7 @@ from gate.errors import GateError, RefusedByPolicy, RejectedByRule, UpstreamErro
 from gate.flow import Flow, FlowState
 from gate.router import Decision, FlowKey
 from sniff import proxy_protocol
-from tproxy.sockopts import is_local_address, unmap
+from tproxy.sockopts import is_local_address, set_big_buffers, set_mark, unmap
 
 if TYPE_CHECKING:
     from gate.context import Context
@@ -175,6 +176,34 @@ class Opener:
         return Connect(asyncio.get_running_loop(), target, family, self.connect_timeout,
                        functools.partial(self._connected, decision, flow, done), self._sweeper,
                        self._options(flow, decision))
+
+    def open_udp(self, decision: Decision, flow: Flow) -> Upstream:
+        """A UDP session's upstream socket (marked, unconnected: a full-cone session sends to many
+        destinations). The route's fixed upstream, if any, is recorded in ``flow.upstream``; without one
+        each datagram goes to its own destination. ``resolve`` keeps the original destination: a session
+        opens on its first datagram, without waiting on DNS."""
+        flow.state = FlowState.CONNECTING
+        if decision.action == "reject":
+            raise RejectedByRule(f"rejected by {decision.rule}")
+        if decision.action == "via":  # relaying it direct would contradict the route (and its log)
+            raise RefusedByPolicy(f"via {decision.via} is TCP-only (UDP over the mesh is not built yet)")
+        target = decision.upstream if decision.action == "upstream" else None
+        flow.upstream = target
+        dst = target or flow.dst
+        assert dst is not None
+        if dst in self.own:
+            raise RefusedByPolicy(LOOP)
+        family = socket.AF_INET6 if ":" in dst.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        try:
+            if self.ctx.mark is not None:
+                set_mark(sock, self.ctx.mark)
+            set_big_buffers(sock)
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+        except OSError as e:
+            sock.close()
+            raise UpstreamUnreachable(f"no UDP socket: {e.strerror}") from None
+        return Upstream(sock)
 
     def _connected(self, decision: Decision, flow: Flow, done: Callable[[Upstream | None, GateError | None], None],
                    sock: socket.socket | None, error: UpstreamError | None) -> None:

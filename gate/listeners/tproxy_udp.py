@@ -4,11 +4,10 @@ Each datagram's original destination comes from IP_RECVORIGDSTADDR. A session (p
 and destination with ``mapping: symmetric``) owns one upstream socket, marked so capture skips it.
 Answers go back to the client from a socket bound (IP_TRANSPARENT) to the address the client sent to, so
 the client sees the server's address; that socket is connected to the client, and the kernel then also
-hands it the client's next datagrams to that address, which are relayed like the first. A session ends
-after ``session_timeout`` seconds without a datagram either way, with one access-log record.
-A session is routed on its first datagram, classified; a QUIC Initial whose ClientHello continues in
-the next datagrams (Chromium splits its hello) is held until the hello is whole, for at most
-``timeouts.sniff`` seconds and ``sniff.quic.MAX_DATAGRAMS`` datagrams, then routed and relayed in order.
+hands it the client's next datagrams to that address, which are relayed like the first.
+Which sessions exist, the hold of a QUIC Initial whose ClientHello continues in later datagrams and the
+idle expiry are decided by ``gate.udp.SessionTable``; this module is its I/O shell: sockets, the clock,
+routing, relaying and the access log.
 """
 
 from __future__ import annotations
@@ -16,46 +15,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import struct
 
 from gate.addr import Endpoint
 from gate.config import TproxyUdpSpec
 from gate.context import Context
-from gate.deadlines import Sweeper, sweep_interval
-from gate.flow import Close, Flow
-from gate.router import FlowKey
+from gate.errors import GateError, RefusedByPolicy
+from gate.flow import Close, Flow, FlowState
 from gate.sniffing import apply_sniffed
-from gate.upstream import LOOP, OwnAddresses
-from sniff import NeedMore, Sniffed, classify_datagrams
+from gate.udp import Expired, Key, Open, Relay, SessionTable, reply_source
+from gate.upstream import Opener
 from splice import mmsg
-from tproxy.sockopts import set_mark, set_transparent, unmap
+from tproxy.sockopts import parse_origdst, set_big_buffers, set_mark, set_recv_origdst, set_transparent, unmap
 
-__all__ = ["TproxyUdpListener", "parse_origdst"]
+__all__ = ["TproxyUdpListener"]
 
 log = logging.getLogger("ugate")
 
-IP_RECVORIGDSTADDR = 20  # linux/in.h (cmsg type IP_ORIGDSTADDR has the same value)
-IPV6_RECVORIGDSTADDR = 74  # linux/in6.h (IPV6_ORIGDSTADDR)
 MAX_DATAGRAM = 65535  # the largest UDP payload; one buffer of this size is reused for every read
 DATAGRAMS_PER_WAKEUP = 128  # fairness between sockets, and fewer wake-ups per datagram under load
 ANCILLARY_SIZE = socket.CMSG_SPACE(28)  # one sockaddr_in6 (the larger of the two)
-# Socket buffers of the relay's UDP sockets: a burst that arrives while the loop is busy elsewhere waits
-# here instead of being dropped (the 208 KiB default holds ~170 full datagrams). SO_RCVBUFFORCE passes
-# net.core.rmem_max; we have CAP_NET_ADMIN anyway, as TPROXY needs it.
-UDP_BUFFER = 4 << 20
-SO_RCVBUFFORCE, SO_SNDBUFFORCE = 33, 32  # asm-generic/socket.h
-
-
-def _big_buffers(sock: socket.socket) -> None:
-    for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, force, UDP_BUFFER)
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, plain, UDP_BUFFER)
-
-# Datagrams held (all sessions) while their QUIC ClientHello is incomplete: Initial keys are public, so
-# anyone can craft "incomplete" Initials; past this, new sessions are routed at once without the name.
-MAX_HELD_BYTES = 4 << 20
 BATCHES_PER_WAKEUP = 4  # of up to BATCH_SIZE datagrams each
 BATCH_SIZE = 32  # x MAX_DATAGRAM bytes: 2 MiB, allocated once per process on first use
 
@@ -71,44 +49,16 @@ def _batch() -> mmsg.DatagramBatch | None:
     return _batches[0] if _batches else None
 
 
-def parse_origdst(ancdata: list[tuple[int, int, bytes]]) -> Endpoint | None:
-    """The original destination from IP(V6)_ORIGDSTADDR ancillary data (a struct sockaddr_in/in6)."""
-    for level, kind, data in ancdata:
-        if level == socket.IPPROTO_IP and kind == IP_RECVORIGDSTADDR and len(data) >= 8:
-            return Endpoint(socket.inet_ntop(socket.AF_INET, data[4:8]), struct.unpack_from("!H", data, 2)[0])
-        if level == socket.IPPROTO_IPV6 and kind == IPV6_RECVORIGDSTADDR and len(data) >= 24:
-            host = unmap(socket.inet_ntop(socket.AF_INET6, data[8:24]))
-            return Endpoint(host, struct.unpack_from("!H", data, 2)[0])
-    return None
-
-
-SessionKey = tuple[Endpoint, Endpoint | None]  # (client, destination), or (client, None) when full-cone
-
-
-class _Held:
-    """The first datagrams of a session not routed yet (its QUIC ClientHello is incomplete)."""
-
-    __slots__ = ("client", "datagrams", "timer")
-
-    def __init__(self, client: Endpoint, datagrams: list[tuple[Endpoint, bytes]], timer: asyncio.TimerHandle) -> None:
-        self.client = client
-        self.datagrams = datagrams  # (original destination, payload), in order
-        self.timer = timer
-
-
 def _addr(e: Endpoint) -> tuple[str, int]:
     return (e.host, e.port)
 
 
 class _Session:
-    """One client's (or client and destination's) relay state; expires through the sweeper."""
+    """One client's (or client and destination's) sockets and flow record; the table keeps its state."""
 
-    __slots__ = ("by_remote", "client", "dst", "flow", "key", "last_active", "listener", "replies", "seen",
-                 "sockaddrs", "target", "timeout", "upstream")
+    __slots__ = ("by_remote", "client", "dst", "flow", "key", "replies", "sockaddrs", "target", "upstream")
 
-    def __init__(self, listener: TproxyUdpListener, key: SessionKey, flow: Flow, target: Endpoint | None,
-                 upstream: socket.socket):
-        self.listener = listener
+    def __init__(self, key: Key, flow: Flow, target: Endpoint | None, upstream: socket.socket):
         self.key = key
         self.flow = flow
         assert flow.dst is not None
@@ -119,24 +69,16 @@ class _Session:
         self.replies: dict[Endpoint, socket.socket] = {}  # remote the client sees -> socket answering as it
         self.by_remote: dict[tuple[str, int], socket.socket] = {}  # the same, by raw recvfrom() address
         self.sockaddrs: dict[Endpoint, bytes] = {}  # packed destinations for sendmmsg
-        self.timeout = listener.spec.session_timeout
-        self.last_active = listener.loop.time()
-        self.seen = 0
 
-    def deadline(self) -> float:
-        """Activity is read off the byte counters here, once per sweep, not stamped per datagram."""
-        total = self.flow.bytes_up + self.flow.bytes_down
-        if total != self.seen:
-            self.seen = total
-            self.last_active = self.listener.loop.time()
-        return self.last_active + self.timeout
-
-    def expire(self) -> None:
-        self.listener.end(self, Close.IDLE)
+    @property
+    def activity(self) -> int:
+        """Read by the table once per sweep: the relay paths only add to the byte counters."""
+        return self.flow.bytes_up + self.flow.bytes_down
 
 
 class TproxyUdpListener:
-    """Serves one address family's TPROXY UDP port; same lifecycle as the TCP listeners."""
+    """Serves one address family's TPROXY UDP port; same lifecycle as the TCP listeners. The I/O shell
+    of a ``SessionTable``: it reads sockets and the clock, routes, relays and logs; the table decides."""
 
     def __init__(self, spec: TproxyUdpSpec, ctx: Context) -> None:
         self.spec = spec
@@ -144,11 +86,12 @@ class TproxyUdpListener:
         self.loop = asyncio.get_running_loop()
         self.sock: socket.socket | None = None
         self.family = socket.AF_INET6 if ":" in spec.listen.host else socket.AF_INET
-        self.sessions: dict[SessionKey, _Session] = {}
-        self.held: dict[SessionKey, _Held] = {}
-        self.held_bytes = 0
-        self.sweeper = Sweeper(self.loop, sweep_interval(spec.session_timeout))
-        self.own = OwnAddresses(ctx.own)
+        self.table: SessionTable[_Session] = SessionTable(spec.mapping, spec.session_timeout, spec.timeouts.sniff,
+                                                          spec.max_flows)
+        self.sessions = self.table.sessions  # the open sessions, looked up per datagram
+        self.full_cone = self.table.mapping == "full-cone"
+        self.timer: asyncio.TimerHandle | None = None  # calls the table's timer at its next_timer()
+        self.opener = Opener(ctx, spec.name, spec.timeouts.connect)
 
     def start(self) -> None:
         sock = socket.socket(self.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
@@ -157,12 +100,10 @@ class TproxyUdpListener:
             if self.ctx.reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             set_transparent(sock)
-            _big_buffers(sock)
+            set_big_buffers(sock)
             if self.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
-            else:
-                sock.setsockopt(socket.IPPROTO_IP, IP_RECVORIGDSTADDR, 1)
+            set_recv_origdst(sock)
             sock.bind(_addr(self.spec.listen))
         except BaseException:
             sock.close()
@@ -183,17 +124,18 @@ class TproxyUdpListener:
             except OSError as e:  # e.g. an ICMP error queued on the socket
                 log.debug("%s: recvmsg: %s", self.spec.name, e)
                 continue
-            dst = parse_origdst(ancdata)
-            if dst is not None:
-                self._from_client(Endpoint(unmap(peer[0]), peer[1]), dst, n)
+            origdst = parse_origdst(ancdata)
+            if origdst is not None:
+                self._from_client(Endpoint(unmap(peer[0]), peer[1]), Endpoint(*origdst), n)
 
     def _from_client(self, client: Endpoint, dst: Endpoint, n: int) -> None:
-        key = (client, None if self.spec.mapping == "full-cone" else dst)
-        session = self.sessions.get(key)
-        if session is None:
-            self._first_datagrams(key, client, dst, bytes(_view[:n]))
-        else:
+        # the table's key(), inlined: an open session's datagrams cost one dict lookup, no call
+        session = self.sessions.get((client, None if self.full_cone else dst))
+        if session is not None:
             self._send_up(session, dst, _view[:n])
+            return
+        self._act(self.table.datagram(client, dst, bytes(_view[:n]), self.loop.time()))
+        self._schedule()
 
     def _send_up(self, session: _Session, dst: Endpoint, data: bytes | memoryview) -> None:
         target = session.target or dst
@@ -206,83 +148,59 @@ class TproxyUdpListener:
             return
         session.flow.bytes_up += len(data)
 
-    def _first_datagrams(self, key: SessionKey, client: Endpoint, dst: Endpoint, data: bytes) -> None:
-        """A datagram of a client without a session: classify the session's datagrams so far (STUN, DNS,
-        QUIC with SNI, DTLS, WireGuard), then open it and relay them, or hold them for the rest of a
-        QUIC ClientHello."""
-        held = self._unhold(key)
-        datagrams = [*held.datagrams, (dst, data)] if held is not None else [(dst, data)]
-        found = classify_datagrams([payload for _, payload in datagrams])
-        if isinstance(found, NeedMore):
-            size = sum(len(payload) for _, payload in datagrams)
-            if len(self.held) < self.spec.max_flows and self.held_bytes + size <= MAX_HELD_BYTES:
-                timer = held.timer if held is not None else self.loop.call_later(
-                    self.spec.timeouts.sniff, self._hold_expired, key)
-                self.held[key] = _Held(client, datagrams, timer)
-                self.held_bytes += size
-                return
-            found = Sniffed("quic")  # no room to wait: route on what is known
-        if held is not None:
-            held.timer.cancel()
-        self._open_and_relay(key, client, datagrams, found, timed_out=False)
+    # -- the table's decisions -------------------------------------------------------------------
 
-    def _unhold(self, key: SessionKey) -> _Held | None:
-        held = self.held.pop(key, None)
-        if held is not None:
-            self.held_bytes -= sum(len(payload) for _, payload in held.datagrams)
-        return held
+    def _act(self, action: Relay[_Session] | Open | Expired[_Session] | None) -> None:
+        if isinstance(action, Open):
+            self._open(action)
+        elif isinstance(action, Relay):
+            self._send_up(action.session, action.dst, action.payload)
+        elif isinstance(action, Expired):
+            self._close(action.session, Close.IDLE)
 
-    def _hold_expired(self, key: SessionKey) -> None:
-        """The rest of the ClientHello did not come in time (lost, or never sent): route without it."""
-        held = self._unhold(key)
-        assert held is not None  # a held session's timer is cancelled whenever it leaves self.held
-        self._open_and_relay(key, held.client, held.datagrams, Sniffed("quic"), timed_out=True)
+    def _on_timer(self) -> None:
+        self.timer = None
+        for action in self.table.timer(self.loop.time()):
+            self._act(action)
+        self._schedule()
 
-    def _open_and_relay(self, key: SessionKey, client: Endpoint, datagrams: list[tuple[Endpoint, bytes]],
-                        found: Sniffed, timed_out: bool) -> None:
-        session = self._open(key, client, datagrams[0][0], found, timed_out)
-        if session is not None:
-            for dst, payload in datagrams:
-                self._send_up(session, dst, payload)
+    def _schedule(self) -> None:
+        """One loop timer at the table's next_timer(); one that fires early just finds nothing due."""
+        when = self.table.next_timer()
+        if when is None:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+        elif self.timer is None or self.timer.when() > when:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = self.loop.call_at(when, self._on_timer)
 
-    def _open(self, key: SessionKey, client: Endpoint, dst: Endpoint, found: Sniffed,
-              timed_out: bool) -> _Session | None:
-        flow = Flow(listener=self.spec.name, client=client, dst=dst, path="udp")
-        if dst in self.own:
-            self._log(flow, Close.REFUSED, LOOP)
-            return None
-        apply_sniffed(flow, found)
-        self.ctx.sniff_outcomes.record(flow, timed_out)
-        decision = self.ctx.router.decide(FlowKey(self.spec.name, client.host, dst.host, dst.port, found.host,
-                                                  found.protocol, found.sni, found.alpn))
-        # "resolve" is for TCP flows: a UDP session opens on its first datagram without waiting on DNS,
-        # so it goes to the original destination
-        target = decision.upstream if decision.action == "upstream" else None
-        flow.rule, flow.action, flow.upstream = decision.rule, decision.action, target
-        if decision.action == "reject" or len(self.sessions) >= self.spec.max_flows:
-            self._log(flow, Close.REJECTED, f"rejected by {decision.rule}") if decision.action == "reject" else \
-                self._log(flow, Close.REFUSED, "max_flows reached")  # a record per refused datagram: retries show
-            return None
-        family = socket.AF_INET6 if ":" in (target or dst).host else socket.AF_INET
-        upstream = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    def _open(self, o: Open) -> None:
+        """Route the session the table opens (classified on its first datagrams: STUN, DNS, QUIC with
+        SNI, DTLS, WireGuard), give it an upstream socket and relay its datagrams, or refuse it."""
+        flow = self.ctx.begin(Flow(listener=self.spec.name, client=o.client, dst=o.dst, path="udp"))
+        apply_sniffed(flow, o.sniffed)
+        self.ctx.sniff_outcomes.record(flow, o.timed_out)
         try:
-            if self.ctx.mark is not None:
-                set_mark(upstream, self.ctx.mark)
-            _big_buffers(upstream)
-            upstream.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
-        except OSError as e:
-            upstream.close()
-            log.warning("%s: no upstream socket for %s: %s", self.spec.name, client, e)
-            return None
-        session = _Session(self, key, flow, target, upstream)
-        self.sessions[key] = session
-        self.loop.add_reader(upstream.fileno(), self._on_upstream, session, key)
-        self.sweeper.add(session)
-        return session
+            decision = self.opener.decide(flow)
+            if len(self.sessions) >= self.spec.max_flows:
+                raise RefusedByPolicy("max_flows reached")
+            upstream = self.opener.open_udp(decision, flow)
+        except GateError as e:
+            self.table.refused(o.key)
+            self.ctx.finish(flow, e.close, str(e))  # one record per refused datagram: retries show as such
+            return
+        flow.state = FlowState.RELAYING
+        session = _Session(o.key, flow, flow.upstream, upstream.sock)
+        late = self.table.opened(o.key, session, self.loop.time())
+        self.loop.add_reader(upstream.sock.fileno(), self._on_upstream, session, o.key)
+        for dst, payload in (*o.datagrams, *late):
+            self._send_up(session, dst, payload)
 
     # -- upstream -> client ----------------------------------------------------------------------
 
-    def _on_upstream(self, session: _Session, key: SessionKey) -> None:
+    def _on_upstream(self, session: _Session, key: Key) -> None:
         """Answers for the client; the hot loop knows each remote's reply socket by its raw address."""
         upstream, by_remote, total = session.upstream, session.by_remote, 0
         for _ in range(DATAGRAMS_PER_WAKEUP):
@@ -304,13 +222,10 @@ class TproxyUdpListener:
             total += n
         session.flow.bytes_down += total
 
-    def _reply_for(self, session: _Session, key: SessionKey, remote: tuple[str, int]) -> socket.socket | None:
-        if session.target is not None:
-            source = session.dst  # answers of a fixed upstream appear to come from where the client sent
-        else:
-            source = Endpoint(unmap(remote[0]), remote[1])
-            if key[1] is not None and source != key[1]:
-                return None  # symmetric mapping: only the destination may answer
+    def _reply_for(self, session: _Session, key: Key, remote: tuple[str, int]) -> socket.socket | None:
+        source = reply_source(key, session.dst, session.target is not None, Endpoint(unmap(remote[0]), remote[1]))
+        if source is None:
+            return None
         reply = session.replies.get(source) or self._reply_socket(session, source)
         if reply is not None:
             session.by_remote[remote] = reply
@@ -325,7 +240,7 @@ class TproxyUdpListener:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # other clients' sessions share it
             set_transparent(sock)
-            _big_buffers(sock)
+            set_big_buffers(sock)
             if self.ctx.mark is not None:
                 set_mark(sock, self.ctx.mark)
             sock.bind(_addr(source))
@@ -382,17 +297,13 @@ class TproxyUdpListener:
 
     # -- ending ----------------------------------------------------------------------------------
 
-    def end(self, session: _Session, reason: Close) -> None:
-        self.sessions.pop(session.key, None)
-        self.sweeper.discard(session)
+    def _close(self, session: _Session, reason: Close) -> None:
+        """Close a session that has left the table, with its one access-log record."""
         for sock in (session.upstream, *session.replies.values()):
             self.loop.remove_reader(sock.fileno())
             sock.close()
         session.replies.clear()
-        self._log(session.flow, reason)
-
-    def _log(self, flow: Flow, close: Close, detail: str | None = None) -> None:
-        self.ctx.finish(flow, close, detail)
+        self.ctx.finish(session.flow, reason)
 
     def stop_accepting(self) -> None:
         if self.sock is not None:
@@ -403,11 +314,6 @@ class TproxyUdpListener:
     async def drain(self, timeout: float) -> None:
         """UDP has no end of flow to wait for: sessions end now, each with its record (held datagrams of
         sessions not routed yet are dropped: their client retransmits to whoever serves next)."""
-        for held in self.held.values():
-            held.timer.cancel()
-        self.held.clear()
-        self.held_bytes = 0
-        for session in list(self.sessions.values()):
-            self.end(session, Close.SHUTDOWN)
-        self.sweeper.close()
-
+        for session in self.table.shutdown():
+            self._close(session, Close.SHUTDOWN)
+        self._schedule()

@@ -1,0 +1,274 @@
+"""The UDP session table as a state machine: datagrams and the time go in, decisions come out.
+
+It keeps which client sessions are open, holds a session's first datagrams while their QUIC ClientHello
+is incomplete, and ends sessions idle for ``session_timeout``; the shell that owns the sockets routes,
+relays and logs. Time is an argument (aioquic's ``handle_timer(now)`` model): the table never reads a
+clock, so every timeout here is tested with plain floats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, Literal, Protocol, TypeVar
+
+from gate.addr import Endpoint
+from gate.deadlines import sweep_interval
+from sniff import NeedMore, Sniffed, classify_datagrams
+
+__all__ = [
+    "MAX_HELD_BYTES",
+    "Counted",
+    "Datagram",
+    "Expired",
+    "Key",
+    "Mapping",
+    "Open",
+    "Relay",
+    "SessionTable",
+    "reply_source",
+    "session_key",
+]
+
+Mapping = Literal["full-cone", "symmetric"]
+MAPPINGS: tuple[Mapping, ...] = ("full-cone", "symmetric")
+Key = tuple[Endpoint, Endpoint | None]  # (client, destination), or (client, None) when full-cone
+Datagram = tuple[Endpoint, bytes]  # (the destination the client sent to, payload)
+
+# Datagrams held (all sessions) while their QUIC ClientHello is incomplete: Initial keys are public, so
+# anyone can craft "incomplete" Initials; past this, new sessions are routed at once without the name.
+MAX_HELD_BYTES = 4 << 20
+
+
+def session_key(mapping: Mapping, client: Endpoint, dst: Endpoint) -> Key:
+    """Full-cone (endpoint-independent) mapping: one session per client, whatever it sends to (what
+    STUN, WebRTC and games need); symmetric: one per client and destination."""
+    return (client, None) if mapping == "full-cone" else (client, dst)
+
+
+def reply_source(key: Key, dst: Endpoint, fixed: bool, remote: Endpoint) -> Endpoint | None:
+    """The address the client sees an answer from ``remote`` come from, or None: the answer is dropped.
+
+    ``dst`` is where the session's first datagram went. A fixed upstream (a route's ``upstream:``)
+    answers as that destination, since the client never heard of the upstream; otherwise the remote
+    answers as itself, and with symmetric mapping only the session's destination may answer at all.
+    """
+    if fixed:
+        return dst
+    if key[1] is not None and remote != key[1]:
+        return None
+    return remote
+
+
+class Counted(Protocol):
+    """What the table needs of the shell's session: a number that moves whenever a datagram passes
+    either way (its byte counters), so the hot path never stamps the time per datagram."""
+
+    @property
+    def activity(self) -> int: ...
+
+
+S = TypeVar("S", bound=Counted)
+
+
+@dataclass(frozen=True, slots=True)
+class Relay(Generic[S]):
+    """Send ``payload`` up through the open ``session`` (the client sent it to ``dst``)."""
+
+    session: S
+    dst: Endpoint
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Open:
+    """Route a new session and open its upstream, then relay ``datagrams`` in order; answer the table
+    with ``opened`` or ``refused``. ``timed_out``: the sniff wait ended before the hello was whole."""
+
+    key: Key
+    client: Endpoint
+    dst: Endpoint  # the first datagram's destination: the session's destination for routing and the log
+    datagrams: tuple[Datagram, ...]
+    sniffed: Sniffed
+    timed_out: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Expired(Generic[S]):
+    """``session`` saw no datagram either way for ``session_timeout``: close it (it left the table)."""
+
+    key: Key
+    session: S
+
+
+class _Held:
+    """The first datagrams of a session not routed yet (its QUIC ClientHello is incomplete)."""
+
+    __slots__ = ("client", "datagrams", "deadline", "size")
+
+    def __init__(self, client: Endpoint, datagrams: list[Datagram], size: int, deadline: float) -> None:
+        self.client = client
+        self.datagrams = datagrams
+        self.size = size  # payload bytes, counted in the table's held_bytes
+        self.deadline = deadline  # route without the name from then on
+
+
+class _Idle:
+    """Activity as last seen by a sweep: the counter's value and when the sweep saw it move."""
+
+    __slots__ = ("last_active", "seen")
+
+    def __init__(self, seen: int, now: float) -> None:
+        self.seen = seen
+        self.last_active = now
+
+
+def _mapping(text: str) -> Mapping:
+    for mapping in MAPPINGS:
+        if text == mapping:
+            return mapping
+    raise ValueError(f"mapping {text!r} is not one of {', '.join(MAPPINGS)}")
+
+
+class SessionTable(Generic[S]):
+    """A listener's UDP sessions, by ``Key``; ``S`` is the shell's session (sockets, flow record).
+
+    A key is in at most one state: held (first datagrams waiting for the rest of a QUIC hello), opening
+    (an ``Open`` was handed out and not answered yet; its further datagrams queue), or open (in
+    ``sessions``). Call ``timer(now)`` at ``next_timer()``.
+    """
+
+    def __init__(self, mapping: str, session_timeout: float, sniff_timeout: float, max_flows: int,
+                 max_held_bytes: int = MAX_HELD_BYTES) -> None:
+        self.mapping = _mapping(mapping)
+        self.session_timeout = session_timeout
+        self.sniff_timeout = sniff_timeout
+        self.max_flows = max_flows  # also the most sessions held at once
+        self.max_held_bytes = max_held_bytes
+        # open sessions: the shell looks a datagram's session up here itself (its hot path is one
+        # dict lookup), and comes to the table only for keys that are not open
+        self.sessions: dict[Key, S] = {}
+        self.held_bytes = 0  # payload bytes of held and queued datagrams, at most max_held_bytes
+        self._held: dict[Key, _Held] = {}  # in deadline order: every hold lasts sniff_timeout
+        self._opening: dict[Key, list[Datagram]] = {}
+        self._idle: dict[Key, _Idle] = {}
+        # idle sessions are found by a sweep every interval (late by at most a quarter of the timeout,
+        # or 1 s), not by a deadline per session that every datagram would have to move
+        self._interval = sweep_interval(session_timeout)
+        self._next_sweep: float | None = None
+
+    def key(self, client: Endpoint, dst: Endpoint) -> Key:
+        return session_key(self.mapping, client, dst)
+
+    @property
+    def held(self) -> dict[Key, tuple[Datagram, ...]]:
+        """The datagrams held per key, oldest hold first (a copy, for tests and debugging)."""
+        return {key: tuple(held.datagrams) for key, held in self._held.items()}
+
+    # -- inputs ----------------------------------------------------------------------------------
+
+    def datagram(self, client: Endpoint, dst: Endpoint, payload: bytes, now: float) -> Relay[S] | Open | None:
+        """A datagram from ``client`` to ``dst``. None: nothing to do now (held for the rest of a QUIC
+        hello, queued behind an ``Open``, or dropped because the held bytes are at their bound)."""
+        key = self.key(client, dst)
+        session = self.sessions.get(key)
+        if session is not None:
+            return Relay(session, dst, payload)
+        queued = self._opening.get(key)
+        if queued is not None:
+            if self.held_bytes + len(payload) <= self.max_held_bytes:
+                queued.append((dst, payload))
+                self.held_bytes += len(payload)
+            return None  # else dropped, as a full router queue would
+        held = self._held.get(key)
+        datagrams = [*held.datagrams, (dst, payload)] if held is not None else [(dst, payload)]
+        found = classify_datagrams([data for _, data in datagrams])
+        if isinstance(found, NeedMore):
+            before = held.size if held is not None else 0
+            others = len(self._held) - (held is not None)
+            if others < self.max_flows and self.held_bytes + len(payload) <= self.max_held_bytes:
+                if held is None:
+                    self._held[key] = _Held(client, datagrams, len(payload), now + self.sniff_timeout)
+                else:  # keeps its place and deadline: the wait is bounded from the first datagram
+                    held.datagrams, held.size = datagrams, before + len(payload)
+                self.held_bytes += len(payload)
+                return None
+            found = Sniffed("quic")  # no room to wait: route on what is known
+        if held is not None:
+            del self._held[key]
+            self.held_bytes -= held.size
+        return self._open(key, client, datagrams, found, timed_out=False)
+
+    def timer(self, now: float) -> list[Open | Expired[S]]:
+        """Holds past the sniff wait become ``Open`` (without the name); at each sweep, sessions whose
+        counters did not move for ``session_timeout`` become ``Expired`` and leave the table."""
+        actions: list[Open | Expired[S]] = []
+        while self._held:
+            key, held = next(iter(self._held.items()))
+            if held.deadline > now:
+                break
+            del self._held[key]
+            self.held_bytes -= held.size
+            actions.append(self._open(key, held.client, held.datagrams, Sniffed("quic"), timed_out=True))
+        if self._next_sweep is not None and now >= self._next_sweep:
+            idle = []
+            for key, seen in self._idle.items():
+                total = self.sessions[key].activity
+                if total != seen.seen:
+                    seen.seen, seen.last_active = total, now
+                elif seen.last_active + self.session_timeout <= now:
+                    idle.append(key)
+            for key in idle:
+                del self._idle[key]
+                actions.append(Expired(key, self.sessions.pop(key)))
+            self._next_sweep = now + self._interval if self.sessions else None
+        return actions
+
+    def next_timer(self) -> float | None:
+        """When ``timer`` has something to do next (None: nothing held and no session open)."""
+        hold = next(iter(self._held.values())).deadline if self._held else None
+        if hold is None or (self._next_sweep is not None and self._next_sweep < hold):
+            return self._next_sweep
+        return hold
+
+    # -- the shell's answers ---------------------------------------------------------------------
+
+    def opened(self, key: Key, session: S, now: float) -> tuple[Datagram, ...]:
+        """The ``Open`` for ``key`` succeeded: ``session`` is open from ``now``. Returns the datagrams
+        that came meanwhile, to relay after the ``Open``'s own."""
+        queued = self._opening.pop(key)
+        self.held_bytes -= sum(len(data) for _, data in queued)
+        self.sessions[key] = session
+        self._idle[key] = _Idle(session.activity, now)
+        if self._next_sweep is None:
+            self._next_sweep = now + self._interval
+        return tuple(queued)
+
+    def refused(self, key: Key) -> None:
+        """The ``Open`` for ``key`` was refused (route, loop, limit, no socket): its datagrams are
+        dropped, and the client's next datagram asks again (a retrying client shows as retries)."""
+        queued = self._opening.pop(key)
+        self.held_bytes -= sum(len(data) for _, data in queued)
+
+    def end(self, key: Key) -> S | None:
+        """The shell ends an open session itself (an error, say); returns it, or None if not open."""
+        self._idle.pop(key, None)
+        session = self.sessions.pop(key, None)
+        if not self.sessions:
+            self._next_sweep = None
+        return session
+
+    def shutdown(self) -> list[S]:
+        """Everything ends: held and queued datagrams are dropped (their clients retransmit to whoever
+        serves next); returns the open sessions, which have left the table, for the shell to close."""
+        sessions = list(self.sessions.values())
+        self.sessions.clear()
+        self._held.clear()
+        self._opening.clear()
+        self._idle.clear()
+        self.held_bytes = 0
+        self._next_sweep = None
+        return sessions
+
+    def _open(self, key: Key, client: Endpoint, datagrams: list[Datagram], found: Sniffed, timed_out: bool) -> Open:
+        self._opening[key] = []
+        return Open(key, client, datagrams[0][0], tuple(datagrams), found, timed_out)

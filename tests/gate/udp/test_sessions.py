@@ -1,0 +1,283 @@
+"""The UDP session table without sockets or a loop: time is a plain float, datagrams are captured bytes
+(dig's query, Chromium's and aioquic's QUIC Initials, whose ClientHello spans several datagrams)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gate.addr import Endpoint
+from gate.udp import Expired, Open, Relay, SessionTable, reply_source, session_key
+from sniff import Sniffed
+from tests.sniff.test_quic import datagrams
+
+DNS_QUERY = (Path(__file__).parents[2] / "sniff" / "fixtures" / "dig_query.bin").read_bytes()
+CHROMIUM = datagrams("chromium_quic_initial.bin")  # the hello is whole after the second datagram
+AIOQUIC_SPLIT = datagrams("aioquic_initial_split.bin")
+A, B = Endpoint("10.0.0.1", 5000), Endpoint("10.0.0.2", 5000)
+DNS, QUIC, OTHER = Endpoint("192.0.2.53", 53), Endpoint("192.0.2.1", 443), Endpoint("192.0.2.2", 443)
+TIMEOUT, SNIFF = 60.0, 0.5
+
+
+class Session:
+    """A shell's session as the table sees it: a counter that moves while datagrams pass."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.activity = 0
+
+
+def table(mapping: str = "full-cone", max_flows: int = 100, max_held_bytes: int = 1 << 20) -> SessionTable[Session]:
+    return SessionTable(mapping, TIMEOUT, SNIFF, max_flows, max_held_bytes)
+
+
+def open_session(t: SessionTable[Session], client: Endpoint, dst: Endpoint, now: float) -> Session:
+    action = t.datagram(client, dst, DNS_QUERY, now)
+    assert isinstance(action, Open)
+    session = Session(f"{client}>{dst}")
+    assert t.opened(action.key, session, now) == ()
+    return session
+
+
+def run_timers(t: SessionTable[Session], until: float) -> list[tuple[float, Open | Expired[Session]]]:
+    """What a shell's loop timer would see: timer(now) called at each next_timer() up to ``until``."""
+    seen = []
+    while (when := t.next_timer()) is not None and when <= until:
+        seen += [(when, action) for action in t.timer(when)]
+    return seen
+
+
+# -- mapping -----------------------------------------------------------------------------------------
+
+
+def test_full_cone_is_one_session_per_client_symmetric_one_per_destination() -> None:
+    assert session_key("full-cone", A, DNS) == session_key("full-cone", A, QUIC) == (A, None)
+    assert session_key("symmetric", A, DNS) == (A, DNS) != session_key("symmetric", A, QUIC)
+
+    cone = table("full-cone")
+    session = open_session(cone, A, DNS, 0.0)
+    assert cone.datagram(A, QUIC, b"x", 1.0) == Relay(session, QUIC, b"x")  # the same session, its own dst
+    assert isinstance(cone.datagram(B, DNS, DNS_QUERY, 1.0), Open)  # another client: another session
+
+    symmetric = table("symmetric")
+    session = open_session(symmetric, A, DNS, 0.0)
+    assert symmetric.datagram(A, DNS, b"x", 1.0) == Relay(session, DNS, b"x")
+    opened = symmetric.datagram(A, OTHER, DNS_QUERY, 1.0)
+    assert isinstance(opened, Open) and opened.key == (A, OTHER) and opened.dst == OTHER
+
+
+def test_unknown_mapping_is_a_programming_error() -> None:
+    with pytest.raises(ValueError, match="restricted"):
+        SessionTable("restricted", TIMEOUT, SNIFF, 10)
+
+
+def test_who_may_answer() -> None:
+    remote = Endpoint("198.51.100.7", 3478)
+    # full-cone: anyone the client's session sent to (or not) answers as itself
+    assert reply_source((A, None), DNS, False, remote) == remote
+    # symmetric: only the session's destination
+    assert reply_source((A, DNS), DNS, False, DNS) == DNS
+    assert reply_source((A, DNS), DNS, False, remote) is None
+    # a fixed upstream answers as the destination the client sent to, whatever the mapping
+    assert reply_source((A, DNS), DNS, True, Endpoint("203.0.113.9", 53)) == DNS
+    assert reply_source((A, None), DNS, True, Endpoint("203.0.113.9", 53)) == DNS
+
+
+# -- opening -----------------------------------------------------------------------------------------
+
+
+def test_first_datagram_is_classified_and_opens() -> None:
+    t = table()
+    action = t.datagram(A, DNS, DNS_QUERY, 3.0)
+    assert action == Open((A, None), A, DNS, ((DNS, DNS_QUERY),), action.sniffed, timed_out=False)
+    assert action.sniffed.protocol == "dns" and action.sniffed.host == "www.example.test"
+    assert t.sessions == {} and t.next_timer() is None  # not open until the shell says so
+
+
+def test_datagrams_during_opening_queue_and_come_back_from_opened() -> None:
+    t = table()
+    action = t.datagram(A, DNS, DNS_QUERY, 0.0)
+    assert isinstance(action, Open)
+    assert t.datagram(A, QUIC, b"late", 0.1) is None
+    assert t.held_bytes == 4
+    session = Session("s")
+    assert t.opened(action.key, session, 0.2) == ((QUIC, b"late"),)
+    assert t.held_bytes == 0 and t.sessions == {(A, None): session}
+
+
+def test_refused_drops_the_queue_and_the_next_datagram_asks_again() -> None:
+    t = table()
+    action = t.datagram(A, DNS, DNS_QUERY, 0.0)
+    assert isinstance(action, Open)
+    assert t.datagram(A, DNS, b"retry", 0.1) is None
+    t.refused(action.key)
+    assert t.held_bytes == 0 and t.sessions == {}
+    assert isinstance(t.datagram(A, DNS, DNS_QUERY, 1.0), Open)
+
+
+# -- idle expiry -------------------------------------------------------------------------------------
+
+
+def test_idle_session_expires_at_the_timeout_not_before() -> None:
+    t = table()
+    session = open_session(t, A, DNS, 100.0)
+    before = run_timers(t, 100.0 + TIMEOUT - 0.001)
+    assert before == [] and t.sessions == {(A, None): session}
+    assert run_timers(t, 100.0 + TIMEOUT) == [(100.0 + TIMEOUT, Expired((A, None), session))]
+    assert t.sessions == {} and t.next_timer() is None  # nothing left to wake up for
+
+
+def test_activity_either_way_postpones_expiry() -> None:
+    t = table()
+    session = open_session(t, A, DNS, 0.0)
+    assert run_timers(t, 30.0) == []
+    session.activity += 100  # a datagram passed, noticed by the next sweep (at most 1 s later)
+    assert run_timers(t, 30.0 + TIMEOUT) == []
+    assert run_timers(t, 31.0 + TIMEOUT) == [(31.0 + TIMEOUT, Expired((A, None), session))]
+
+
+def test_sweeps_are_coarse_and_stop_with_the_last_session() -> None:
+    t = table()
+    open_session(t, A, DNS, 0.0)
+    assert t.next_timer() == 1.0  # a quarter of the timeout, at most 1 s: no timer per datagram
+    assert t.timer(0.5) == [] and t.next_timer() == 1.0
+    assert t.end((A, None)) is not None and t.next_timer() is None
+    assert t.end((A, None)) is None
+
+
+# -- the QUIC hold -----------------------------------------------------------------------------------
+
+
+def test_quic_hello_over_two_datagrams_is_held_then_released_in_order_with_its_name() -> None:
+    t = table()
+    assert t.datagram(A, QUIC, CHROMIUM[0], 0.0) is None
+    assert t.held == {(A, None): ((QUIC, CHROMIUM[0]),)} and t.held_bytes == len(CHROMIUM[0])
+    assert t.next_timer() == SNIFF
+    action = t.datagram(A, QUIC, CHROMIUM[1], 0.1)
+    assert isinstance(action, Open) and not action.timed_out
+    assert action.datagrams == ((QUIC, CHROMIUM[0]), (QUIC, CHROMIUM[1]))
+    assert action.sniffed.sni == "www.example.test" and action.sniffed.alpn == ("h3",)
+    assert t.held == {} and t.held_bytes == 0
+    assert run_timers(t, 10.0) == []  # the hold's deadline is gone with it
+
+
+def test_hold_ends_after_the_sniff_wait_without_the_name() -> None:
+    t = table()
+    assert t.datagram(A, QUIC, AIOQUIC_SPLIT[0], 0.0) is None
+    assert t.datagram(A, QUIC, AIOQUIC_SPLIT[0], 0.4) is None  # a retransmission: still incomplete
+    assert t.next_timer() == SNIFF  # bounded from the first datagram, not moved by later ones
+    assert t.timer(SNIFF - 0.001) == []
+    [action] = t.timer(SNIFF)
+    assert action == Open((A, None), A, QUIC, ((QUIC, AIOQUIC_SPLIT[0]), (QUIC, AIOQUIC_SPLIT[0])),
+                          Sniffed("quic"), timed_out=True)
+    assert t.held == {} and t.held_bytes == 0
+
+
+def test_holds_end_in_the_order_they_began() -> None:
+    t = table()
+    assert t.datagram(A, QUIC, AIOQUIC_SPLIT[0], 0.0) is None
+    assert t.datagram(B, QUIC, AIOQUIC_SPLIT[0], 0.2) is None
+    assert t.datagram(A, QUIC, AIOQUIC_SPLIT[0], 0.3) is None  # adds to A's hold, which stays first
+    fired = run_timers(t, 1.0)
+    assert [(when, action.key) for when, action in fired] == [(SNIFF, (A, None)), (0.2 + SNIFF, (B, None))]
+
+
+def test_held_bytes_are_bounded_across_sessions() -> None:
+    t = table(max_held_bytes=len(CHROMIUM[0]) + 100)  # room for one held datagram
+    assert t.datagram(A, QUIC, CHROMIUM[0], 0.0) is None
+    action = t.datagram(B, QUIC, CHROMIUM[0], 0.0)  # no room to wait: routed at once, without the name
+    assert action == Open((B, None), B, QUIC, ((QUIC, CHROMIUM[0]),), Sniffed("quic"), timed_out=False)
+    assert list(t.held) == [(A, None)] and t.held_bytes == len(CHROMIUM[0])
+    action = t.datagram(A, QUIC, CHROMIUM[1], 0.1)  # the hello is whole: routed by its name
+    assert isinstance(action, Open) and action.sniffed.sni == "www.example.test"
+    assert t.held == {} and t.held_bytes == 0
+
+
+def test_a_hold_that_outgrows_the_bound_is_released_without_the_name() -> None:
+    t = table(max_held_bytes=len(AIOQUIC_SPLIT[0]) + 100)
+    assert t.datagram(A, QUIC, AIOQUIC_SPLIT[0], 0.0) is None
+    action = t.datagram(A, QUIC, AIOQUIC_SPLIT[0], 0.1)
+    assert isinstance(action, Open) and action.sniffed == Sniffed("quic") and len(action.datagrams) == 2
+    assert t.held == {} and t.held_bytes == 0
+
+
+def test_max_flows_bounds_the_sessions_held() -> None:
+    t = table(max_flows=1)
+    assert t.datagram(A, QUIC, CHROMIUM[0], 0.0) is None
+    action = t.datagram(B, QUIC, CHROMIUM[0], 0.0)
+    assert isinstance(action, Open) and action.sniffed == Sniffed("quic")
+    assert t.datagram(A, QUIC, CHROMIUM[0], 0.1) is None  # the one hold may still grow
+
+
+def test_shutdown_drops_holds_and_returns_the_open_sessions() -> None:
+    t = table()
+    session = open_session(t, A, DNS, 0.0)
+    assert t.datagram(B, QUIC, CHROMIUM[0], 0.0) is None
+    assert t.shutdown() == [session]
+    assert t.sessions == {} and t.held == {} and t.held_bytes == 0 and t.next_timer() is None
+
+
+# -- properties ----------------------------------------------------------------------------------------
+
+PAYLOADS = [DNS_QUERY, CHROMIUM[0], CHROMIUM[1], CHROMIUM[2], AIOQUIC_SPLIT[0], b"\x00", b""]
+CLIENTS = [A, B, Endpoint("10.0.0.3", 7)]
+DSTS = [DNS, QUIC]
+step = st.one_of(
+    st.tuples(st.just("datagram"), st.sampled_from(CLIENTS), st.sampled_from(DSTS), st.sampled_from(PAYLOADS)),
+    st.tuples(st.just("wait"), st.floats(0, 2)),
+    st.tuples(st.just("answer"), st.booleans()),
+    st.tuples(st.just("activity"), st.integers(0, 2)),
+    st.tuples(st.just("end"), st.sampled_from(CLIENTS)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(mapping=st.sampled_from(["full-cone", "symmetric"]), max_flows=st.integers(1, 3),
+       max_held=st.sampled_from([1300, 2600, 1 << 20]), steps=st.lists(step, max_size=40))
+def test_held_bytes_stay_accounted(mapping: str, max_flows: int, max_held: int, steps: list[tuple]) -> None:
+    """Whatever arrives and whenever: held bytes are exactly those of held and queued datagrams, within
+    their bound; a key is in one state at most; every datagram is held, queued, relayed, opened or
+    dropped only when the bytes are at their bound; timers only fire when due."""
+    t: SessionTable[Session] = SessionTable(mapping, 4.0, SNIFF, max_flows, max_held)
+    now, pending = 0.0, []
+    for kind, *args in steps:
+        actions: list[Open | Expired[Session] | Relay[Session] | None] = []
+        if kind == "datagram":
+            client, dst, payload = args
+            before = t.held_bytes
+            action = t.datagram(client, dst, payload, now)
+            if action is None:
+                grew = t.held_bytes - before == len(payload)
+                assert grew or before + len(payload) > max_held  # dropped only at the bound
+            actions.append(action)
+        elif kind == "wait":
+            now += args[0]
+            due = t.next_timer()
+            actions += t.timer(now)
+            assert actions == [] or (due is not None and due <= now)
+        elif kind == "answer" and pending:
+            key = pending.pop(0)
+            if args[0]:
+                t.opened(key, Session(str(key)), now)
+            else:
+                t.refused(key)
+        elif kind == "activity" and t.sessions:
+            sessions = list(t.sessions.values())
+            sessions[args[0] % len(sessions)].activity += 1
+        elif kind == "end":
+            for key in [key for key in t.sessions if key[0] == args[0]]:
+                assert t.end(key) is not None
+        pending += [action.key for action in actions if isinstance(action, Open)]
+        held = t.held
+        queued = t._opening  # the queues are private: no shell needs to read them
+        assert t.held_bytes == sum(len(p) for ds in held.values() for _, p in ds) + sum(
+            len(p) for ds in queued.values() for _, p in ds)
+        assert 0 <= t.held_bytes <= max_held and len(held) <= max_flows
+        assert not (held.keys() & queued.keys()) and not (held.keys() & t.sessions.keys())
+        assert not (queued.keys() & t.sessions.keys()) and set(queued) == set(pending)
+        assert all(t.key(key[0], ds[0][0]) == key for key, ds in held.items())
+    t.shutdown()
+    assert t.held_bytes == 0 and t.next_timer() is None
