@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tproxy.rules import Capture
+from tproxy.capture import Capture
 
 __all__ = ["CHAINS", "IptRule", "apply_iptables", "build_iptables", "clear_iptables"]
 

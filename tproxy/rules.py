@@ -10,12 +10,14 @@ that, also after a crash (``apply`` clears first).
 from __future__ import annotations
 
 import functools
-import ipaddress
 import socket
 import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ParamSpec
+
+from tproxy.capture import Capture
+from tproxy.iptables import build_iptables, clear_iptables
 
 P = ParamSpec("P")
 
@@ -24,26 +26,6 @@ __all__ = ["NFT_TABLE", "RT_PROTO", "Capture", "IpRule", "LocalRoute", "RuleSet"
 NFT_TABLE = "ugate"  # `table inet ugate`: ours alone, created and deleted whole
 RT_PROTO = 117  # rtm_protocol of our routes (ASCII "u"): how clear() knows them
 RULE_PRIORITY = 32000  # before the main table (32766)
-
-
-@dataclass(frozen=True)
-class Capture:
-    """What the rules need to know (a projection of gate.config.CaptureSpec, so tproxy/ needs no gate/)."""
-
-    mode: str  # "tproxy" | "redirect"
-    role: str  # "router" | "egress" | "ingress"
-    port4: int | None
-    port6: int | None
-    bypass_mark: int  # ugate's own sockets carry it: never captured
-    route_mark: int = 0x1
-    table: int = 100
-    udp_port4: int | None = None
-    udp_port6: int | None = None
-    backend: str = "nftables"  # or "iptables" (python-iptables, legacy x_tables)
-    interfaces: tuple[str, ...] = ()
-    ports: tuple[tuple[int, int], ...] = ()
-    exclude: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -172,7 +154,6 @@ def build(cap: Capture) -> RuleSet:
             chains.append(_chain("prerouting", "nat", "prerouting", "dstnat", pre))
         rules, routes = (), ()
     if cap.backend == "iptables":
-        from tproxy.iptables import build_iptables  # here: that module builds on this one's Capture
 
         return RuleSet(nft="", ip_rules=rules, routes=routes, iptables=build_iptables(cap))
     nft = f"table inet {NFT_TABLE} {{\n" + "\n".join(chains) + "\n}\n"
@@ -216,7 +197,6 @@ def _netlink_errors_as_oserror(fn: Callable[P, None]) -> Callable[P, None]:
 def clear(cap: Capture) -> None:
     """Remove ugate's table (or chains), fwmark rules and local routes from this namespace (idempotent)."""
     if cap.backend == "iptables":
-        from tproxy.iptables import clear_iptables
 
         clear_iptables()
     else:

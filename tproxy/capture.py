@@ -1,0 +1,32 @@
+"""What capture rules are built from: a projection of gate.config.CaptureSpec, so tproxy/ needs no gate/.
+
+Its own module so both rule backends (tproxy.rules for nftables and routing, tproxy.iptables) build on it
+without importing each other.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+__all__ = ["Capture"]
+
+
+@dataclass(frozen=True)
+class Capture:
+    """What the rules need to know (a projection of gate.config.CaptureSpec, so tproxy/ needs no gate/)."""
+
+    mode: str  # "tproxy" | "redirect"
+    role: str  # "router" | "egress" | "ingress"
+    port4: int | None
+    port6: int | None
+    bypass_mark: int  # ugate's own sockets carry it: never captured
+    route_mark: int = 0x1
+    table: int = 100
+    udp_port4: int | None = None
+    udp_port6: int | None = None
+    backend: str = "nftables"  # or "iptables" (python-iptables, legacy x_tables)
+    interfaces: tuple[str, ...] = ()
+    ports: tuple[tuple[int, int], ...] = ()
+    exclude: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
