@@ -285,3 +285,37 @@ def test_bad_input_on_the_h2_listener(start_gate: Any, two_gates: dict[str, Any]
     while b.fd_count() > baseline and time.monotonic() < deadline:
         time.sleep(0.05)
     assert b.fd_count() <= baseline
+
+
+def test_every_sniffed_field_reaches_the_far_gate(start_gate: Any, tmp_path: Path, hash_echo: int) -> None:
+    """Routes on the far gate match as they would locally: SNI, ALPN and ECH of Chromium's hello, sniffed on
+    gate A, reach gate B (ALPN and ECH were dropped once, so `alpn:` routes never matched there)."""
+    keygen(tmp_path / "a")
+    id_b = keygen(tmp_path / "b")
+    h2_port, fwd = free_port(), free_port()
+    b = start_gate(
+        [{"name": "mesh", "kind": "h2", "listen": f"127.0.0.1:{h2_port}"}],
+        routes=[{"match": {"alpn": ["h2"], "sni": ["www.example.test"], "protocol": ["tls"]}, "action": "direct",
+                 "name": "h2-by-alpn"},
+                {"action": "reject", "name": "other"}],
+        mesh={"identity": str(tmp_path / "b")},
+        peers=[{"name": "a", "cert": str(tmp_path / "a" / "cert.pem"), "allow": [{"port": [hash_echo]}]}],
+    )
+    a = start_gate(
+        [{"name": "fwd", "kind": "forward", "listen": f"127.0.0.1:{fwd}", "to": f"127.0.0.1:{hash_echo}",
+          "sniff": True}],
+        routes=[{"via": "b", "name": "to-b"}],
+        mesh={"identity": str(tmp_path / "a")},
+        peers=[{"name": "b", "address": f"127.0.0.1:{h2_port}", "id": id_b}],
+    )
+    hello = (ROOT / "tests" / "sniff" / "fixtures" / "chromium_tls.bin").read_bytes()
+    with socket.create_connection(("127.0.0.1", fwd), timeout=10) as s:
+        s.sendall(hello)
+        s.shutdown(socket.SHUT_WR)
+        answer = b"".join(iter(lambda: s.recv(65536), b""))
+    assert answer == f"{hashlib.sha256(hello).hexdigest()} {len(hello)}".encode()  # the server saw it whole
+    far = b.wait_records(1)[0]
+    assert (far["rule"], far["sni"], far["alpn"], far["ech"], far["protocol"]) == (
+        "h2-by-alpn", "www.example.test", ["h2", "http/1.1"], True, "tls"), far
+    near = a.wait_records(1)[0]
+    assert (near["action"], near["peer"], near["rule"]) == ("via", "b", "to-b"), near  # the log names the peer
