@@ -6,10 +6,11 @@ from __future__ import annotations
 import resource
 import socket
 import subprocess
+import sys
 import time
 from typing import Any
 
-from tests.conftest import free_port
+from tests.conftest import ROOT, free_port
 
 
 def exchange(s: socket.socket, data: bytes) -> bytes:
@@ -63,3 +64,35 @@ def test_descriptor_exhaustion_backs_off_and_recovers(start_gate: Any, http_orig
     url = f"http://127.0.0.1:{port}/after"
     got = subprocess.run(["curl", "-sf", "--max-time", "10", "--retry", "3", url], capture_output=True)
     assert got.stdout == f"hello from {http_origin} /after\n".encode()
+
+
+def test_h2_listener_backs_off_on_descriptor_exhaustion(start_gate: Any, tmp_path: Any) -> None:
+    """The h2 listener shares the accept loop: out of descriptors it backs off instead of spinning (it
+    logged 121,498 warnings in 2 s once), and serves again when descriptors are back."""
+    subprocess.run([sys.executable, "-m", "gate", "keygen", "--dir", str(tmp_path / "b")], cwd=ROOT, check=True,
+                   capture_output=True)
+    port = free_port()
+    gate = start_gate([{"name": "mesh", "kind": "h2", "listen": f"127.0.0.1:{port}"}],
+                      mesh={"identity": str(tmp_path / "b"), "ca": str(tmp_path / "b" / "cert.pem")})
+    pid = gate.proc.pid
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (gate.fd_count() + 4, hard))
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(20)]
+    time.sleep(2.5)
+    warnings = gate.stderr().count("accept failed (Too many open files)")
+    assert 1 <= warnings <= 10, gate.stderr()[-2000:]
+    assert gate.alive()
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    for c in clients:
+        c.close()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as late:
+        late.sendall(b"not TLS\r\n\r\n")
+        late.settimeout(5)
+        try:
+            assert late.recv(100) == b""  # accepted, and the TLS handshake refused it
+        except ConnectionResetError:
+            pass
+    deadline = time.monotonic() + 5
+    while "gate at 127.0.0.1" not in gate.stderr() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "refused" in gate.stderr().split("accept failed")[-1]
