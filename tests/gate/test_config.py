@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import pytest
 
@@ -230,3 +231,49 @@ def test_name_patterns_are_exact_star_dot_or_dot_suffixes() -> None:
         assert parse_config(config(good)).routes[0].match.sni == (kept,)
     for bad in ("*", ".", "..example.com", "a*b.example.com", ""):
         assert problems(config(bad)) == [f"routes[0].match.sni: {bad!r} is not a host name, *.suffix or .suffix"]
+
+
+def test_words_are_typed_and_still_compare_as_strings() -> None:
+    from gate.config import ACTIONS, RELAY_MODES, Action, CaptureMode, CaptureRole, LogAccess, RelayMode, UdpMapping
+
+    config = parse_config({
+        "listeners": [{"name": "t", "kind": "tproxy", "listen": "0.0.0.0:15001", "relay": "copy"},
+                      {"name": "u", "kind": "tproxy_udp", "listen": "0.0.0.0:15002", "mapping": "symmetric"}],
+        "capture": {"mode": "tproxy", "role": "egress"},
+        "routes": [{"match": {"port": 25}, "action": "reject"}, {"action": "direct"}],
+    })
+    t, u = config.listeners
+    assert t.relay is RelayMode.COPY and t.relay == "copy"
+    assert u.mapping is UdpMapping.SYMMETRIC  # type: ignore[attr-defined]
+    assert config.routes[0].action is Action.REJECT and config.routes[0].action == "reject"
+    assert config.capture is not None and config.capture.mode is CaptureMode.TPROXY
+    assert config.capture.role is CaptureRole.EGRESS and config.log.access is LogAccess.STDERR
+    assert ACTIONS == ("direct", "upstream", "resolve", "reject", "via") and RELAY_MODES == ("auto", "splice", "copy")
+
+
+def test_a_listener_kind_is_one_class() -> None:
+    """A new kind registers itself and parses its own keys; nothing else names it. (Defined here with
+    ClassVar imported at module level: dataclasses reads string annotations in the module's namespace.)"""
+    from gate.config import ListenerSpec
+    from gate.specs import KINDS
+    from gate.validate import Problems, positive_int
+
+    @dataclass(frozen=True)
+    class EchoSpec(ListenerSpec):
+        kind: ClassVar[str] = "echo-test"
+        KEYS: ClassVar[tuple[str, ...]] = ("times",)
+        times: int = 1
+
+        @classmethod
+        def options(cls, m: Any, where: str, p: Problems) -> dict[str, Any]:
+            return {"times": p.get(m, "times", where, positive_int, 1)}
+
+    try:
+        config = parse_config({"listeners": [{"name": "e", "kind": "echo-test", "listen": "127.0.0.1:7",
+                                              "times": 3}]})
+        assert config.listeners[0] == EchoSpec(name="e", listen=Endpoint("127.0.0.1", 7),
+                                               timeouts=config.timeouts, times=3)
+        assert problems({"listeners": [{"name": "e", "kind": "echo-test", "listen": "127.0.0.1:7",
+                                        "times": 0}]}) == ["listeners[0].times: 0 is not a positive integer"]
+    finally:
+        del KINDS["echo-test"]
