@@ -180,6 +180,11 @@ def _workers(value: Any) -> int:
 
 
 def _access(value: Any) -> LogAccess | str:
+    """YAML 1.1 reads an unquoted ``off`` (or ``no``) as false: that still means no access log."""
+    if value is False:
+        return LogAccess.OFF
+    if value is True:
+        raise ValueError("true is not a place for the access log (stderr, off, or a file path)")
     text = string(value)
     return LogAccess(text) if text in tuple(LogAccess) else text
 

@@ -277,3 +277,19 @@ def test_a_listener_kind_is_one_class() -> None:
                                         "times": 0}]}) == ["listeners[0].times: 0 is not a positive integer"]
     finally:
         del KINDS["echo-test"]
+
+
+def test_unquoted_off_turns_the_access_log_off() -> None:
+    import yaml
+
+    from gate.config import LogAccess
+
+    def access(text: str) -> Any:
+        return parse_config(yaml.safe_load(f"log: {{access: {text}}}\n"
+                                           "listeners: [{name: s, kind: socks5, listen: '127.0.0.1:1'}]\n")).log.access
+
+    assert access("off") is LogAccess.OFF  # YAML 1.1 reads it as false
+    assert access('"off"') is LogAccess.OFF and access("stderr") is LogAccess.STDERR
+    assert access("/var/log/ugate.log") == "/var/log/ugate.log"
+    assert problems(yaml.safe_load("log: {access: on}\nlisteners: [{name: s, kind: socks5, listen: '127.0.0.1:1'}]")) \
+        == ["log.access: true is not a place for the access log (stderr, off, or a file path)"]
