@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
+import pytest
+
+from gate.cli import _parser, version
 from tests.conftest import ROOT
 
 
@@ -83,3 +88,53 @@ routes:
     done = ugate("route", "--config", str(path), "--listener", "t", "--dst", "1.2.3.4", "--port", "443",
                  "--protocol", "tls", "--sni", "www.example.test", "--alpn", "http/1.1")
     assert done.stdout.splitlines()[0] == "routes[0] h2-only: no: alpn ['http/1.1'] has none of ['h2']"
+
+
+CAPTURE = """
+listeners: [{name: t, kind: tproxy, listen: "0.0.0.0:15001"}]
+capture: {mode: tproxy, role: egress}
+"""
+
+
+@pytest.mark.parametrize("argv", [
+    ["--config", "X", "--log-level", "debug", "check"],
+    ["check", "--config", "X", "--log-level", "debug"],
+    ["--config", "X", "check", "--log-level", "debug"],
+    ["--log-level", "debug", "check", "-c", "X"],
+    ["-c", "X", "--log-level", "debug", "route", "--listener", "s", "--dst", "a", "--port", "1"],
+    ["--log-level", "debug", "-c", "X", "rules", "show"],
+    ["rules", "show", "-c", "X", "--log-level", "debug"],
+    ["-c", "X", "--log-level", "debug"],
+    ["-c", "X", "--log-level", "debug", "run"],
+    ["run", "-c", "X", "--log-level", "debug"],
+])
+def test_options_mean_the_same_before_and_after_the_command(argv: list[str]) -> None:
+    args = _parser().parse_args(argv)
+    assert (args.config, args.log_level) == ("X", "debug")
+
+
+def test_options_default_wherever_they_are_left_out() -> None:
+    for argv in ([], ["check"], ["rules", "show"]):
+        args = _parser().parse_args(argv)
+        assert (args.config, args.log_level) == ("configs/gate.yaml", None)
+
+
+def test_config_before_the_command_is_the_one_used(tmp_path: Path) -> None:
+    bad, capture, ok = tmp_path / "bad.yaml", tmp_path / "capture.yaml", tmp_path / "ok.yaml"
+    bad.write_text("listeners: 3\n")
+    capture.write_text(CAPTURE)
+    ok.write_text(CONFIG)
+    done = ugate("--config", str(bad), "check")
+    assert done.returncode == 2 and "listeners: expected a non-empty list" in done.stderr
+    done = ugate("-c", str(capture), "rules", "show")
+    assert done.returncode == 0 and "15001" in done.stdout, done.stderr
+    done = ugate("--config", str(ok), "route", "--listener", "fwd", "--dst", "127.0.0.1", "--port", "5201")
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "routes[1] #1: MATCH: upstream -> 127.0.0.1:5202"
+
+
+def test_version() -> None:
+    done = ugate("--version")
+    assert done.returncode == 0 and done.stdout == f"ugate {version()}\n"
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", version())
+    with (ROOT / "pyproject.toml").open("rb") as f:  # not installed: the version of this source tree
+        assert version("no-such-distribution-ugate") == tomllib.load(f)["project"]["version"]
