@@ -273,6 +273,37 @@ def parse_listener(raw: Any, where: str, base: Timeouts, p: Problems) -> Listene
     return cls.parse(m, where, common, p)
 
 
+def _wildcard(host: str) -> int | None:
+    """4 or 6 when ``host`` is that family's any-address (0.0.0.0, ::), else None."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return address.version if address.is_unspecified else None
+
+
+def _family(host: str) -> int | None:
+    try:
+        return ipaddress.ip_address(host).version
+    except ValueError:
+        return None
+
+
 def listener_clashes(a: ListenerSpec, b: ListenerSpec) -> str | None:
-    """Why ``a`` and ``b`` cannot both bind, or None."""
-    return f"{a.listen} is used twice" if a.listen == b.listen else None
+    """Why ``a`` and ``b`` cannot both bind, or None.
+
+    They clash on the same port and transport when the addresses are equal, or when one is its family's
+    wildcard (0.0.0.0:P takes P on every IPv4 address, so 127.0.0.1:P fails to bind, or, with
+    SO_REUSEPORT workers, silently shares the port). TCP and UDP never clash; IPv6 listeners are v6-only
+    (bind_listening_socket), so [::]:P and 0.0.0.0:P do not either.
+    """
+    if a.transport != b.transport or a.listen.port != b.listen.port:
+        return None
+    if a.listen.host == b.listen.host:
+        return f"{a.listen} is used twice"
+    for wild, other in ((a, b), (b, a)):
+        family = _wildcard(wild.listen.host)
+        if family is not None and _family(other.listen.host) == family:
+            return (f"{a.listen} overlaps {b.listen} of listener {b.name!r} ({wild.listen.host} takes port "
+                    f"{a.listen.port} on every IPv{family} address)")
+    return None

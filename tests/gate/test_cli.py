@@ -138,3 +138,46 @@ def test_version() -> None:
     assert re.fullmatch(r"\d+\.\d+\.\d+\S*", version())
     with (ROOT / "pyproject.toml").open("rb") as f:  # not installed: the version of this source tree
         assert version("no-such-distribution-ugate") == tomllib.load(f)["project"]["version"]
+
+
+def check(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return ugate("--config", str(path), "check")
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    ("127.0.0.1:7001", "0.0.0.0:7001"), ("0.0.0.0:7001", "127.0.0.1:7001"), ("[::1]:7001", "[::]:7001"),
+    ("[::]:7001", "[fe80::1]:7001"), ("0.0.0.0:7001", "0.0.0.0:7001"),
+])
+def test_check_refuses_listeners_that_cannot_both_bind(tmp_path: Path, first: str, second: str) -> None:
+    done = check(tmp_path, f"""
+listeners:
+  - {{name: a, kind: socks5, listen: "{first}"}}
+  - {{name: b, kind: tproxy, listen: "{second}"}}
+""")
+    assert done.returncode == 2, done.stdout
+    assert re.search(r"^  listeners\[1\]\.listen: .*(overlaps|is used twice)", done.stderr, re.M), done.stderr
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    ("0.0.0.0:7001", "[::]:7001"), ("127.0.0.1:7001", "[::]:7001"), ("127.0.0.1:7001", "127.0.0.2:7001"),
+    ("0.0.0.0:7001", "0.0.0.0:7002"),
+])
+def test_check_accepts_listeners_that_can_both_bind(tmp_path: Path, first: str, second: str) -> None:
+    done = check(tmp_path, f"""
+listeners:
+  - {{name: a, kind: socks5, listen: "{first}"}}
+  - {{name: b, kind: tproxy, listen: "{second}"}}
+""")
+    assert done.returncode == 0, done.stderr
+
+
+def test_check_accepts_tcp_and_udp_on_the_same_port(tmp_path: Path) -> None:
+    done = check(tmp_path, """
+listeners:
+  - {name: t, kind: tproxy, listen: "0.0.0.0:15001"}
+  - {name: u, kind: tproxy_udp, listen: "0.0.0.0:15001"}
+  - {name: u6, kind: tproxy_udp, listen: "[::]:15001"}
+""")
+    assert done.returncode == 0, done.stderr
