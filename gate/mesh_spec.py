@@ -11,7 +11,7 @@ from typing import Any
 
 from gate.addr import Endpoint, parse_endpoint
 from gate.route_spec import Match, parse_match
-from gate.validate import Problems, boolean, positive_int, string
+from gate.validate import Problems, boolean, gate_id, positive_int, string
 
 __all__ = ["MeshSpec", "PeerSpec", "parse_mesh", "parse_peers"]
 
@@ -80,7 +80,7 @@ def _peer(raw: Any, where: str, mesh: MeshSpec | None, listeners: set[str], p: P
     peer = PeerSpec(
         name=p.get(m, "name", where, string, where),
         address=p.get(m, "address", where, parse_endpoint, None),
-        id=p.get(m, "id", where, string, None),
+        id=p.get(m, "id", where, gate_id, None),
         cert=p.get(m, "cert", where, _path, None),
         allow=tuple(parse_match(a, f"{where}.allow[{j}]", listeners, p) for j, a in enumerate(allow_raw)),
         reverse=p.get(m, "reverse", where, boolean, False),

@@ -6,6 +6,8 @@ never hides the next and ``ugate check`` lists every problem at once.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 from collections.abc import Callable, Mapping
 from enum import StrEnum
@@ -17,6 +19,7 @@ __all__ = [
     "Problems",
     "as_list",
     "boolean",
+    "gate_id",
     "hosts",
     "interfaces",
     "mark",
@@ -167,3 +170,19 @@ def interfaces(value: Any) -> tuple[str, ...]:
         if len(name) > 15 or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise ValueError(f"{name!r} is not an interface name")
     return found
+
+
+def gate_id(value: Any) -> str:
+    """A gate ID as ``gate.mesh.identity.gate_id`` writes it: base32 of a SHA-256, lower case, unpadded.
+
+    Checked by decoding, so a placeholder (``REPLACE-WITH-B-ID``) or a truncated copy fails here
+    instead of at the first handshake."""
+    text = string(value)
+    try:
+        digest = base64.b32decode(text.upper() + "====", casefold=False)
+    except (binascii.Error, ValueError):
+        digest = b""
+    if len(text) != 52 or text != text.lower() or len(digest) != 32 or \
+            base64.b32encode(digest).decode().rstrip("=").lower() != text:
+        raise ValueError(f"{text!r} is not a gate ID (52 lower-case base32 characters, as ugate keygen prints)")
+    return text

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -179,5 +180,30 @@ listeners:
   - {name: t, kind: tproxy, listen: "0.0.0.0:15001"}
   - {name: u, kind: tproxy_udp, listen: "0.0.0.0:15001"}
   - {name: u6, kind: tproxy_udp, listen: "[::]:15001"}
+""")
+    assert done.returncode == 0, done.stderr
+
+
+def make_identity(directory: Path, **kw: Any) -> str:
+    from gate.mesh.identity import keygen
+
+    return keygen(directory, **kw).id
+
+
+def test_check_refuses_peer_ids_that_are_not_gate_ids(tmp_path: Path) -> None:
+    good = make_identity(tmp_path / "b")
+    for bad in ("REPLACE-WITH-B-ID", good[:-1], good.upper(), good[:-1] + "b", good + "a"):
+        done = check(tmp_path, f"""
+mesh: {{identity: {tmp_path / "b"}}}
+peers: [{{name: b, address: "127.0.0.1:15008", id: {bad}}}]
+listeners: [{{name: s, kind: socks5, listen: "127.0.0.1:1080"}}]
+routes: [{{via: b}}]
+""")
+        assert done.returncode == 2 and f"  peers[0].id: {bad!r} is not a gate ID" in done.stderr, (bad, done.stderr)
+    done = check(tmp_path, f"""
+mesh: {{identity: {tmp_path / "b"}}}
+peers: [{{name: b, address: "127.0.0.1:15008", id: {good}}}]
+listeners: [{{name: s, kind: socks5, listen: "127.0.0.1:1080"}}]
+routes: [{{via: b}}]
 """)
     assert done.returncode == 0, done.stderr

@@ -12,6 +12,8 @@ from gate.config import ForwardSpec, HttpSpec, Socks5Spec, load_config, parse_co
 from gate.errors import ConfigError
 from tests.conftest import ROOT
 
+GATE_ID = "73tlqhtrwjbvyqqp55i7keo2tw4l7vjbq6o2dg5xdpkbcghostaq"  # as gate.mesh.identity.gate_id writes one
+
 
 def problems(raw: Any) -> list[str]:
     with pytest.raises(ConfigError) as e:
@@ -199,7 +201,7 @@ def test_route_proxy_protocol() -> None:
 def test_mesh_peers_and_via_routes() -> None:
     config = parse_config({
         "mesh": {"identity": "/etc/ugate/id", "window": 1 << 20},
-        "peers": [{"name": "b", "address": "10.0.0.2:15008", "id": "x" * 52},
+        "peers": [{"name": "b", "address": "10.0.0.2:15008", "id": GATE_ID},
                   {"name": "a", "cert": "/etc/a.pem", "allow": [{"dst": ["10.96.0.0/12"], "port": [80, 443]}]}],
         "listeners": [{"name": "mesh", "kind": "h2", "listen": "0.0.0.0:15008"}],
         "routes": [{"match": {"port": [443]}, "via": "b"}, {"action": "direct"}],
