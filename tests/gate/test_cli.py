@@ -207,3 +207,25 @@ listeners: [{{name: s, kind: socks5, listen: "127.0.0.1:1080"}}]
 routes: [{{via: b}}]
 """)
     assert done.returncode == 0, done.stderr
+
+
+def test_check_refuses_via_routes_that_udp_flows_can_take(tmp_path: Path) -> None:
+    ident = make_identity(tmp_path / "a")
+    config = f"""
+mesh: {{identity: {tmp_path / "a"}}}
+peers: [{{name: b, address: "127.0.0.1:15008", id: {ident}}}]
+listeners:
+  - {{name: t, kind: tproxy, listen: "0.0.0.0:15001"}}
+  - {{name: u, kind: tproxy_udp, listen: "0.0.0.0:15001"}}
+routes:
+  - {{match: MATCH, via: b}}
+  - {{action: direct}}
+"""
+    for match in ("{}", "{port: 53}", "{listener: [t, u]}", "{listener: u}"):
+        done = check(tmp_path, config.replace("MATCH", match))
+        assert done.returncode == 2, (match, done.stdout)
+        assert ("  routes[0].via: UDP flows (listener u) cannot go through the mesh yet; add match.listener to "
+                "limit this route to TCP listeners") in done.stderr, done.stderr
+    assert check(tmp_path, config.replace("MATCH", "{listener: t}")).returncode == 0
+    no_udp = config.replace('  - {name: u, kind: tproxy_udp, listen: "0.0.0.0:15001"}\n', "")
+    assert check(tmp_path, no_udp.replace("MATCH", "{}")).returncode == 0
