@@ -69,6 +69,17 @@ def parse_mesh(raw: Any, p: Problems) -> MeshSpec | None:
                     window=window, max_frame=max_frame)
 
 
+def _ca_name(name: str, trust_domain: str) -> bool:
+    """Whether ``name`` can name a gate trusted through the CA alone: ID or ID.NAMESPACE.TRUST_DOMAIN."""
+    ident, _, rest = name.partition(".")
+    try:
+        gate_id(ident)
+    except ValueError:
+        return False
+    namespace, _, domain = rest.partition(".")
+    return not rest or (bool(namespace) and domain == trust_domain)
+
+
 def _peer(raw: Any, where: str, mesh: MeshSpec | None, listeners: set[str], p: Problems) -> PeerSpec:
     m = p.mapping(raw, where, _PEER_KEYS)
     if "name" not in m:
@@ -85,10 +96,18 @@ def _peer(raw: Any, where: str, mesh: MeshSpec | None, listeners: set[str], p: P
         allow=tuple(parse_match(a, f"{where}.allow[{j}]", listeners, p) for j, a in enumerate(allow_raw)),
         reverse=p.get(m, "reverse", where, boolean, False),
     )
+    ca = mesh.ca if mesh is not None else None
     if peer.reverse and peer.address is None:
         p.add(f"{where}.reverse", "needs address: (the gate to keep a connection to)")
-    if peer.id is None and peer.cert is None and (mesh is None or mesh.ca is None):
+    if "id" in m or peer.cert is not None:
+        if peer.address is None and peer.cert is None and ca is None:
+            p.add(where, "a gate pinned by id: alone can only be dialled (address:); to accept it, give its "
+                  "cert: or a mesh.ca that signs its certificate")
+    elif ca is None:
         p.add(where, "needs id: (pinned) or cert:, or a mesh.ca that signs its certificate")
+    elif mesh is not None and not _ca_name(peer.name, mesh.trust_domain):
+        p.add(f"{where}.name", f"{peer.name!r}: a peer trusted through mesh.ca alone is named by its certificate: "
+              f"its gate ID or ID.NAMESPACE.{mesh.trust_domain} (or pin it with id: or cert:)")
     return peer
 
 
@@ -105,5 +124,7 @@ def parse_peers(raw: Any, mesh: MeshSpec | None, listeners: set[str], p: Problem
         peer = _peer(item, f"peers[{i}]", mesh, listeners, p)
         if any(other.name == peer.name for other in peers):
             p.add(f"peers[{i}].name", f"{peer.name!r} is used twice")
+        if peer.id is not None and any(other.id == peer.id for other in peers):
+            p.add(f"peers[{i}].id", "is used twice (one gate, one peer entry)")
         peers.append(peer)
     return peers

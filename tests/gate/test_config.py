@@ -295,3 +295,22 @@ def test_unquoted_off_turns_the_access_log_off() -> None:
     assert access("/var/log/ugate.log") == "/var/log/ugate.log"
     assert problems(yaml.safe_load("log: {access: on}\nlisteners: [{name: s, kind: socks5, listen: '127.0.0.1:1'}]")) \
         == ["log.access: true is not a place for the access log (stderr, off, or a file path)"]
+
+
+def test_peer_trust_rules_visible_in_the_config() -> None:
+    def peers(*entries: dict[str, Any], ca: bool = True) -> dict[str, Any]:
+        return {"mesh": {"identity": "/id", **({"ca": "/ca.pem"} if ca else {})}, "peers": list(entries),
+                "listeners": [{"name": "s", "kind": "socks5", "listen": "127.0.0.1:1"}]}
+
+    ok = parse_config(peers({"name": GATE_ID}, {"name": "b", "id": GATE_ID.replace("7", "a", 1)},
+                            {"name": f"{GATE_ID[:-1]}q.edge.cluster.local"}))
+    assert [p.name for p in ok.peers] == [GATE_ID, "b", f"{GATE_ID[:-1]}q.edge.cluster.local"]
+    assert problems(peers({"name": "b"})) == [
+        "peers[0].name: 'b': a peer trusted through mesh.ca alone is named by its certificate: its gate ID or "
+        "ID.NAMESPACE.cluster.local (or pin it with id: or cert:)"]
+    assert problems(peers({"name": f"{GATE_ID}.edge.other.test"}))[0].startswith("peers[0].name: ")
+    assert problems(peers({"name": "b", "id": GATE_ID}, ca=False)) == [
+        "peers[0]: a gate pinned by id: alone can only be dialled (address:); to accept it, give its cert: or a "
+        "mesh.ca that signs its certificate"]
+    assert problems(peers({"name": "a", "id": GATE_ID}, {"name": "b", "id": GATE_ID})) == [
+        "peers[1].id: is used twice (one gate, one peer entry)"]
