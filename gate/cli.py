@@ -93,13 +93,17 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(path: str, problems: list[str]) -> None:
+    print(f"{path}: invalid configuration:", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
 def _load(path: str) -> GateConfig | None:
     try:
         return load_config(path)
     except ConfigError as e:
-        print(f"{path}: invalid configuration:", file=sys.stderr)
-        for problem in e.problems:
-            print(f"  {problem}", file=sys.stderr)
+        _report(path, e.problems)
         return None
 
 
@@ -152,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     for chatty in ("pyroute2", "asyncio"):  # their debug output drowns ours
         logging.getLogger(chatty).setLevel(max(logging.getLogger().level, logging.WARNING))
     if args.command == "check":
+        from gate.preflight import preflight  # what run loads before it binds: identity, certificates, contexts
+
+        problems = preflight(config)
+        if problems:
+            _report(args.config, problems)
+            return EXIT_CONFIG
         print(f"{args.config}: ok ({len(config.listeners)} listeners, {len(config.routes)} routes)")
         return 0
     if args.command == "route":

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from gate.cli import _parser, version
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 
 def ugate(*args: str) -> subprocess.CompletedProcess[str]:
@@ -229,3 +229,51 @@ routes:
     assert check(tmp_path, config.replace("MATCH", "{listener: t}")).returncode == 0
     no_udp = config.replace('  - {name: u, kind: tproxy_udp, listen: "0.0.0.0:15001"}\n', "")
     assert check(tmp_path, no_udp.replace("MATCH", "{}")).returncode == 0
+
+
+def test_check_builds_the_h2_server_context(tmp_path: Path) -> None:
+    """No mesh.ca and no peer cert: no gate could ever be accepted (run died with a traceback)."""
+    make_identity(tmp_path / "b")
+    other = make_identity(tmp_path / "a")
+    text = f"""
+mesh: {{identity: {tmp_path / "b"}}}
+peers: [{{name: a, address: "127.0.0.1:15009", id: {other}}}]
+listeners: [{{name: mesh, kind: h2, listen: "127.0.0.1:{free_port()}"}}]
+"""
+    done = check(tmp_path, text)
+    assert done.returncode == 2, done.stdout
+    assert "  listeners[0] (mesh): mesh: an h2 listener needs mesh.ca or peers with cert:" in done.stderr
+    done = ugate("--config", str(tmp_path / "c.yaml"))  # run: the same problem, no traceback, exit 2
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "cannot start: listeners[0] (mesh): mesh: an h2 listener needs" in done.stderr
+    done = check(tmp_path, text.replace(f"id: {other}", f"cert: {tmp_path / 'a' / 'cert.pem'}"))
+    assert done.returncode == 0, done.stderr
+
+
+def test_check_reads_the_trust_material(tmp_path: Path) -> None:
+    make_identity(tmp_path / "ca", is_ca=True)
+    make_identity(tmp_path / "me", ca_dir=tmp_path / "ca")
+    make_identity(tmp_path / "other")
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "key.pem").write_bytes((tmp_path / "other" / "key.pem").read_bytes())
+    (tmp_path / "mixed" / "key.pem").chmod(0o600)
+    (tmp_path / "mixed" / "cert.pem").write_bytes((tmp_path / "me" / "cert.pem").read_bytes())
+    config = """
+mesh: {identity: IDENTITY, ca: CA}
+listeners: [{name: mesh, kind: h2, listen: "127.0.0.1:15008"}]
+"""
+    cases = [
+        (tmp_path / "me", tmp_path / "ca" / "cert.pem", None),
+        (tmp_path / "me", tmp_path / "ca", "  mesh.ca: {ca} is a directory, not a PEM certificate file"),
+        (tmp_path / "me", tmp_path / "none.pem", "  mesh.ca: {ca}: No such file or directory"),
+        (tmp_path / "me", tmp_path / "ca" / "key.pem", "  mesh.ca: {ca} holds no PEM certificate"),
+        (tmp_path / "nowhere", tmp_path / "ca" / "cert.pem", "  mesh.identity: {identity} is not a directory"),
+        (tmp_path / "mixed", tmp_path / "ca" / "cert.pem",
+         "  mesh.identity: identity in {identity}: cert.pem is not the certificate of key.pem"),
+    ]
+    for identity, ca, expected in cases:
+        done = check(tmp_path, config.replace("IDENTITY", str(identity)).replace("CA", str(ca)))
+        if expected is None:
+            assert done.returncode == 0, done.stderr
+        else:
+            assert done.returncode == 2 and expected.format(ca=ca, identity=identity) in done.stderr, done.stderr
