@@ -146,14 +146,15 @@ def _supervise(config: GateConfig) -> int:
 
 
 def run(config: GateConfig) -> int:
-    """Run the gateway; 0 after a signal-initiated stop, 1 if it could not start, 2 on a bad identity."""
-    if config.mesh is not None:
-        try:
-            Trust(config.mesh, config.peers)  # keys and certificates readable and matching, before anything
-        except ConfigError as e:
-            for problem in e.problems:
-                log.error("cannot start: %s", problem)
-            return 2
+    """Run the gateway; 0 after a signal-initiated stop, 1 if it could not start, 2 on bad trust material."""
+    from gate.preflight import check_ready
+
+    try:
+        check_ready(config)  # what ``ugate check`` loads too: keys, certificates, TLS contexts
+    except ConfigError as e:
+        for problem in e.problems:
+            log.error("cannot start: %s", problem)
+        return 2
     try:
         with applied(config):
             if config.workers == 1:

@@ -3,26 +3,51 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import sys
+import tomllib
+from pathlib import Path
 
 from gate.addr import is_ip
 from gate.config import GateConfig, load_config
 from gate.errors import ConfigError
 from gate.router import FlowKey, Router
 
-__all__ = ["main"]
+__all__ = ["main", "version"]
 
 EXIT_CONFIG = 2
 
 
-def _parser() -> argparse.ArgumentParser:
+def version(dist: str = "ugate") -> str:
+    """The installed distribution's version; from a source tree that is not installed, pyproject's."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        with (Path(__file__).resolve().parents[1] / "pyproject.toml").open("rb") as f:
+            return str(tomllib.load(f)["project"]["version"])
+
+
+DEFAULT_CONFIG = "configs/gate.yaml"
+
+
+def _options(defaults: bool) -> argparse.ArgumentParser:
+    """The options every command takes. Only the top parser has defaults: a subcommand's parser writes its
+    defaults over what the top parser read, so there they are SUPPRESSed (absent unless given), and
+    ``ugate --config X check`` and ``ugate check --config X`` mean the same."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", "-c", default="configs/gate.yaml", help="YAML config (default: %(default)s)")
+    common.add_argument("--config", "-c", default=DEFAULT_CONFIG if defaults else argparse.SUPPRESS,
+                        help=f"YAML config (default: {DEFAULT_CONFIG})")
     common.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                        help="overrides log.level of the config")
-    parser = argparse.ArgumentParser(prog="ugate", parents=[common],
+                        default=None if defaults else argparse.SUPPRESS, help="overrides log.level of the config")
+    return common
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ugate", parents=[_options(defaults=True)],
                                      description="Transparent TCP gateway: SOCKS5/4a, HTTP proxy, forwards.")
+    parser.add_argument("--version", action="version", version=f"ugate {version()}")
+    common = _options(defaults=False)
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", parents=[common], help="run the gateway (the default)")
     sub.add_parser("check", parents=[common], help="validate the config; exit 2 listing every problem")
@@ -48,8 +73,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from gate.mesh.identity import KEY_FILE, keygen
 
     directory = Path(args.dir)
@@ -70,13 +93,17 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(path: str, problems: list[str]) -> None:
+    print(f"{path}: invalid configuration:", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
 def _load(path: str) -> GateConfig | None:
     try:
         return load_config(path)
     except ConfigError as e:
-        print(f"{path}: invalid configuration:", file=sys.stderr)
-        for problem in e.problems:
-            print(f"  {problem}", file=sys.stderr)
+        _report(path, e.problems)
         return None
 
 
@@ -129,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     for chatty in ("pyroute2", "asyncio"):  # their debug output drowns ours
         logging.getLogger(chatty).setLevel(max(logging.getLogger().level, logging.WARNING))
     if args.command == "check":
+        from gate.preflight import preflight  # what run loads before it binds: identity, certificates, contexts
+
+        problems = preflight(config)
+        if problems:
+            _report(args.config, problems)
+            return EXIT_CONFIG
         print(f"{args.config}: ok ({len(config.listeners)} listeners, {len(config.routes)} routes)")
         return 0
     if args.command == "route":

@@ -1,24 +1,19 @@
-"""Mutual TLS between gates: the contexts both ends use, and who the other end is.
-
-TLS 1.3 only, ALPN h2, both sides present their certificate. A peer is trusted when:
-- its certificate is configured (``peers[].cert``, self-signed gates): it is a trust anchor, and its
-  ID is then pinned as well;
-- or a mesh CA signed it (``mesh.ca``) and its spiffe:// URI SAN is in our trust domain;
-- or, when we dial a peer pinned by ``id`` alone, the certificate's key hashes to that ID (the stdlib
-  TLS stack verifies certificates only against trust anchors, so for that case the client accepts the
-  chain unverified and checks the key's ID right after the handshake, before any stream is opened).
-Inbound, a TLS client must pass the first two checks (it has no pinned-ID path: the server has no way
-to ask for a certificate it does not already trust); its ID then selects its ``allow`` list.
+"""This gate's mesh trust material, read once and checked with located problems, and the two questions
+asked of it: which TLS context to use (gate.mesh.tls) and which configured peer a gate is (gate.mesh.peers,
+where the rule is written down).
 """
 
 from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
+from pathlib import Path
 
 from gate.config import MeshSpec, PeerSpec
 from gate.errors import ConfigError
-from gate.mesh.identity import Identity, id_of_certificate, load_identity, spiffe_uri_of
+from gate.mesh import tls
+from gate.mesh.identity import Identity, id_of_certificate, load_identity
+from gate.mesh.peers import Peers, Presented
 from gate.mesh.session import ALPN_H2, ALPN_REVERSE
 
 __all__ = ["PeerCheck", "Trust"]
@@ -26,98 +21,99 @@ __all__ = ["PeerCheck", "Trust"]
 
 @dataclass(frozen=True)
 class PeerCheck:
-    """What a dialled peer's certificate must satisfy."""
+    """What a dialled peer's certificate must satisfy: the same rule an accepted gate passes."""
 
-    peer: str
-    id: str | None
-    trust_domain: str | None  # CA-verified: the URI SAN must be spiffe://trust_domain/...
+    peer: PeerSpec
+    policy: Peers
 
     def verify(self, der: bytes | None) -> str:
         """The peer's ID, or ssl.SSLError saying why it is not the gate we meant to reach."""
         if der is None:
-            raise ssl.SSLError(f"peer {self.peer} presented no certificate")
-        got = id_of_certificate(der)
-        if self.id is not None and got != self.id:
-            raise ssl.SSLError(f"peer {self.peer} has ID {got}, expected {self.id}")
-        if self.id is None and self.trust_domain is not None:
-            uri = spiffe_uri_of(der) or ""
-            if not uri.startswith(f"spiffe://{self.trust_domain}/"):
-                raise ssl.SSLError(f"peer {self.peer} certificate URI {uri or '(none)'} is not in {self.trust_domain}")
-        return got
+            raise ssl.SSLError(f"peer {self.peer.name} presented no certificate")
+        cert = Presented.of(der)
+        reason = self.policy.why_not(self.peer, cert)
+        if reason is not None:
+            raise ssl.SSLError(f"peer {self.peer.name} {reason}")
+        return cert.id
+
+
+def _pem(path: Path, where: str, problems: list[str]) -> str:
+    """The certificates in ``path`` as PEM text, checked the way the ssl module will load them."""
+    if path.is_dir():
+        problems.append(f"{where}: {path} is a directory, not a PEM certificate file")
+        return ""
+    try:
+        text = path.read_text()
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=text)
+    except (ssl.SSLError, ValueError):  # (SSLError is an OSError; UnicodeDecodeError a ValueError)
+        problems.append(f"{where}: {path} holds no PEM certificate")
+        return ""
+    except OSError as e:
+        problems.append(f"{where}: {path}: {e.strerror}")
+        return ""
+    return text
 
 
 class Trust:
-    """This gate's identity and the TLS contexts for dialling peers and accepting them."""
+    """This gate's identity, the anchors it trusts, and the peer rule; ConfigError (every problem, located)
+    when a file is missing, unreadable, or says something else than the config."""
 
     def __init__(self, mesh: MeshSpec, peers: tuple[PeerSpec, ...]) -> None:
         self.mesh = mesh
-        self.identity: Identity = load_identity(mesh.identity)
         self.peers = peers
-        self.pinned_certs: dict[str, str] = {}  # ID -> peer name, for peers configured by certificate
-        anchors: list[str] = []
-        for peer in peers:
+        problems: list[str] = []
+        self.identity: Identity = self._identity(mesh.identity, problems)
+        self._ca = _pem(mesh.ca, "mesh.ca", problems) if mesh.ca is not None else ""
+        self._certs: dict[str, str] = {}  # peer name -> PEM of its cert:
+        cert_ids: dict[str, str] = {}
+        for i, peer in enumerate(peers):
             if peer.cert is None:
                 continue
-            try:
-                pem = peer.cert.read_text()
-                der = ssl.PEM_cert_to_DER_cert(pem)
-            except (OSError, ValueError) as e:
-                raise ConfigError([f"peers {peer.name}: cert {peer.cert}: {e}"]) from e
-            ident = id_of_certificate(der)
+            pem = _pem(peer.cert, f"peers[{i}].cert", problems)
+            if not pem:
+                continue
+            ident = id_of_certificate(ssl.PEM_cert_to_DER_cert(pem))
             if peer.id is not None and peer.id != ident:
-                raise ConfigError([f"peers {peer.name}: cert {peer.cert} has ID {ident}, not the configured {peer.id}"])
-            self.pinned_certs[ident] = peer.name
-            anchors.append(pem)
-        self._anchors = "\n".join(anchors)
-        self.by_id = {p.id: p for p in peers if p.id is not None}
-        by_name = {p.name: p for p in peers}
-        self.by_id.update({ident: by_name[name] for ident, name in self.pinned_certs.items()})
+                problems.append(f"peers[{i}].cert: {peer.cert} has ID {ident}, not the configured id {peer.id}")
+            self._certs[peer.name], cert_ids[peer.name] = pem, ident
+        pinned = [(i, cert_ids.get(p.name, p.id)) for i, p in enumerate(peers)]
+        for i, key_id in pinned:
+            if key_id is not None and any(other == key_id for _, other in pinned[:i]):
+                problems.append(f"peers[{i}]: gate {key_id} is configured twice (one gate, one peer entry)")
+        if problems:
+            raise ConfigError(problems)
+        self.policy = Peers(peers, cert_ids, mesh.trust_domain, has_ca=mesh.ca is not None)
+        # pinned ID -> peer, for peers known by key (id: or cert:)
+        self.by_id = {ident: peer for (_, ident), peer in zip(pinned, peers, strict=True) if ident is not None}
 
-    def _base(self, purpose: ssl.Purpose, alpn: list[str]) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.set_alpn_protocols(alpn)
-        ctx.load_cert_chain(self.identity.cert_file, self.identity.key_file)
-        return ctx
-
-    def _load_anchors(self, ctx: ssl.SSLContext, peer: PeerSpec | None = None) -> bool:
-        loaded = False
-        if self.mesh.ca is not None:
-            ctx.load_verify_locations(cafile=str(self.mesh.ca))
-            loaded = True
-        pem = self._anchors if peer is None else (peer.cert.read_text() if peer.cert else "")
-        if pem:
-            ctx.load_verify_locations(cadata=pem)
-            loaded = True
-        return loaded
+    @staticmethod
+    def _identity(directory: Path, problems: list[str]) -> Identity:
+        if not directory.is_dir():
+            problems.append(f"mesh.identity: {directory} is not a directory (create one: ugate keygen --dir "
+                            f"{directory})")
+            return Identity(directory / "key.pem", directory / "cert.pem", "", "", None)
+        try:
+            return load_identity(directory)
+        except ConfigError as e:
+            problems.extend(f"mesh.identity: {problem}" for problem in e.problems)
+            return Identity(directory / "key.pem", directory / "cert.pem", "", "", None)
 
     def server_context(self) -> ssl.SSLContext:
-        ctx = self._base(ssl.Purpose.CLIENT_AUTH, [ALPN_H2, ALPN_REVERSE])
-        if not self._load_anchors(ctx):
+        """For h2 listeners; ConfigError when no gate could ever be accepted."""
+        anchors = "\n".join(filter(None, (self._ca, *self._certs.values())))
+        if not anchors:
             raise ConfigError(["mesh: an h2 listener needs mesh.ca or peers with cert: to authenticate gates"])
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        return ctx
+        return tls.server_context(self.identity, anchors, [ALPN_H2, ALPN_REVERSE])
 
     def client_context(self, peer: PeerSpec, reverse: bool = False) -> tuple[ssl.SSLContext, PeerCheck]:
         """The context for dialling ``peer`` (to offer it a reverse tunnel with ``reverse``) and the check
         its certificate must pass after the handshake."""
-        ctx = self._base(ssl.Purpose.SERVER_AUTH, [ALPN_REVERSE if reverse else ALPN_H2])
-        ctx.check_hostname = False  # gates are named by key ID, not by the address we dial
-        if peer.cert is not None or (peer.id is None and self.mesh.ca is not None):
-            self._load_anchors(ctx, peer)
-            ctx.verify_mode = ssl.CERT_REQUIRED
-            return ctx, PeerCheck(peer.name, peer.id, self.mesh.trust_domain if peer.cert is None else None)
-        ctx.verify_mode = ssl.CERT_NONE  # pinned by ID alone: checked by PeerCheck.verify instead
-        return ctx, PeerCheck(peer.name, peer.id, None)
+        alpn = [ALPN_REVERSE if reverse else ALPN_H2]
+        if peer.cert is not None or peer.id is None:  # its cert, or (no pin at all) the CA, verifies the chain
+            anchors = "\n".join(filter(None, (self._ca, self._certs.get(peer.name, ""))))
+            return tls.client_context(self.identity, anchors, alpn), PeerCheck(peer, self.policy)
+        return tls.client_context(self.identity, None, alpn), PeerCheck(peer, self.policy)
 
     def inbound_peer(self, der: bytes | None) -> tuple[str, PeerSpec | None]:
-        """The ID of a gate that passed the TLS handshake, and its configured peer entry (if any)."""
-        if der is None:
-            return "", None
-        ident = id_of_certificate(der)
-        peer = self.by_id.get(ident)
-        if peer is None and self.mesh.ca is not None:
-            uri = spiffe_uri_of(der) or ""
-            if not uri.startswith(f"spiffe://{self.mesh.trust_domain}/"):
-                return ident, None
-        return ident, peer
+        """The ID of a gate that passed the TLS handshake, and the configured peer it is (if any)."""
+        return self.policy.identify(der)

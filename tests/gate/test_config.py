@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import pytest
 
@@ -10,6 +11,8 @@ from gate.addr import Endpoint
 from gate.config import ForwardSpec, HttpSpec, Socks5Spec, load_config, parse_config
 from gate.errors import ConfigError
 from tests.conftest import ROOT
+
+GATE_ID = "73tlqhtrwjbvyqqp55i7keo2tw4l7vjbq6o2dg5xdpkbcghostaq"  # as gate.mesh.identity.gate_id writes one
 
 
 def problems(raw: Any) -> list[str]:
@@ -198,7 +201,7 @@ def test_route_proxy_protocol() -> None:
 def test_mesh_peers_and_via_routes() -> None:
     config = parse_config({
         "mesh": {"identity": "/etc/ugate/id", "window": 1 << 20},
-        "peers": [{"name": "b", "address": "10.0.0.2:15008", "id": "x" * 52},
+        "peers": [{"name": "b", "address": "10.0.0.2:15008", "id": GATE_ID},
                   {"name": "a", "cert": "/etc/a.pem", "allow": [{"dst": ["10.96.0.0/12"], "port": [80, 443]}]}],
         "listeners": [{"name": "mesh", "kind": "h2", "listen": "0.0.0.0:15008"}],
         "routes": [{"match": {"port": [443]}, "via": "b"}, {"action": "direct"}],
@@ -230,3 +233,84 @@ def test_name_patterns_are_exact_star_dot_or_dot_suffixes() -> None:
         assert parse_config(config(good)).routes[0].match.sni == (kept,)
     for bad in ("*", ".", "..example.com", "a*b.example.com", ""):
         assert problems(config(bad)) == [f"routes[0].match.sni: {bad!r} is not a host name, *.suffix or .suffix"]
+
+
+def test_words_are_typed_and_still_compare_as_strings() -> None:
+    from gate.config import ACTIONS, RELAY_MODES, Action, CaptureMode, CaptureRole, LogAccess, RelayMode, UdpMapping
+
+    config = parse_config({
+        "listeners": [{"name": "t", "kind": "tproxy", "listen": "0.0.0.0:15001", "relay": "copy"},
+                      {"name": "u", "kind": "tproxy_udp", "listen": "0.0.0.0:15002", "mapping": "symmetric"}],
+        "capture": {"mode": "tproxy", "role": "egress"},
+        "routes": [{"match": {"port": 25}, "action": "reject"}, {"action": "direct"}],
+    })
+    t, u = config.listeners
+    assert t.relay is RelayMode.COPY and t.relay == "copy"
+    assert u.mapping is UdpMapping.SYMMETRIC  # type: ignore[attr-defined]
+    assert config.routes[0].action is Action.REJECT and config.routes[0].action == "reject"
+    assert config.capture is not None and config.capture.mode is CaptureMode.TPROXY
+    assert config.capture.role is CaptureRole.EGRESS and config.log.access is LogAccess.STDERR
+    assert ACTIONS == ("direct", "upstream", "resolve", "reject", "via") and RELAY_MODES == ("auto", "splice", "copy")
+
+
+def test_a_listener_kind_is_one_class() -> None:
+    """A new kind registers itself and parses its own keys; nothing else names it. (Defined here with
+    ClassVar imported at module level: dataclasses reads string annotations in the module's namespace.)"""
+    from gate.config import ListenerSpec
+    from gate.specs import KINDS
+    from gate.validate import Problems, positive_int
+
+    @dataclass(frozen=True)
+    class EchoSpec(ListenerSpec):
+        kind: ClassVar[str] = "echo-test"
+        KEYS: ClassVar[tuple[str, ...]] = ("times",)
+        times: int = 1
+
+        @classmethod
+        def options(cls, m: Any, where: str, p: Problems) -> dict[str, Any]:
+            return {"times": p.get(m, "times", where, positive_int, 1)}
+
+    try:
+        config = parse_config({"listeners": [{"name": "e", "kind": "echo-test", "listen": "127.0.0.1:7",
+                                              "times": 3}]})
+        assert config.listeners[0] == EchoSpec(name="e", listen=Endpoint("127.0.0.1", 7),
+                                               timeouts=config.timeouts, times=3)
+        assert problems({"listeners": [{"name": "e", "kind": "echo-test", "listen": "127.0.0.1:7",
+                                        "times": 0}]}) == ["listeners[0].times: 0 is not a positive integer"]
+    finally:
+        del KINDS["echo-test"]
+
+
+def test_unquoted_off_turns_the_access_log_off() -> None:
+    import yaml
+
+    from gate.config import LogAccess
+
+    def access(text: str) -> Any:
+        return parse_config(yaml.safe_load(f"log: {{access: {text}}}\n"
+                                           "listeners: [{name: s, kind: socks5, listen: '127.0.0.1:1'}]\n")).log.access
+
+    assert access("off") is LogAccess.OFF  # YAML 1.1 reads it as false
+    assert access('"off"') is LogAccess.OFF and access("stderr") is LogAccess.STDERR
+    assert access("/var/log/ugate.log") == "/var/log/ugate.log"
+    assert problems(yaml.safe_load("log: {access: on}\nlisteners: [{name: s, kind: socks5, listen: '127.0.0.1:1'}]")) \
+        == ["log.access: true is not a place for the access log (stderr, off, or a file path)"]
+
+
+def test_peer_trust_rules_visible_in_the_config() -> None:
+    def peers(*entries: dict[str, Any], ca: bool = True) -> dict[str, Any]:
+        return {"mesh": {"identity": "/id", **({"ca": "/ca.pem"} if ca else {})}, "peers": list(entries),
+                "listeners": [{"name": "s", "kind": "socks5", "listen": "127.0.0.1:1"}]}
+
+    ok = parse_config(peers({"name": GATE_ID}, {"name": "b", "id": GATE_ID.replace("7", "a", 1)},
+                            {"name": f"{GATE_ID[:-1]}q.edge.cluster.local"}))
+    assert [p.name for p in ok.peers] == [GATE_ID, "b", f"{GATE_ID[:-1]}q.edge.cluster.local"]
+    assert problems(peers({"name": "b"})) == [
+        "peers[0].name: 'b': a peer trusted through mesh.ca alone is named by its certificate: its gate ID or "
+        "ID.NAMESPACE.cluster.local (or pin it with id: or cert:)"]
+    assert problems(peers({"name": f"{GATE_ID}.edge.other.test"}))[0].startswith("peers[0].name: ")
+    assert problems(peers({"name": "b", "id": GATE_ID}, ca=False)) == [
+        "peers[0]: a gate pinned by id: alone can only be dialled (address:); to accept it, give its cert: or a "
+        "mesh.ca that signs its certificate"]
+    assert problems(peers({"name": "a", "id": GATE_ID}, {"name": "b", "id": GATE_ID})) == [
+        "peers[1].id: is used twice (one gate, one peer entry)"]

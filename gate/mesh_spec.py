@@ -1,0 +1,130 @@
+"""The ``mesh:`` section (this gate's identity and trust settings) and ``peers:``, parsed and validated.
+
+Files (keys, certificates) are read later, by gate.mesh.trust through gate.preflight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gate.addr import Endpoint, parse_endpoint
+from gate.route_spec import Match, parse_match
+from gate.validate import Problems, boolean, gate_id, positive_int, string
+
+__all__ = ["MeshSpec", "PeerSpec", "parse_mesh", "parse_peers"]
+
+
+@dataclass(frozen=True)
+class MeshSpec:
+    """This gate's identity and how peers are trusted (see gate.mesh.peers for the rule)."""
+
+    identity: Path  # directory with key.pem and cert.pem (ugate keygen --dir)
+    ca: Path | None = None  # trust gates whose certificate this CA signed (URI SAN in trust_domain)
+    trust_domain: str = "cluster.local"
+    window: int = 16 << 20  # HTTP/2 flow-control window per stream and per connection, bytes
+    max_frame: int = (1 << 24) - 1  # the largest DATA frame we accept (HTTP/2's maximum)
+
+
+@dataclass(frozen=True)
+class PeerSpec:
+    """A gate we dial (``address``) and/or accept tunnels from, known by ID, certificate, or CA."""
+
+    name: str
+    address: Endpoint | None = None  # None: only accepted from, never dialled
+    id: str | None = None  # pinned: base32(sha256(public key)) of its certificate
+    cert: Path | None = None  # its (self-signed) certificate: trusted, and its ID pinned
+    allow: tuple[Match, ...] = ()  # what it may reach through our h2 listeners; empty: nothing
+    # We are behind NAT: keep a connection to this peer open and serve the flows it sends over it
+    # (they arrive as listener ``name`` in routes and the access log).
+    reverse: bool = False
+
+
+
+
+_MESH_KEYS = ("identity", "ca", "trust_domain", "window", "max_frame")
+_PEER_KEYS = ("name", "address", "id", "cert", "allow", "reverse")
+
+
+def _path(value: Any) -> Path:
+    return Path(string(value))
+
+
+def parse_mesh(raw: Any, p: Problems) -> MeshSpec | None:
+    if raw is None:
+        return None
+    m = p.mapping(raw, "mesh", _MESH_KEYS)
+    if "identity" not in m:
+        p.add("mesh.identity", "missing (a directory with key.pem and cert.pem: ugate keygen --dir DIR)")
+    window = p.get(m, "window", "mesh", positive_int, MeshSpec.window)
+    if not 65535 <= window < 1 << 31:
+        p.add("mesh.window", f"{window} is outside 65535 .. 2^31-1")
+    max_frame = p.get(m, "max_frame", "mesh", positive_int, MeshSpec.max_frame)
+    if not 1 << 14 <= max_frame < 1 << 24:
+        p.add("mesh.max_frame", f"{max_frame} is outside 16384 .. 2^24-1")
+    return MeshSpec(identity=p.get(m, "identity", "mesh", _path, Path(".")),
+                    ca=p.get(m, "ca", "mesh", _path, None),
+                    trust_domain=p.get(m, "trust_domain", "mesh", string, MeshSpec.trust_domain),
+                    window=window, max_frame=max_frame)
+
+
+def _ca_name(name: str, trust_domain: str) -> bool:
+    """Whether ``name`` can name a gate trusted through the CA alone: ID or ID.NAMESPACE.TRUST_DOMAIN."""
+    ident, _, rest = name.partition(".")
+    try:
+        gate_id(ident)
+    except ValueError:
+        return False
+    namespace, _, domain = rest.partition(".")
+    return not rest or (bool(namespace) and domain == trust_domain)
+
+
+def _peer(raw: Any, where: str, mesh: MeshSpec | None, listeners: set[str], p: Problems) -> PeerSpec:
+    m = p.mapping(raw, where, _PEER_KEYS)
+    if "name" not in m:
+        p.add(f"{where}.name", "missing")
+    allow_raw = m.get("allow", [])
+    if not isinstance(allow_raw, list):
+        p.add(f"{where}.allow", "expected a list of matches (as in routes: dst, port, host, ...)")
+        allow_raw = []
+    peer = PeerSpec(
+        name=p.get(m, "name", where, string, where),
+        address=p.get(m, "address", where, parse_endpoint, None),
+        id=p.get(m, "id", where, gate_id, None),
+        cert=p.get(m, "cert", where, _path, None),
+        allow=tuple(parse_match(a, f"{where}.allow[{j}]", listeners, p) for j, a in enumerate(allow_raw)),
+        reverse=p.get(m, "reverse", where, boolean, False),
+    )
+    ca = mesh.ca if mesh is not None else None
+    if peer.reverse and peer.address is None:
+        p.add(f"{where}.reverse", "needs address: (the gate to keep a connection to)")
+    if "id" in m or peer.cert is not None:
+        if peer.address is None and peer.cert is None and ca is None:
+            p.add(where, "a gate pinned by id: alone can only be dialled (address:); to accept it, give its "
+                  "cert: or a mesh.ca that signs its certificate")
+    elif ca is None:
+        p.add(where, "needs id: (pinned) or cert:, or a mesh.ca that signs its certificate")
+    elif mesh is not None and not _ca_name(peer.name, mesh.trust_domain):
+        p.add(f"{where}.name", f"{peer.name!r}: a peer trusted through mesh.ca alone is named by its certificate: "
+              f"its gate ID or ID.NAMESPACE.{mesh.trust_domain} (or pin it with id: or cert:)")
+    return peer
+
+
+def parse_peers(raw: Any, mesh: MeshSpec | None, listeners: set[str], p: Problems) -> list[PeerSpec]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        p.add("peers", "expected a list")
+        return []
+    if mesh is None:
+        p.add("peers", "needs a mesh: section (this gate's identity)")
+    peers: list[PeerSpec] = []
+    for i, item in enumerate(raw):
+        peer = _peer(item, f"peers[{i}]", mesh, listeners, p)
+        if any(other.name == peer.name for other in peers):
+            p.add(f"peers[{i}].name", f"{peer.name!r} is used twice")
+        if peer.id is not None and any(other.id == peer.id for other in peers):
+            p.add(f"peers[{i}].id", "is used twice (one gate, one peer entry)")
+        peers.append(peer)
+    return peers

@@ -1,0 +1,116 @@
+"""Routes: the ``match`` conditions and the action of each ``routes[]`` item, parsed and validated."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+from gate.addr import Endpoint, parse_endpoint
+from gate.specs import ListenerSpec
+from gate.validate import IPNetwork, Problems, boolean, hosts, names, networks, one_of, ports, string
+from gate.vocab import PROTOCOLS, Action, Proto, ProxyProtocol, Transport
+
+__all__ = ["Match", "Route", "check_udp_via", "parse_match", "parse_route"]
+
+
+@dataclass(frozen=True)
+class Match:
+    """Conditions of a route; an empty tuple means "any". Within a field any item may match."""
+
+    listener: tuple[str, ...] = ()
+    dst: tuple[IPNetwork, ...] = ()
+    port: tuple[tuple[int, int], ...] = ()
+    src: tuple[IPNetwork, ...] = ()
+    # lower-case; "*.suffix" matches the suffix's subdomains, ".suffix" the suffix itself and its subdomains
+    host: tuple[str, ...] = ()
+    protocol: tuple[Proto, ...] = ()  # sniffed protocol
+    sni: tuple[str, ...] = ()  # TLS server name, exact, "*.suffix" or ".suffix"
+    alpn: tuple[str, ...] = ()  # any of these offered by the TLS client
+
+
+@dataclass(frozen=True)
+class Route:
+    index: int
+    name: str
+    match: Match
+    action: Action
+    upstream: Endpoint | None = None
+    preserve_source: bool = False
+    proxy_protocol: ProxyProtocol | None = None  # tell the upstream who the client is, first thing
+    via: str | None = None  # action "via": the peer gate whose tunnel carries the flow
+
+
+
+
+def _protocols(value: Any) -> tuple[Proto, ...]:
+    found = names(value)
+    for name in found:
+        if name not in PROTOCOLS:
+            raise ValueError(f"{name!r} is not one of: {', '.join(PROTOCOLS)}")
+    return cast(tuple[Proto, ...], found)
+
+
+_MATCH_KEYS = ("listener", "dst", "port", "src", "host", "protocol", "sni", "alpn")
+_ROUTE_KEYS = ("name", "match", "action", "upstream", "preserve_source", "proxy_protocol", "via")
+
+
+def parse_route(raw: Any, index: int, listeners: set[str], peers: set[str], p: Problems) -> Route | None:
+    where = f"routes[{index}]"
+    if not isinstance(raw, Mapping):
+        p.add(where, "expected a mapping with match and an action")
+        return None
+    m = p.mapping(raw, where, _ROUTE_KEYS)
+    match = parse_match(m.get("match"), f"{where}.match", listeners, p)
+    upstream = p.get(m, "upstream", where, parse_endpoint, None)
+    via = p.get(m, "via", where, string, None)
+    implied = Action.UPSTREAM if "upstream" in m else Action.VIA if "via" in m else None
+    action = p.get(m, "action", where, one_of(Action), implied)
+    if action is None:
+        if "action" not in m:
+            p.add(where, "needs an action (direct, resolve, reject), upstream: host:port, or via: PEER")
+    elif action == Action.UPSTREAM and "upstream" not in m:
+        p.add(f"{where}.upstream", "missing (action upstream needs upstream: host:port)")
+    elif action != Action.UPSTREAM and "upstream" in m:
+        p.add(f"{where}.upstream", f"not allowed with action {action}")
+    elif action == Action.VIA and via is None:
+        p.add(f"{where}.via", "missing (action via needs via: PEER)")
+    elif action != Action.VIA and "via" in m:
+        p.add(f"{where}.via", f"not allowed with action {action}")
+    if via is not None and via not in peers:
+        p.add(f"{where}.via", f"no peer is named {via!r}" + ("" if peers else " (peers: is empty)"))
+    return Route(index=index, name=p.get(m, "name", where, string, f"#{index}"), match=match,
+                 action=action or Action.REJECT, upstream=upstream,
+                 preserve_source=p.get(m, "preserve_source", where, boolean, False),
+                 proxy_protocol=p.get(m, "proxy_protocol", where, one_of(ProxyProtocol), None), via=via)
+
+
+def parse_match(raw: Any, where: str, listeners: set[str], p: Problems) -> Match:
+    mm = p.mapping(raw, where, _MATCH_KEYS)
+    w = where
+    match = Match(
+        listener=p.get(mm, "listener", w, names, ()),
+        dst=p.get(mm, "dst", w, networks, ()),
+        port=p.get(mm, "port", w, ports, ()),
+        src=p.get(mm, "src", w, networks, ()),
+        host=p.get(mm, "host", w, hosts, ()),
+        protocol=p.get(mm, "protocol", w, _protocols, ()),
+        sni=p.get(mm, "sni", w, hosts, ()),
+        alpn=p.get(mm, "alpn", w, names, ()),
+    )
+    for name in match.listener:
+        if name not in listeners:
+            p.add(f"{w}.listener", f"no listener is named {name!r}")
+    return match
+
+
+def check_udp_via(routes: list[Route], listeners: list[ListenerSpec], p: Problems) -> None:
+    """Refuse ``via`` routes that UDP flows can take: the mesh carries TCP streams only (so far)."""
+    udp = [spec.name for spec in listeners if spec.transport == Transport.UDP]
+    for route in routes:
+        if route.action != Action.VIA or not udp:
+            continue
+        hit = [name for name in udp if not route.match.listener or name in route.match.listener]
+        if hit:
+            p.add(f"routes[{route.index}].via", f"UDP flows (listener {', '.join(hit)}) cannot go through the mesh "
+                  "yet; add match.listener to limit this route to TCP listeners")
