@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gate.addr import Endpoint
+from gate.vocab import Action
 
 if TYPE_CHECKING:
     from splice import Relay
@@ -70,7 +71,7 @@ class Flow:
     hops: int = 0  # gates this flow crossed before this one (mesh metadata)
     started: float = field(default_factory=time.time)
     rule: str | None = None
-    action: str | None = None
+    action: Action | None = None
     upstream: Endpoint | None = None
     peer: str | None = None  # the mesh peer that carried the flow (route action via)
     bytes_up: int = 0

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 from gate.addr import Endpoint
 from gate.config import Match, Route
+from gate.vocab import Action
 
 __all__ = ["Decision", "FlowKey", "Router"]
 
@@ -27,7 +28,7 @@ class FlowKey:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    action: str  # "direct" | "upstream" | "resolve" | "reject" | "via"
+    action: Action
     route: Route | None  # None: no route matched (then the action is reject)
     upstream: Endpoint | None = None
 
@@ -96,7 +97,7 @@ def _decision(route: Route, key: FlowKey) -> Decision:
         # the name the client asked for (or sent as SNI / Host), on the port it connected to; decided
         # here so every listener simply dials the decision's upstream. Without a name: the original.
         name = key.host
-        return Decision("resolve", route, Endpoint(name, key.port) if name and key.port else None)
+        return Decision(Action.RESOLVE, route, Endpoint(name, key.port) if name and key.port else None)
     return Decision(route.action, route, route.upstream)
 
 
@@ -124,7 +125,7 @@ class Router:
         for route in self.routes:
             if why_not(route.match, key) is None:
                 return _decision(route, key)
-        return Decision("reject", None)
+        return Decision(Action.REJECT, None)
 
     def explain(self, key: FlowKey) -> list[str]:
         """One line per route tried, ending with the decision."""
