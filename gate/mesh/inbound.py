@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 from gate.addr import Endpoint
 from gate.config import PeerSpec
 from gate.deadlines import Sweeper, sweep_interval
-from gate.errors import GateError, RefusedByPolicy, RejectedByRule
+from gate.errors import GateError, RefusedByPolicy, RejectedByRule, UpstreamError
 from gate.flow import Close, Flow, FlowState
 from gate.mesh.transport import MAX_HOPS, FlowMeta, Stream, StreamEnd
 from gate.router import why_not
-from gate.upstream import Opener
+from gate.upstream import Opener, Upstream
 
 if TYPE_CHECKING:
     from gate.context import Context
@@ -60,6 +60,7 @@ class Inbound:
             self._refuse(stream, self.ctx.begin(Flow(listener=self.name, client=NOBODY)), meta)
             return
         flow = self.ctx.begin(meta.flow(self.name))
+        upstream: Upstream | None = None
         try:
             if peer is None:
                 raise RejectedByRule(f"gate {ident} is not a configured peer")
@@ -70,15 +71,18 @@ class Inbound:
                 raise RejectedByRule(f"peer {peer.name} may not reach {flow.dst}")
             upstream = await self.opener.open(self.opener.decide(flow), flow)
             if upstream.header:
-                await asyncio.get_running_loop().sock_sendall(upstream.sock, upstream.header)
+                try:
+                    await asyncio.get_running_loop().sock_sendall(upstream.sock, upstream.header)
+                except OSError as e:
+                    upstream.sock.close()
+                    raise UpstreamError(f"upstream write failed: {e.strerror}") from None
                 flow.bytes_up += len(upstream.header)
         except GateError as e:
             self._refuse(stream, flow, e)
             return
-        except OSError as e:
-            self._refuse(stream, flow, RefusedByPolicy(f"upstream write failed: {e.strerror}"))
-            return
         except asyncio.CancelledError:
+            if upstream is not None:
+                upstream.sock.close()
             stream.cancel(Close.SHUTDOWN)
             self.ctx.finish(flow, Close.SHUTDOWN)
             raise
