@@ -116,7 +116,7 @@ class FlowRunner:
 
     def _sniff_soon(self, conn: socket.socket, flow: Flow) -> None:
         self._soon -= 1
-        self.sniff(conn, flow, self.spec.timeouts.sniff, lambda: self.route(conn, flow))
+        self._sniff(conn, flow, self.spec.timeouts.sniff, lambda: self.route(conn, flow))
 
     # -- SNIFFING --------------------------------------------------------------------------------
 
@@ -125,6 +125,9 @@ class FlowRunner:
         breaks off meanwhile is closed and logged."""
         self.ctx.begin(flow)
         self._idle.clear()
+        self._sniff(conn, flow, wait, then)
+
+    def _sniff(self, conn: socket.socket, flow: Flow, wait: float, then: Callable[[], None]) -> None:
         flow.state = FlowState.SNIFFING
         settled = sniff_at_once(conn, flow)
         if settled is not None:  # no waiting (and no extra poll registration) needed

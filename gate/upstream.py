@@ -137,7 +137,8 @@ class Opener:
         return SocketOptions(self.ctx.mark, (flow.client.host, flow.client.port) if preserve else None)
 
     def _header(self, decision: Decision, flow: Flow, sock: socket.socket) -> bytes:
-        return proxy_header(decision.route.proxy_protocol if decision.route else None, flow.client, sock)
+        version = decision.route.proxy_protocol if decision.route is not None else None
+        return proxy_header(version, flow.client, sock) if version is not None else b""
 
     async def open(self, decision: Decision, flow: Flow) -> Upstream:
         """Open the upstream ``decision`` names for ``flow``; RejectedByRule, RefusedByPolicy or an
