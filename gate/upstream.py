@@ -4,9 +4,15 @@ Every path that sends a flow somewhere comes through here: each TCP listener kin
 forwarded requests, streams served for mesh peers, and UDP sessions. So the policy lives here and
 nowhere else:
 - the route decision (recorded in the flow);
+- numeric host forms normalised as the resolver reads them (``127.1``, ``2130706433``, ``0x7f000001``
+  are 127.0.0.1), before routing, so rules on addresses see the address;
 - the loop guard: a destination that is one of this gate's own listening addresses is refused,
-  whether the flow names it as an address or as a name that resolves to one (names are resolved
-  here, before dialling, and only addresses that pass are dialled);
+  whether the flow names it as an address (an unspecified one, 0.0.0.0 or ::, is this host) or as a
+  name that resolves to one (names are resolved here, before dialling, and only addresses that pass
+  are dialled);
+- destination rules hold for what is dialled: each address a client-chosen name resolves to is routed
+  again as the destination, and addresses a route rejects are not dialled (so ``dst: [127.0.0.0/8]`` with
+  ``action: reject`` also stops ``localhost``);
 - UDP sessions' upstream sockets (``open_udp``), under the same route decision and loop guard;
 - what the route asks of the upstream connection (SO_MARK, the client's source address, a PROXY
   protocol header, which comes back in the result instead of being spliced into the flow's bytes).
@@ -16,9 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from gate.addr import Endpoint
@@ -48,6 +55,22 @@ class Upstream:
     peer: str | None = None
 
 
+_NUMERIC = re.compile(r"^[0-9][0-9a-fA-FxX.]*$")  # what inet_aton might read as an IPv4 address
+
+
+@functools.lru_cache(maxsize=4096)
+def numeric_address(host: str) -> str | None:
+    """The IPv4 address a numeric host form that is not a dotted quad stands for, as getaddrinfo and
+    inet_aton read it (``127.1``, ``2130706433``, ``0x7f000001``, ``0177.0.0.1``); None for addresses
+    already in canonical form and for names."""
+    if not _NUMERIC.match(host) or literal_family(host) is not None:
+        return None
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
 class OwnAddresses:
     """This gate's listening addresses: a flow to one of them would come straight back to us."""
 
@@ -63,6 +86,8 @@ class OwnAddresses:
             return False
         host = unmap(dst.host)
         if Endpoint(host, dst.port) in self.listening:
+            return True
+        if host in ("0.0.0.0", "::"):  # connect() to the unspecified address reaches this host
             return True
         return dst.port in self.wildcard_ports and literal_family(host) is not None and is_local_address(host)
 
@@ -108,6 +133,13 @@ class Opener:
 
     def decide(self, flow: Flow) -> Decision:
         """Route the flow and record the decision in it."""
+        dst = flow.dst
+        assert dst is not None
+        address = numeric_address(dst.host)
+        if address is not None:  # the client spelled an address as a "name": route the address
+            flow.dst = Endpoint(address, dst.port)
+            if flow.host == dst.host.lower():
+                flow.host = None
         decision = self.ctx.router.decide(self.key(flow))
         flow.rule, flow.action, flow.upstream = decision.rule, decision.action, decision.upstream
         flow.state = FlowState.ROUTED
@@ -157,11 +189,31 @@ class Opener:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout
         addresses = await resolve(target, self.connect_timeout)
-        allowed = [(family, addr) for family, addr in addresses if addr not in self.own]
-        if not allowed:
-            raise RefusedByPolicy(LOOP if literal_family(target.host) else f"{target.host}: {LOOP}")
+        allowed = self._vet(addresses, decision, flow, target)
         sock = await open_tcp(target, max(deadline - loop.time(), 0.001), self._options(flow, decision), allowed)
         return Upstream(sock, self._header(decision, flow, sock))
+
+    def _vet(self, addresses: list[tuple[int, Endpoint]], decision: Decision, flow: Flow,
+             target: Endpoint) -> list[tuple[int, Endpoint]]:
+        """The addresses that may be dialled: none of ours, and, for a name the client chose (not a
+        configured upstream), none that the routes reject when asked with it as the destination."""
+        client_chose = decision.action in ("direct", "resolve") and literal_family(target.host) is None
+        allowed, looped, rejected = [], False, None
+        for family, addr in addresses:
+            if addr in self.own:
+                looped = True
+                continue
+            if client_chose:
+                again = self.ctx.router.decide(replace(self.key(flow), dst_host=addr.host))
+                if again.action == "reject":
+                    rejected = f"rejected by {again.rule} ({target.host} is {addr.host})"
+                    continue
+            allowed.append((family, addr))
+        if not allowed:
+            if rejected is not None and not looped:
+                raise RejectedByRule(rejected)
+            raise RefusedByPolicy(LOOP if literal_family(target.host) else f"{target.host}: {LOOP}")
+        return allowed
 
     def open_soon(self, decision: Decision, flow: Flow, target: Endpoint, family: int,
                   done: Callable[[Upstream | None, GateError | None], None]) -> Connect | None:
