@@ -9,9 +9,12 @@ at most ``interval`` late.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Protocol
 
 __all__ = ["Expiring", "Sweeper", "sweep_interval"]
+
+log = logging.getLogger("ugate")
 
 
 class Expiring(Protocol):
@@ -46,9 +49,15 @@ class Sweeper:
 
     def _sweep(self) -> None:
         now = self._loop.time()
-        for item in [item for item in self._items if item.deadline() <= now]:
-            item.expire()
-        self._timer = self._loop.call_later(self._interval, self._sweep) if self._items else None
+        try:
+            for item in [item for item in self._items if item.deadline() <= now]:
+                try:
+                    item.expire()
+                except Exception:  # a bug in one item must not stop every other deadline it shares
+                    log.exception("expiring %r failed; dropped from its sweeper", item)
+                    self._items.discard(item)
+        finally:
+            self._timer = self._loop.call_later(self._interval, self._sweep) if self._items else None
 
     def close(self) -> None:
         if self._timer is not None:

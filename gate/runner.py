@@ -33,7 +33,8 @@ __all__ = ["FlowRunner", "reset"]
 log = logging.getLogger("ugate")
 
 Handshake = Callable[[socket.socket, Flow], Awaitable[None]]
-_RELAY_CLOSE = {"eof": Close.EOF, "idle timeout": Close.IDLE, "shutdown": Close.SHUTDOWN}
+_RELAY_CLOSE = {"eof": Close.EOF, "idle timeout": Close.IDLE, "shutdown": Close.SHUTDOWN,
+                "internal error": Close.INTERNAL}
 
 
 def reset(sock: socket.socket) -> None:
@@ -251,7 +252,21 @@ class FlowRunner:
         flow.relay = relay
         self._relays.add(relay)
         self._relayed.add(conn)
-        relay.start()
+        try:
+            relay.start()
+        except Exception:  # e.g. uvloop refusing a poll handle of a socket closed under us (seen fuzzing)
+            log.exception("%s: relay of %s did not start", self.spec.name, flow.client)
+            try:
+                relay.abort("internal error")  # closes both sockets and ends the flow through _relay_done
+            except Exception:
+                log.exception("%s: and could not be aborted", self.spec.name)  # cleaned up below
+            if flow.state is not FlowState.DONE:  # it failed before the relay could report
+                self._relays.discard(relay)
+                self._relayed.discard(conn)
+                upstream.close()
+                flow.relay = None
+                flow.closing(Close.INTERNAL, "relay did not start")
+                self._end(conn, flow)
 
     def _relay_done(self, conn: socket.socket, flow: Flow, relay: Relay) -> None:
         self._relays.discard(relay)

@@ -17,10 +17,12 @@ from gate.accesslog import AccessLog
 from gate.addr import Endpoint
 from gate.config import parse_config
 from gate.context import Context
+from gate.deadlines import Sweeper
 from gate.errors import ClientProtocolError
 from gate.flow import Close, Flow, FlowState
 from gate.router import Router
 from gate.runner import FlowRunner, relay_close
+from splice import Relay
 
 
 def records(log: Path) -> list[dict[str, Any]]:
@@ -160,3 +162,57 @@ def test_relay_reasons_map_to_close_kinds() -> None:
     assert relay_close("idle timeout") == (Close.IDLE, None)
     assert relay_close("client reset") == (Close.CLIENT_RESET, None)
     assert relay_close("upstream EHOSTUNREACH") == (Close.UPSTREAM_RESET, "EHOSTUNREACH")
+
+
+def test_a_relay_that_cannot_start_still_ends_its_flow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seen once under fuzzing: uvloop refused a poll handle in Relay.start. The flow must still end,
+    with its descriptors and its max_flows slot freed."""
+
+    def broken(self: Relay) -> None:
+        raise RuntimeError("unable to perform operation on <UVPoll closed=True>")
+
+    monkeypatch.setattr(Relay, "start", broken)
+
+    async def scenario() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            r = runner(tmp_path / "log")
+            client, conn = await accepted_pair()
+            flow = Flow(listener="f", client=Endpoint("127.0.0.1", 1), dst=Endpoint(*server.getsockname()))
+            r.forward(conn, flow)
+            await until(lambda: flow.state is FlowState.DONE)
+            assert conn.fileno() == -1 and r.active == 0 and not r.ctx.live
+            client.close()
+            await r.drain(0)
+
+    asyncio.run(scenario())
+    assert [r["close"] for r in records(tmp_path / "log")] == ["internal error"]
+
+
+def test_a_deadline_that_raises_keeps_the_sweeper_running() -> None:
+    class Item:
+        def __init__(self, fail: bool) -> None:
+            self.fail, self.expired = fail, False
+
+        def deadline(self) -> float:
+            return 0.0
+
+        def expire(self) -> None:
+            self.expired = True
+            if self.fail:
+                raise ValueError("a bug in one item")
+            sweeper.discard(self)
+
+    async def scenario() -> None:
+        nonlocal sweeper
+        sweeper = Sweeper(asyncio.get_running_loop(), 0.01)
+        bad, good = Item(True), Item(False)
+        sweeper.add(bad)
+        sweeper.add(good)
+        await until(lambda: bad.expired and good.expired)
+        late = Item(False)
+        sweeper.add(late)  # the timer still runs: later deadlines expire too
+        await until(lambda: late.expired)
+        sweeper.close()
+
+    sweeper: Sweeper
+    asyncio.run(scenario())
