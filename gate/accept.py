@@ -12,6 +12,7 @@ import errno
 import ipaddress
 import logging
 import socket
+import struct
 from collections.abc import Callable
 
 from gate.addr import Endpoint
@@ -64,13 +65,16 @@ class AcceptLoop:
     """Accepts the connections of one listener and hands each on as ``(socket, Flow)``.
 
     ``active()`` counts the listener's open flows (for max_flows); whoever ends a flow calls
-    ``resume()``. Connections from ``spec.proxy_protocol_from`` count as open flows while their
-    PROXY header is read, and ``on_refused`` gets those whose header is bad or late.
+    ``ended(flow)``. Connections from ``spec.proxy_protocol_from`` count as open flows while their
+    PROXY header is read, and ``on_refused`` gets those whose header is bad or late. With
+    ``per_source``, one client address may hold at most ``spec.source_limit`` open flows; past it its
+    new connections are reset at once (counted, and logged at most once a second), so the others are
+    still served.
     """
 
     def __init__(self, spec: ListenerSpec, *, on_flow: Callable[[socket.socket, Flow], None],
                  on_refused: Callable[[socket.socket, Flow], None], active: Callable[[], int],
-                 reuse_port: bool = False, transparent: bool = False) -> None:
+                 reuse_port: bool = False, transparent: bool = False, per_source: bool = False) -> None:
         self.spec = spec
         self.loop = asyncio.get_running_loop()
         self.sock: socket.socket | None = None
@@ -83,6 +87,11 @@ class AcceptLoop:
         self._backoff = 0.0
         self._retry: asyncio.TimerHandle | None = None
         self.headers: dict[ProxyHeaderReader, socket.socket] = {}  # PROXY headers being read
+        self._per_source = per_source
+        self._sources: dict[str, int] = {}  # client address -> its open flows (only when per_source)
+        self._source_of: dict[int, str] = {}  # flow id -> the address it was counted under
+        self.refused_per_source = 0
+        self._warned_at = -1.0
         self._header_sweeper = Sweeper(self.loop, sweep_interval(spec.timeouts.handshake))
 
     def start(self) -> None:
@@ -131,11 +140,47 @@ class AcceptLoop:
             flow = Flow(listener=self.spec.name, client=Endpoint(addr[0], addr[1]))
             if self.spec.proxy_protocol_from and self._from_load_balancer(flow):
                 self._read_proxy_header(conn, flow)
+            elif self._per_source and not self._count(addr[0], flow):
+                self._refuse_source(conn, addr[0])
             else:
                 self._on_flow(conn, flow)
             if self._active() >= self.spec.max_flows:
                 self._pause()
                 break
+
+    def _count(self, source: str, flow: Flow) -> bool:
+        """Count a new flow of ``source``; False when it holds its share of the listener already."""
+        held = self._sources.get(source, 0)
+        if held >= self.spec.source_limit:
+            return False
+        self._sources[source] = held + 1
+        self._source_of[flow.id] = source
+        return True
+
+    def ended(self, flow: Flow) -> None:
+        """A flow of this listener ended: its source's count drops, and accepting may resume."""
+        if self._source_of:
+            source = self._source_of.pop(flow.id, None)
+            if source is not None:
+                held = self._sources[source] - 1
+                if held:
+                    self._sources[source] = held
+                else:
+                    del self._sources[source]
+        self.resume()
+
+    def _refuse_source(self, conn: socket.socket, source: str) -> None:
+        self.refused_per_source += 1
+        try:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        conn.close()
+        now = self.loop.time()
+        if now - self._warned_at >= 1.0:
+            self._warned_at = now
+            log.warning("%s: %s holds %d open flows (max_flows_per_source): new ones are reset (%d so far)",
+                        self.spec.name, source, self.spec.source_limit, self.refused_per_source)
 
     def _from_load_balancer(self, flow: Flow) -> bool:
         try:

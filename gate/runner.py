@@ -83,7 +83,7 @@ class FlowRunner:
         self._soon = 0  # flows whose sniffing is scheduled (see ``forward``)
         self._idle = asyncio.Event()
         self._idle.set()
-        self.on_end: Callable[[], None] = lambda: None  # a flow ended: the accept loop may resume
+        self.on_end: Callable[[Flow], None] = lambda flow: None  # tells the accept loop a flow ended
 
     @property
     def active(self) -> int:
@@ -319,7 +319,7 @@ class FlowRunner:
         self.ctx.finish(flow)
         if self.active == 0:
             self._idle.set()
-        self.on_end()
+        self.on_end(flow)
 
     # -- shutdown --------------------------------------------------------------------------------
 

@@ -58,8 +58,8 @@ class Timeouts:
 
 
 TIMEOUT_KEYS = ("handshake", "connect", "idle", "drain", "sniff")
-COMMON_KEYS = ("name", "kind", "listen", "max_flows", "relay", "timeouts", "preserve_source", "sniff",
-               "sniff_skip_ports", "sniff_skip_dst", "proxy_protocol_from")
+COMMON_KEYS = ("name", "kind", "listen", "max_flows", "max_flows_per_source", "relay", "timeouts",
+               "preserve_source", "sniff", "sniff_skip_ports", "sniff_skip_dst", "proxy_protocol_from")
 _NO_USERS: Mapping[str, str] = MappingProxyType({})
 _NO_PORTS: tuple[tuple[int, int], ...] = ()
 _NO_NETS: tuple[IPNetwork, ...] = ()
@@ -85,6 +85,11 @@ class ListenerSpec:
     # Each relayed flow holds 2 sockets (and 2 pipes while data moves); 4096 flows stay far below the
     # 20000-descriptor limits common on these machines, for every listener of a small config together.
     max_flows: int = 4096
+    # Open flows (handshakes included) one client address may hold: 0 means max_flows less an eighth
+    # (rounded down: no reserve below 8 flows), so one source of slow or idle handshakes can never lock
+    # the others out (they keep an eighth), while a sidecar's single app still gets nearly all. Load
+    # balancers in proxy_protocol_from are exempt.
+    max_flows_per_source: int = 0
     relay: RelayMode = RelayMode.AUTO
     # Upstream connections leave from the client's own address (IP_TRANSPARENT), as uproxy does.
     preserve_source: bool = False
@@ -112,6 +117,11 @@ class ListenerSpec:
     def options(cls, m: Mapping[str, Any], where: str, p: Problems) -> dict[str, Any]:
         """This kind's own fields, parsed from ``m`` (problems located under ``where``)."""
         return {}
+
+    @property
+    def source_limit(self) -> int:
+        """Open flows one client address may hold (see max_flows_per_source)."""
+        return self.max_flows_per_source or self.max_flows - self.max_flows // 8
 
     def sniffs(self, dst: Endpoint) -> bool:
         """Whether a flow to ``dst`` is sniffed before routing."""
@@ -263,6 +273,7 @@ def parse_listener(raw: Any, where: str, base: Timeouts, p: Problems) -> Listene
         "listen": p.get(m, "listen", where, parse_endpoint, Endpoint("127.0.0.1", 1)),
         "timeouts": parse_timeouts(m.get("timeouts"), f"{where}.timeouts", base, p),
         "max_flows": p.get(m, "max_flows", where, positive_int, ListenerSpec.max_flows),
+        "max_flows_per_source": p.get(m, "max_flows_per_source", where, positive_int, 0),
         "relay": p.get(m, "relay", where, one_of(RelayMode), RelayMode.AUTO),
         "preserve_source": p.get(m, "preserve_source", where, boolean, False),
         "sniff": p.get(m, "sniff", where, boolean, cls.SNIFF_DEFAULT),

@@ -41,8 +41,9 @@ class TcpListener:
         self.ctx = ctx
         self.runner = FlowRunner(spec, ctx)
         self.acceptor = AcceptLoop(spec, on_flow=self.accepted, on_refused=self._bad_proxy_header,
-                                   active=self._active, reuse_port=ctx.reuse_port, transparent=self.transparent)
-        self.runner.on_end = self.acceptor.resume
+                                   active=self._active, reuse_port=ctx.reuse_port, transparent=self.transparent,
+                                   per_source=True)
+        self.runner.on_end = self.acceptor.ended
 
     def _active(self) -> int:
         return self.runner.active + len(self.acceptor.headers)

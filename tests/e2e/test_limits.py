@@ -96,3 +96,56 @@ def test_h2_listener_backs_off_on_descriptor_exhaustion(start_gate: Any, tmp_pat
     while "gate at 127.0.0.1" not in gate.stderr() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "refused" in gate.stderr().split("accept failed")[-1]
+
+
+def test_one_source_of_idle_handshakes_does_not_lock_the_others_out(start_gate: Any, hash_echo: int) -> None:
+    """Once, 4,096 idle handshakes from one source took every slot until the handshake timeout. Now one
+    address holds at most max_flows_per_source (default 7/8 of max_flows): the others are still served."""
+    port = free_port()
+    gate = start_gate([{"name": "s", "kind": "socks5", "listen": f"127.0.0.1:{port}", "max_flows": 40}])
+    hogs = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(40)]  # say nothing
+    deadline = time.monotonic() + 3
+    while "max_flows_per_source" not in gate.stderr() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    reset = 0
+    for s in hogs:
+        s.settimeout(0.5)
+        try:
+            s.recv(1)
+        except ConnectionResetError:
+            reset += 1
+        except TimeoutError:
+            pass
+    assert reset == 5, reset  # 35 held (7/8 of 40), the rest reset at once
+    other = socket.socket()
+    other.bind(("127.0.0.2", 0))  # another source
+    other.settimeout(2)
+    other.connect(("127.0.0.1", port))
+    other.sendall(b"\x05\x01\x00")
+    assert other.recv(2) == b"\x05\x00"  # served now, not after the hogs' handshake timeout
+    other.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + hash_echo.to_bytes(2, "big"))
+    assert other.recv(10)[1] == 0
+    other.close()
+    for s in hogs:
+        s.close()
+
+
+def test_max_flows_per_source_is_configurable(start_gate: Any) -> None:
+    port = free_port()
+    start_gate([{"name": "s", "kind": "socks5", "listen": f"127.0.0.1:{port}", "max_flows_per_source": 3}])
+    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+    time.sleep(0.2)
+    extra = socket.create_connection(("127.0.0.1", port), timeout=5)
+    extra.settimeout(2)
+    try:
+        assert extra.recv(1) == b""
+    except ConnectionResetError:
+        pass
+    held[0].close()  # a slot of this source frees: its next connection is served
+    time.sleep(0.2)
+    again = socket.create_connection(("127.0.0.1", port), timeout=5)
+    again.sendall(b"\x05\x01\x00")
+    again.settimeout(2)
+    assert again.recv(2) == b"\x05\x00"
+    for s in (*held[1:], extra, again):
+        s.close()
