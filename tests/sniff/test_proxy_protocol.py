@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from sniff.proxy_protocol import ProxyHeader, build_v1, build_v2, parse_proxy_header
 from sniff.result import NEED_MORE, NotThisProtocol
+from tests.fuzzing import budget
 
 CASES: list[tuple[bytes, Any]] = [
     (b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\nGET /", ProxyHeader(("192.168.0.1", 56324),
@@ -43,7 +44,7 @@ def test_bad_headers(data: bytes) -> None:
         parse_proxy_header(data)
 
 
-@settings(max_examples=300, deadline=None)
+@budget(300)
 @given(data=st.binary(max_size=200) | st.builds(lambda b: b"PROXY " + b, st.binary(max_size=120))
        | st.builds(lambda b: b"\r\n\r\n\x00\r\nQUIT\n" + b, st.binary(max_size=120)))
 def test_arbitrary_input(data: bytes) -> None:

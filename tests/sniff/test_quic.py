@@ -6,13 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from sniff.classify import Sniffed, classify_datagrams
 from sniff.quic import parse_quic_initial
 from sniff.result import NEED_MORE, NotThisProtocol
 from sniff.tls import ClientHello
+from tests.fuzzing import budget
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -78,7 +79,7 @@ def test_truncated_or_flipped_initials_are_refused() -> None:
         parse_quic_initial([bytes(flipped)])
 
 
-@settings(max_examples=200, deadline=None)
+@budget(200)
 @given(data=st.binary(max_size=1300), cut=st.integers(0, 1200))
 def test_arbitrary_input_only_three_outcomes(data: bytes, cut: int) -> None:
     packet = datagrams("aioquic_initial.bin")[0]
@@ -90,7 +91,7 @@ def test_arbitrary_input_only_three_outcomes(data: bytes, cut: int) -> None:
         assert result is NEED_MORE or isinstance(result, ClientHello)
 
 
-@settings(max_examples=200, deadline=None)
+@budget(200)
 @given(cut=st.integers(0, 1250), junk=st.binary(max_size=200))
 def test_a_damaged_second_datagram_only_three_outcomes(cut: int, junk: bytes) -> None:
     first, second = datagrams("chromium_quic_initial.bin")[:2]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from sniff.classify import Sniffed, classify
@@ -18,6 +18,7 @@ from sniff.http import HttpRequest, parse_h2_preface, parse_http_request
 from sniff.result import NEED_MORE, NotThisProtocol
 from sniff.ssh import SshBanner, parse_ssh_banner
 from sniff.tls import ClientHello, parse_client_hello
+from tests.fuzzing import budget
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -89,7 +90,7 @@ def test_every_truncation_needs_more(parse: Callable[[bytes], Any], data: bytes,
 
 
 @pytest.mark.parametrize(("parse", "data", "expected"), CASES, ids=IDS)
-@settings(max_examples=50, deadline=None)
+@budget(50)
 @given(suffix=st.binary(max_size=100))
 def test_suffixes_do_not_change_the_result(parse: Callable[[bytes], Any], data: bytes, expected: Any,
                                            suffix: bytes) -> None:
@@ -130,7 +131,7 @@ def test_not_this_protocol(parse: Callable[[bytes], Any], data: bytes) -> None:
 
 
 @pytest.mark.parametrize("parse", [parse_client_hello, parse_http_request, parse_ssh_banner, parse_h2_preface])
-@settings(max_examples=300, deadline=None)
+@budget(300)
 @given(data=st.binary(max_size=400) | st.builds(lambda b: b"\x16\x03\x01" + b, st.binary(max_size=400)))
 def test_arbitrary_input_has_three_outcomes(parse: Callable[[bytes], Any], data: bytes) -> None:
     try:
@@ -139,7 +140,7 @@ def test_arbitrary_input_has_three_outcomes(parse: Callable[[bytes], Any], data:
         pass
 
 
-@settings(max_examples=200, deadline=None)
+@budget(200)
 @given(cut=st.integers(0, 516), junk=st.binary(max_size=50))
 def test_mutated_hello_never_escapes(cut: int, junk: bytes) -> None:
     data = fixture("curl_https.bin")
@@ -173,7 +174,7 @@ def test_classify_prefixes_and_unknowns() -> None:
     assert classify(b"\x00" * 10) == Sniffed("unknown")
 
 
-@settings(max_examples=300, deadline=None)
+@budget(300)
 @given(data=st.binary(max_size=300))
 def test_classify_never_raises(data: bytes) -> None:
     assert classify(data) is NEED_MORE or isinstance(classify(data), Sniffed)

@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from sniff.classify import Sniffed, classify_datagrams
 from sniff.result import NotThisProtocol
 from sniff.udp import DnsQuery, Stun, WireGuard, parse_dns_query, parse_dtls_client_hello, parse_stun, parse_wireguard
+from tests.fuzzing import budget
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # RFC 5769 section 2.1, "Sample Request" (Binding request with SOFTWARE, PRIORITY, ICE-CONTROLLED,
@@ -73,7 +74,7 @@ def test_truncations_are_not_mistaken(data: bytes) -> None:
 
 
 @pytest.mark.parametrize("parse", [parse_stun, parse_dns_query, parse_wireguard, parse_dtls_client_hello])
-@settings(max_examples=300, deadline=None)
+@budget(300)
 @given(data=st.binary(max_size=300))
 def test_arbitrary_datagrams(parse: Callable[[bytes], Any], data: bytes) -> None:
     try:

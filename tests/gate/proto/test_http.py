@@ -6,11 +6,12 @@ from __future__ import annotations
 import base64
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from gate.addr import Endpoint
 from gate.proto.http import TargetError, check_basic_auth, connect_authority, forward_headers, split_absolute_uri
+from tests.fuzzing import budget
 
 
 @pytest.mark.parametrize(
@@ -50,7 +51,7 @@ def test_bad_connect_authority(target: bytes) -> None:
         connect_authority(target)
 
 
-@settings(max_examples=300, deadline=None)
+@budget(300)
 @given(target=st.binary(max_size=200))
 def test_fuzzed_targets_give_result_or_target_error(target: bytes) -> None:
     for parse in (split_absolute_uri, connect_authority):

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from gate.proto.socks import (
@@ -26,6 +26,7 @@ from gate.proto.socks import (
     socks4_reply,
     socks5_reply,
 )
+from tests.fuzzing import budget
 
 # Captured from curl 7.88 (Debian 12) against a socket that printed what it received.
 CURL_SOCKS5_GREETING = b"\x05\x02\x00\x01"  # curl --socks5-hostname: no-auth, GSSAPI
@@ -65,7 +66,7 @@ def test_every_truncation_needs_more(parse: Parser, data: bytes, expected: Any) 
 
 
 @pytest.mark.parametrize(("parse", "data", "expected"), VALID, ids=IDS)
-@settings(max_examples=100, deadline=None)
+@budget(100)
 @given(suffix=st.binary(max_size=64))
 def test_suffix_does_not_change_the_message(parse: Parser, data: bytes, expected: Any, suffix: bytes) -> None:
     assert parse(data + suffix) == expected
@@ -96,7 +97,7 @@ def test_errors_carry_the_protocol_reply(parse: Parser, data: bytes, reply: byte
 
 
 @pytest.mark.parametrize("parse", [parse_first, parse_request, parse_credentials])
-@settings(max_examples=300, deadline=None)
+@budget(300)
 @given(data=st.binary(max_size=600))
 def test_arbitrary_input_only_has_three_outcomes(parse: Parser, data: bytes) -> None:
     try:
@@ -115,7 +116,7 @@ def test_byte_at_a_time_reaches_the_message_exactly_at_its_end(parse: Parser, da
         assert (result == expected) if i == len(data) - 1 else (result is NEED_MORE)
 
 
-@settings(max_examples=200, deadline=None)
+@budget(200)
 @given(host=st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}\.){0,3}[a-z]{2,6}", fullmatch=True), port=st.integers(1, 65535))
 def test_domain_requests_round_trip(host: str, port: int) -> None:
     data = bytes([5, 1, 0, 3, len(host)]) + host.encode() + port.to_bytes(2, "big")

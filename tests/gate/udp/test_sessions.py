@@ -6,12 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from gate.addr import Endpoint
 from gate.udp import Expired, Open, Relay, SessionTable, reply_source, session_key
 from sniff import Sniffed
+from tests.fuzzing import budget
 from tests.sniff.test_quic import datagrams
 
 DNS_QUERY = (Path(__file__).parents[2] / "sniff" / "fixtures" / "dig_query.bin").read_bytes()
@@ -234,7 +235,7 @@ step = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@budget(300)
 @given(mapping=st.sampled_from(["full-cone", "symmetric"]), max_flows=st.integers(1, 3),
        max_held=st.sampled_from([1300, 2600, 1 << 20]), steps=st.lists(step, max_size=40))
 def test_held_bytes_stay_accounted(mapping: str, max_flows: int, max_held: int, steps: list[tuple]) -> None:
