@@ -192,7 +192,7 @@ class TproxyUdpSpec(ListenerSpec):
     KEYS: ClassVar[tuple[str, ...]] = ("mapping", "session_timeout")
     transport: ClassVar[Transport] = Transport.UDP
     mapping: UdpMapping = UdpMapping.FULL_CONE
-    session_timeout: float = 60.0  # a UDP session without a datagram either way for this long ends
+    session_timeout: float = 60.0  # a UDP session the client sent nothing through for this long ends
 
     @classmethod
     def options(cls, m: Mapping[str, Any], where: str, p: Problems) -> dict[str, Any]:

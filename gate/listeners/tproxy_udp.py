@@ -71,9 +71,9 @@ class _Session:
         self.sockaddrs: dict[Endpoint, bytes] = {}  # packed destinations for sendmmsg
 
     @property
-    def activity(self) -> int:
-        """Read by the table once per sweep: the relay paths only add to the byte counters."""
-        return self.flow.bytes_up + self.flow.bytes_down
+    def bytes_up(self) -> int:
+        """Read by the table once per sweep (what keeps the session open): the relay paths only add."""
+        return self.flow.bytes_up
 
 
 class TproxyUdpListener:

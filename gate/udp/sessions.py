@@ -1,7 +1,7 @@
 """The UDP session table as a state machine: datagrams and the time go in, decisions come out.
 
 It keeps which client sessions are open, holds a session's first datagrams while their QUIC ClientHello
-is incomplete, and ends sessions idle for ``session_timeout``; the shell that owns the sockets routes,
+is incomplete, and ends sessions the client left idle for ``session_timeout``; the shell that owns the sockets routes,
 relays and logs. Time is an argument (aioquic's ``handle_timer(now)`` model): the table never reads a
 clock, so every timeout here is tested with plain floats.
 """
@@ -60,11 +60,13 @@ def reply_source(key: Key, dst: Endpoint, fixed: bool, remote: Endpoint) -> Endp
 
 
 class Counted(Protocol):
-    """What the table needs of the shell's session: a number that moves whenever a datagram passes
-    either way (its byte counters), so the hot path never stamps the time per datagram."""
+    """What the table needs of the shell's session: the bytes the client sent through it (through any
+    of its sockets). Only these keep a session open (RFC 4787 REQ-6: a mapping is refreshed by outbound
+    traffic): if answers counted, any remote that knows the session's upstream port could keep it, and
+    its sockets, open forever. The hot path only adds to the counter; a sweep compares it."""
 
     @property
-    def activity(self) -> int: ...
+    def bytes_up(self) -> int: ...
 
 
 S = TypeVar("S", bound=Counted)
@@ -94,7 +96,7 @@ class Open:
 
 @dataclass(frozen=True, slots=True)
 class Expired(Generic[S]):
-    """``session`` saw no datagram either way for ``session_timeout``: close it (it left the table)."""
+    """The client sent nothing through ``session`` for ``session_timeout``: close it (it left the table)."""
 
     key: Key
     session: S
@@ -113,7 +115,7 @@ class _Held:
 
 
 class _Idle:
-    """Activity as last seen by a sweep: the counter's value and when the sweep saw it move."""
+    """The client's bytes as last seen by a sweep, and when the sweep saw them move."""
 
     __slots__ = ("last_active", "seen")
 
@@ -212,9 +214,9 @@ class SessionTable(Generic[S]):
         if self._next_sweep is not None and now >= self._next_sweep:
             idle = []
             for key, seen in self._idle.items():
-                total = self.sessions[key].activity
-                if total != seen.seen:
-                    seen.seen, seen.last_active = total, now
+                sent = self.sessions[key].bytes_up
+                if sent != seen.seen:
+                    seen.seen, seen.last_active = sent, now
                 elif seen.last_active + self.session_timeout <= now:
                     idle.append(key)
             for key in idle:
@@ -238,7 +240,7 @@ class SessionTable(Generic[S]):
         queued = self._opening.pop(key)
         self.held_bytes -= sum(len(data) for _, data in queued)
         self.sessions[key] = session
-        self._idle[key] = _Idle(session.activity, now)
+        self._idle[key] = _Idle(session.bytes_up, now)
         if self._next_sweep is None:
             self._next_sweep = now + self._interval
         return tuple(queued)

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,26 @@ def feed(gate: tproxy_udp.TproxyUdpListener, client: Endpoint, dst: Endpoint, pa
 
 def records(log: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+@contextmanager
+def real_client() -> Iterator[tuple[socket.socket, Endpoint]]:
+    """A client socket on loopback, where reply sockets (bound to loopback remotes) can answer it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield sock, Endpoint(*sock.getsockname())
+    finally:
+        sock.close()
+
+
+def answer(upstream: socket.socket, remote: tuple[str, int], payload: bytes = b"answer") -> None:
+    """A datagram from ``remote`` to the session's upstream port (SO_REUSEADDR: the reply socket that
+    answers as ``remote`` binds the same address)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(remote)
+        sock.sendto(payload, ("127.0.0.1", upstream.getsockname()[1]))
 
 
 def test_held_bytes_are_bounded_and_released(tmp_path: Path) -> None:
@@ -111,3 +134,24 @@ def test_an_idle_session_ends_on_the_loop_timer(tmp_path: Path) -> None:
     asyncio.run(scenario())
     [record] = records(tmp_path / "log")
     assert record["close"] == "idle timeout" and record["bytes_up"] == len(DNS_QUERY)
+
+
+def test_a_remote_that_keeps_writing_does_not_keep_the_session_open(tmp_path: Path) -> None:
+    """Answers pass to the client, but only the client's own datagrams postpone the idle expiry."""
+    async def scenario() -> None:
+        with real_client() as (_, address):
+            gate = listener(tmp_path / "log", session_timeout=0.2)
+            feed(gate, address, SERVER, DNS_QUERY)
+            session = gate.sessions[(address, None)]
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 3
+            while gate.sessions:
+                assert loop.time() < deadline, "answers kept the session open"
+                answer(session.upstream, ("127.0.0.2", 3478))
+                await asyncio.sleep(0.01)
+            assert session.flow.bytes_down > 0  # the remote's datagrams did pass
+            await gate.drain(0)
+
+    asyncio.run(scenario())
+    [record] = records(tmp_path / "log")
+    assert record["close"] == "idle timeout" and record["bytes_down"] > 0

@@ -23,11 +23,12 @@ TIMEOUT, SNIFF = 60.0, 0.5
 
 
 class Session:
-    """A shell's session as the table sees it: a counter that moves while datagrams pass."""
+    """A shell's session as the table sees it: byte counters that move while datagrams pass."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.activity = 0
+        self.bytes_up = 0  # what the client sent
+        self.bytes_down = 0  # answers, and whatever else remotes sent to the session's upstream port
 
 
 def table(mapping: str = "full-cone", max_flows: int = 100, max_held_bytes: int = 1 << 20) -> SessionTable[Session]:
@@ -130,13 +131,24 @@ def test_idle_session_expires_at_the_timeout_not_before() -> None:
     assert t.sessions == {} and t.next_timer() is None  # nothing left to wake up for
 
 
-def test_activity_either_way_postpones_expiry() -> None:
+def test_the_clients_datagrams_postpone_expiry() -> None:
     t = table()
     session = open_session(t, A, DNS, 0.0)
     assert run_timers(t, 30.0) == []
-    session.activity += 100  # a datagram passed, noticed by the next sweep (at most 1 s later)
+    session.bytes_up += 100  # the client sent, noticed by the next sweep (at most 1 s later)
     assert run_timers(t, 30.0 + TIMEOUT) == []
     assert run_timers(t, 31.0 + TIMEOUT) == [(31.0 + TIMEOUT, Expired((A, None), session))]
+
+
+def test_answers_and_unsolicited_datagrams_do_not_postpone_expiry() -> None:
+    """RFC 4787 REQ-6: only outbound traffic refreshes a mapping; a remote that keeps writing to the
+    session's upstream port must not keep its sockets open forever."""
+    t = table()
+    session = open_session(t, A, DNS, 0.0)
+    for second in range(1, int(TIMEOUT)):
+        session.bytes_down += 1200
+        assert run_timers(t, float(second)) == []
+    assert run_timers(t, TIMEOUT) == [(TIMEOUT, Expired((A, None), session))]
 
 
 def test_sweeps_are_coarse_and_stop_with_the_last_session() -> None:
@@ -266,7 +278,7 @@ def test_held_bytes_stay_accounted(mapping: str, max_flows: int, max_held: int, 
                 t.refused(key)
         elif kind == "activity" and t.sessions:
             sessions = list(t.sessions.values())
-            sessions[args[0] % len(sessions)].activity += 1
+            sessions[args[0] % len(sessions)].bytes_up += 1
         elif kind == "end":
             for key in [key for key in t.sessions if key[0] == args[0]]:
                 assert t.end(key) is not None
