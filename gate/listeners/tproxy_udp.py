@@ -5,9 +5,10 @@ and destination with ``mapping: symmetric``) owns one upstream socket, marked so
 Answers go back to the client from a socket bound (IP_TRANSPARENT) to the address the client sent to, so
 the client sees the server's address; that socket is connected to the client, and the kernel then also
 hands it the client's next datagrams to that address, which are relayed like the first.
-Which sessions exist, the hold of a QUIC Initial whose ClientHello continues in later datagrams and the
-idle expiry are decided by ``gate.udp.SessionTable``; this module is its I/O shell: sockets, the clock,
-routing, relaying and the access log.
+Which sessions exist, the hold of a QUIC Initial whose ClientHello continues in later datagrams, the
+idle expiry and the caps (sessions per client address, reply sockets per session) are decided by
+``gate.udp.SessionTable``; this module is its I/O shell: sockets, the clock, routing, relaying and the
+access log.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from gate.errors import GateError, RefusedByPolicy
 from gate.flow import Close, Flow, FlowState
 from gate.sniffing import apply_sniffed
 from gate.udp import Expired, Key, Open, Relay, SessionTable, reply_source
+from gate.udp.sessions import Refuse, RemoteVerdict
 from gate.upstream import Opener
 from splice import mmsg
 from tproxy.sockopts import parse_origdst, set_big_buffers, set_mark, set_recv_origdst, set_transparent, unmap
@@ -67,13 +69,15 @@ class _Session:
         self.target = target  # a fixed upstream from the route, else None: each datagram's own destination
         self.upstream = upstream
         self.replies: dict[Endpoint, socket.socket] = {}  # remote the client sees -> socket answering as it
-        self.by_remote: dict[tuple[str, int], socket.socket] = {}  # the same, by raw recvfrom() address
+        # the same, by raw recvfrom() address: a cache, filled up to max_remotes_per_session entries (a
+        # fixed upstream answers through one socket, but from as many addresses as write to its port)
+        self.by_remote: dict[tuple[str, int], socket.socket] = {}
         self.sockaddrs: dict[Endpoint, bytes] = {}  # packed destinations for sendmmsg
 
     @property
-    def activity(self) -> int:
-        """Read by the table once per sweep: the relay paths only add to the byte counters."""
-        return self.flow.bytes_up + self.flow.bytes_down
+    def bytes_up(self) -> int:
+        """Read by the table once per sweep (what keeps the session open): the relay paths only add."""
+        return self.flow.bytes_up
 
 
 class TproxyUdpListener:
@@ -86,8 +90,10 @@ class TproxyUdpListener:
         self.loop = asyncio.get_running_loop()
         self.sock: socket.socket | None = None
         self.family = socket.AF_INET6 if ":" in spec.listen.host else socket.AF_INET
-        self.table: SessionTable[_Session] = SessionTable(spec.mapping, spec.session_timeout, spec.timeouts.sniff,
-                                                          spec.max_flows)
+        self.table: SessionTable[_Session] = SessionTable(
+            spec.mapping, spec.session_timeout, spec.timeouts.sniff, spec.max_flows,
+            max_sessions_per_client=spec.max_sessions_per_client,
+            max_remotes_per_session=spec.max_remotes_per_session)
         self.sessions = self.table.sessions  # the open sessions, looked up per datagram
         self.full_cone = self.table.mapping == "full-cone"
         self.timer: asyncio.TimerHandle | None = None  # calls the table's timer at its next_timer()
@@ -150,13 +156,15 @@ class TproxyUdpListener:
 
     # -- the table's decisions -------------------------------------------------------------------
 
-    def _act(self, action: Relay[_Session] | Open | Expired[_Session] | None) -> None:
+    def _act(self, action: Relay[_Session] | Open | Expired[_Session] | Refuse | None) -> None:
         if isinstance(action, Open):
             self._open(action)
         elif isinstance(action, Relay):
             self._send_up(action.session, action.dst, action.payload)
         elif isinstance(action, Expired):
             self._close(action.session, Close.IDLE)
+        elif isinstance(action, Refuse):
+            self._refuse(action)
 
     def _on_timer(self) -> None:
         self.timer = None
@@ -198,6 +206,16 @@ class TproxyUdpListener:
         for dst, payload in (*o.datagrams, *late):
             self._send_up(session, dst, payload)
 
+    def _refuse(self, r: Refuse) -> None:
+        """A client address at its session cap: one log line and one access-log record for the refusals
+        the table reports (the first, then at most one per session_timeout), not one per datagram."""
+        cap = self.table.max_sessions_per_client
+        log.warning("%s: %s has %d sessions (max_sessions_per_client): %d new session(s) refused",
+                    self.spec.name, r.client.host, cap, r.refused)
+        flow = self.ctx.begin(Flow(listener=self.spec.name, client=r.client, dst=r.dst, path="udp"))
+        error = RefusedByPolicy(f"max_sessions_per_client ({cap}) reached; {r.refused} datagram(s) refused")
+        self.ctx.finish(flow, error.close, str(error))
+
     # -- upstream -> client ----------------------------------------------------------------------
 
     def _on_upstream(self, session: _Session, key: Key) -> None:
@@ -226,8 +244,17 @@ class TproxyUdpListener:
         source = reply_source(key, session.dst, session.target is not None, Endpoint(unmap(remote[0]), remote[1]))
         if source is None:
             return None
-        reply = session.replies.get(source) or self._reply_socket(session, source)
-        if reply is not None:
+        reply = session.replies.get(source)
+        if reply is None:
+            verdict = self.table.new_remote(key, len(session.replies))
+            if verdict is not RemoteVerdict.ADMIT:
+                if verdict is RemoteVerdict.DROP_FIRST:
+                    log.warning("%s: session of %s answers from %d remotes (max_remotes_per_session): answers "
+                                "from further remotes are dropped", self.spec.name, session.client,
+                                len(session.replies))
+                return None
+            reply = self._reply_socket(session, source)
+        if reply is not None and len(session.by_remote) < self.table.max_remotes_per_session:
             session.by_remote[remote] = reply
         return reply
 

@@ -1,13 +1,16 @@
 """The UDP session table as a state machine: datagrams and the time go in, decisions come out.
 
 It keeps which client sessions are open, holds a session's first datagrams while their QUIC ClientHello
-is incomplete, and ends sessions idle for ``session_timeout``; the shell that owns the sockets routes,
-relays and logs. Time is an argument (aioquic's ``handle_timer(now)`` model): the table never reads a
-clock, so every timeout here is tested with plain floats.
+is incomplete, ends sessions the client left idle for ``session_timeout``, and bounds what one client can
+make the shell open (sessions per client address, reply sockets per session); the shell that owns the
+sockets routes, relays and logs. Time is an argument (aioquic's ``handle_timer(now)`` model): the table
+never reads a clock, so every timeout here is tested with plain floats.
 """
 
 from __future__ import annotations
 
+import collections
+import enum
 from dataclasses import dataclass
 from typing import Generic, Literal, Protocol, TypeVar
 
@@ -17,13 +20,17 @@ from sniff import NeedMore, Sniffed, classify_datagrams
 
 __all__ = [
     "MAX_HELD_BYTES",
+    "MAX_REMOTES_PER_SESSION",
+    "MAX_SESSIONS_PER_CLIENT",
     "Counted",
     "Datagram",
     "Expired",
     "Key",
     "Mapping",
     "Open",
+    "Refuse",
     "Relay",
+    "RemoteVerdict",
     "SessionTable",
     "reply_source",
     "session_key",
@@ -37,6 +44,17 @@ Datagram = tuple[Endpoint, bytes]  # (the destination the client sent to, payloa
 # Datagrams held (all sessions) while their QUIC ClientHello is incomplete: Initial keys are public, so
 # anyone can craft "incomplete" Initials; past this, new sessions are routed at once without the name.
 MAX_HELD_BYTES = 4 << 20
+# Reply sockets (one descriptor and up to 4 MiB of buffers each) per session: a full-cone session gets
+# one per remote that answers, and any host can answer from 64k ports. ICE gathers from a few STUN/TURN
+# servers and a candidate or two per peer, games talk to a handful of servers: 64 leaves them margin.
+# At the cap, answers from further remotes are dropped (as a port-restricted NAT would drop them).
+MAX_REMOTES_PER_SESSION = 64
+# Sessions (open, opening or held) per client address: full-cone makes one per source port, symmetric one
+# per destination, so one host could otherwise take all of max_flows (4096 by default) and each session's
+# descriptors. 256 is 1/16 of that: a host sending a new DNS query from a new port 4 times a second for
+# a whole session_timeout (60 s) still fits. At the cap, the client's datagrams that would open another
+# session are dropped before routing, and reported once per client per session_timeout (``Refuse``).
+MAX_SESSIONS_PER_CLIENT = 256
 
 
 def session_key(mapping: Mapping, client: Endpoint, dst: Endpoint) -> Key:
@@ -60,11 +78,13 @@ def reply_source(key: Key, dst: Endpoint, fixed: bool, remote: Endpoint) -> Endp
 
 
 class Counted(Protocol):
-    """What the table needs of the shell's session: a number that moves whenever a datagram passes
-    either way (its byte counters), so the hot path never stamps the time per datagram."""
+    """What the table needs of the shell's session: the bytes the client sent through it (through any
+    of its sockets). Only these keep a session open (RFC 4787 REQ-6: a mapping is refreshed by outbound
+    traffic): if answers counted, any remote that knows the session's upstream port could keep it, and
+    its sockets, open forever. The hot path only adds to the counter; a sweep compares it."""
 
     @property
-    def activity(self) -> int: ...
+    def bytes_up(self) -> int: ...
 
 
 S = TypeVar("S", bound=Counted)
@@ -94,10 +114,31 @@ class Open:
 
 @dataclass(frozen=True, slots=True)
 class Expired(Generic[S]):
-    """``session`` saw no datagram either way for ``session_timeout``: close it (it left the table)."""
+    """The client sent nothing through ``session`` for ``session_timeout``: close it (it left the table)."""
 
     key: Key
     session: S
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """``client``'s address is at ``max_sessions_per_client``: its datagram to ``dst`` would have opened
+    another session and was dropped. Handed out for the first such datagram, then at most once per
+    ``session_timeout`` per client address (the time scale on which its sessions end and make room), so
+    the shell logs and records a client stuck at its cap, not every datagram it retries; ``refused``
+    counts the datagrams dropped since the last ``Refuse`` for this address, this one included."""
+
+    client: Endpoint
+    dst: Endpoint
+    refused: int
+
+
+class RemoteVerdict(enum.Enum):
+    """Whether a session may open a reply socket for one more remote (``SessionTable.new_remote``)."""
+
+    ADMIT = "admit"
+    DROP_FIRST = "drop first"  # at the cap, and the first drop of this session: the shell logs it, once
+    DROP = "drop"  # at the cap again: counted only
 
 
 class _Held:
@@ -113,13 +154,26 @@ class _Held:
 
 
 class _Idle:
-    """Activity as last seen by a sweep: the counter's value and when the sweep saw it move."""
+    """The client's bytes as last seen by a sweep, when the sweep saw them move; whether the session's
+    reply sockets reached their cap (its first dropped answer was reported)."""
 
-    __slots__ = ("last_active", "seen")
+    __slots__ = ("capped", "last_active", "seen")
 
     def __init__(self, seen: int, now: float) -> None:
         self.seen = seen
         self.last_active = now
+        self.capped = False
+
+
+class _Client:
+    """One client address's sessions in the table (any state), and its refusals at the cap."""
+
+    __slots__ = ("next_report", "refused", "sessions")
+
+    def __init__(self) -> None:
+        self.sessions = 0
+        self.refused = 0  # datagrams dropped at the cap since the last Refuse
+        self.next_report = 0.0  # no Refuse before then (0: the next refusal is reported)
 
 
 def _mapping(text: str) -> Mapping:
@@ -138,12 +192,17 @@ class SessionTable(Generic[S]):
     """
 
     def __init__(self, mapping: str, session_timeout: float, sniff_timeout: float, max_flows: int,
-                 max_held_bytes: int = MAX_HELD_BYTES) -> None:
+                 max_held_bytes: int = MAX_HELD_BYTES, max_sessions_per_client: int = MAX_SESSIONS_PER_CLIENT,
+                 max_remotes_per_session: int = MAX_REMOTES_PER_SESSION) -> None:
         self.mapping = _mapping(mapping)
         self.session_timeout = session_timeout
         self.sniff_timeout = sniff_timeout
         self.max_flows = max_flows  # also the most sessions held at once
         self.max_held_bytes = max_held_bytes
+        self.max_sessions_per_client = max_sessions_per_client
+        self.max_remotes_per_session = max_remotes_per_session
+        # datagrams dropped at each cap, by the cap's config key (for the metrics)
+        self.dropped: collections.Counter[str] = collections.Counter()
         # open sessions: the shell looks a datagram's session up here itself (its hot path is one
         # dict lookup), and comes to the table only for keys that are not open
         self.sessions: dict[Key, S] = {}
@@ -151,6 +210,8 @@ class SessionTable(Generic[S]):
         self._held: dict[Key, _Held] = {}  # in deadline order: every hold lasts sniff_timeout
         self._opening: dict[Key, list[Datagram]] = {}
         self._idle: dict[Key, _Idle] = {}
+        # client addresses with a key in any state: at most one entry per key, gone with its last key
+        self._clients: dict[str, _Client] = {}
         # idle sessions are found by a sweep every interval (late by at most a quarter of the timeout,
         # or 1 s), not by a deadline per session that every datagram would have to move
         self._interval = sweep_interval(session_timeout)
@@ -166,9 +227,11 @@ class SessionTable(Generic[S]):
 
     # -- inputs ----------------------------------------------------------------------------------
 
-    def datagram(self, client: Endpoint, dst: Endpoint, payload: bytes, now: float) -> Relay[S] | Open | None:
+    def datagram(self, client: Endpoint, dst: Endpoint, payload: bytes,
+                 now: float) -> Relay[S] | Open | Refuse | None:
         """A datagram from ``client`` to ``dst``. None: nothing to do now (held for the rest of a QUIC
-        hello, queued behind an ``Open``, or dropped because the held bytes are at their bound)."""
+        hello, queued behind an ``Open``, or dropped because the held bytes, or the client's sessions,
+        are at their bound)."""
         key = self.key(client, dst)
         session = self.sessions.get(key)
         if session is not None:
@@ -180,6 +243,13 @@ class SessionTable(Generic[S]):
                 self.held_bytes += len(payload)
             return None  # else dropped, as a full router queue would
         held = self._held.get(key)
+        if held is None:  # a new session of this client address, if it has room for one
+            counted = self._clients.get(client.host)
+            if counted is None:
+                counted = self._clients[client.host] = _Client()
+            elif counted.sessions >= self.max_sessions_per_client:
+                return self._refuse(counted, client, dst, now)
+            counted.sessions += 1
         datagrams = [*held.datagrams, (dst, payload)] if held is not None else [(dst, payload)]
         found = classify_datagrams([data for _, data in datagrams])
         if isinstance(found, NeedMore):
@@ -212,13 +282,14 @@ class SessionTable(Generic[S]):
         if self._next_sweep is not None and now >= self._next_sweep:
             idle = []
             for key, seen in self._idle.items():
-                total = self.sessions[key].activity
-                if total != seen.seen:
-                    seen.seen, seen.last_active = total, now
+                sent = self.sessions[key].bytes_up
+                if sent != seen.seen:
+                    seen.seen, seen.last_active = sent, now
                 elif seen.last_active + self.session_timeout <= now:
                     idle.append(key)
             for key in idle:
                 del self._idle[key]
+                self._forget(key)
                 actions.append(Expired(key, self.sessions.pop(key)))
             self._next_sweep = now + self._interval if self.sessions else None
         return actions
@@ -238,7 +309,7 @@ class SessionTable(Generic[S]):
         queued = self._opening.pop(key)
         self.held_bytes -= sum(len(data) for _, data in queued)
         self.sessions[key] = session
-        self._idle[key] = _Idle(session.activity, now)
+        self._idle[key] = _Idle(session.bytes_up, now)
         if self._next_sweep is None:
             self._next_sweep = now + self._interval
         return tuple(queued)
@@ -248,11 +319,27 @@ class SessionTable(Generic[S]):
         dropped, and the client's next datagram asks again (a retrying client shows as retries)."""
         queued = self._opening.pop(key)
         self.held_bytes -= sum(len(data) for _, data in queued)
+        self._forget(key)
+
+    def new_remote(self, key: Key, replies: int) -> RemoteVerdict:
+        """An answer to the open session ``key`` came from a remote it has no reply socket for, and it
+        has ``replies`` of them: may the shell open one more? At ``max_remotes_per_session`` the answer
+        is dropped (counted); the first drop of the session says so, for one log line per session."""
+        if replies < self.max_remotes_per_session:
+            return RemoteVerdict.ADMIT
+        self.dropped["max_remotes_per_session"] += 1
+        state = self._idle[key]
+        if state.capped:
+            return RemoteVerdict.DROP
+        state.capped = True
+        return RemoteVerdict.DROP_FIRST
 
     def end(self, key: Key) -> S | None:
         """The shell ends an open session itself (an error, say); returns it, or None if not open."""
         self._idle.pop(key, None)
         session = self.sessions.pop(key, None)
+        if session is not None:
+            self._forget(key)
         if not self.sessions:
             self._next_sweep = None
         return session
@@ -265,6 +352,7 @@ class SessionTable(Generic[S]):
         self._held.clear()
         self._opening.clear()
         self._idle.clear()
+        self._clients.clear()
         self.held_bytes = 0
         self._next_sweep = None
         return sessions
@@ -272,3 +360,19 @@ class SessionTable(Generic[S]):
     def _open(self, key: Key, client: Endpoint, datagrams: list[Datagram], found: Sniffed, timed_out: bool) -> Open:
         self._opening[key] = []
         return Open(key, client, datagrams[0][0], tuple(datagrams), found, timed_out)
+
+    def _refuse(self, counted: _Client, client: Endpoint, dst: Endpoint, now: float) -> Refuse | None:
+        self.dropped["max_sessions_per_client"] += 1
+        counted.refused += 1
+        if now < counted.next_report:
+            return None
+        refused, counted.refused, counted.next_report = counted.refused, 0, now + self.session_timeout
+        return Refuse(client, dst, refused)
+
+    def _forget(self, key: Key) -> None:
+        """``key`` left the table (expired, ended or refused): one session less for its client address."""
+        host = key[0].host
+        counted = self._clients[host]
+        counted.sessions -= 1
+        if not counted.sessions:
+            del self._clients[host]

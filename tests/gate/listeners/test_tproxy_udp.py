@@ -6,15 +6,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gate.accesslog import AccessLog
 from gate.addr import Endpoint
-from gate.config import Match, Route, parse_config
+from gate.config import Match, Route, TproxyUdpSpec, parse_config
 from gate.context import Context
+from gate.errors import ConfigError
 from gate.listeners import tproxy_udp
 from gate.router import Router
+from gate.udp.sessions import MAX_REMOTES_PER_SESSION, MAX_SESSIONS_PER_CLIENT
 from tests.gate.udp.test_sessions import DNS_QUERY
 from tests.sniff.test_quic import datagrams
 
@@ -37,6 +46,34 @@ def feed(gate: tproxy_udp.TproxyUdpListener, client: Endpoint, dst: Endpoint, pa
 
 def records(log: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@contextmanager
+def real_client() -> Iterator[tuple[socket.socket, Endpoint]]:
+    """A client socket on loopback, where reply sockets (bound to loopback remotes) can answer it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield sock, Endpoint(*sock.getsockname())
+    finally:
+        sock.close()
+
+
+def answer(upstream: socket.socket, remote: tuple[str, int], payload: bytes = b"answer") -> None:
+    """A datagram from ``remote`` to the session's upstream port (SO_REUSEADDR: the reply socket that
+    answers as ``remote`` binds the same address)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(remote)
+        sock.sendto(payload, ("127.0.0.1", upstream.getsockname()[1]))
+
+
+def warnings(caplog: pytest.LogCaptureFixture) -> int:
+    return sum(r.levelno == logging.WARNING and r.name == "ugate" for r in caplog.records)
 
 
 def test_held_bytes_are_bounded_and_released(tmp_path: Path) -> None:
@@ -111,3 +148,117 @@ def test_an_idle_session_ends_on_the_loop_timer(tmp_path: Path) -> None:
     asyncio.run(scenario())
     [record] = records(tmp_path / "log")
     assert record["close"] == "idle timeout" and record["bytes_up"] == len(DNS_QUERY)
+
+
+# -- bounds ------------------------------------------------------------------------------------------
+
+
+def test_the_caps_are_spec_keys_with_the_tables_defaults() -> None:
+    config = parse_config({"listeners": [{"name": "u", "kind": "tproxy_udp", "listen": "0.0.0.0:15002",
+                                          "max_sessions_per_client": 8, "max_remotes_per_session": 4}],
+                           "routes": [{"action": "direct"}]})
+    spec = config.listeners[0]
+    assert isinstance(spec, TproxyUdpSpec)
+    assert (spec.max_sessions_per_client, spec.max_remotes_per_session) == (8, 4)
+    assert (TproxyUdpSpec.max_sessions_per_client, TproxyUdpSpec.max_remotes_per_session) == (
+        MAX_SESSIONS_PER_CLIENT, MAX_REMOTES_PER_SESSION)
+    with pytest.raises(ConfigError, match="max_remotes_per_session"):
+        parse_config({"listeners": [{"name": "u", "kind": "tproxy_udp", "listen": "0.0.0.0:15002",
+                                     "max_remotes_per_session": 0}], "routes": [{"action": "direct"}]})
+
+
+def test_answers_from_a_thousand_remotes_hold_at_most_the_cap_of_reply_sockets(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The descriptor figure: a full-cone session answered from 1,000 remotes (one host could use 64k
+    source ports) holds max_remotes_per_session reply sockets; the rest of the answers are dropped,
+    counted, and logged once."""
+    caplog.set_level(logging.WARNING, logger="ugate")
+    remotes = [(f"127.1.{i // 250}.{i % 250 + 1}", 3478) for i in range(1000)]
+
+    async def scenario() -> None:
+        with real_client() as (client, address):
+            gate = listener(tmp_path / "log")
+            feed(gate, address, SERVER, DNS_QUERY)
+            session = gate.sessions[(address, None)]
+            before = open_fds()
+            for remote in remotes:
+                answer(session.upstream, remote)
+            for _ in range(20):  # as the loop would call the reader: 128 datagrams a wake-up
+                gate._on_upstream(session, session.key)
+            grew = open_fds() - before
+            print(f"descriptors: {grew} more for answers from {len(remotes)} remotes")
+            assert grew == len(session.replies) == MAX_REMOTES_PER_SESSION
+            assert len(session.by_remote) <= MAX_REMOTES_PER_SESSION
+            heard = set()
+            while True:
+                try:
+                    heard.add(client.recvfrom(100)[1])
+                except BlockingIOError:
+                    break
+            assert heard == set(remotes[:MAX_REMOTES_PER_SESSION])  # the first remotes are answered
+            assert gate.table.dropped == {"max_remotes_per_session": len(remotes) - MAX_REMOTES_PER_SESSION}
+            assert warnings(caplog) == 1
+            await gate.drain(0)
+            assert open_fds() - before == -1  # the session's upstream socket too
+
+    asyncio.run(scenario())
+
+
+def test_one_host_from_a_thousand_ports_gets_max_sessions_per_client(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The descriptor figure for sessions: full-cone makes a session (an upstream socket) per source
+    port; one host's 1,000 ports get MAX_SESSIONS_PER_CLIENT of them, the refusals one record."""
+    caplog.set_level(logging.WARNING, logger="ugate")
+
+    async def scenario() -> None:
+        gate = listener(tmp_path / "log")
+        before = open_fds()
+        for port in range(1000, 2000):
+            feed(gate, Endpoint("10.0.0.1", port), SERVER, DNS_QUERY)
+        feed(gate, B, SERVER, DNS_QUERY)  # another address is not affected
+        grew = open_fds() - before
+        print(f"descriptors: {grew} more for 1,000 source ports of one host and one of another")
+        assert len(gate.sessions) == grew == MAX_SESSIONS_PER_CLIENT + 1
+        assert gate.table.dropped == {"max_sessions_per_client": 1000 - MAX_SESSIONS_PER_CLIENT}
+        assert warnings(caplog) == 1
+        await gate.drain(0)
+
+    asyncio.run(scenario())
+    logged = records(tmp_path / "log")
+    refused = [r for r in logged if r["close"] == "refused"]
+    assert [(r["client"], r["dst"], r["bytes_up"]) for r in refused] == [(f"10.0.0.1:{1000 + MAX_SESSIONS_PER_CLIENT}",
+                                                                         str(SERVER), 0)]
+    assert len(logged) == MAX_SESSIONS_PER_CLIENT + 2  # the open sessions' records, and the one refusal
+
+
+def test_symmetric_sessions_of_one_client_are_capped(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        gate = listener(tmp_path / "log", mapping="symmetric", max_sessions_per_client=3)
+        for port in range(20, 30):  # closed local ports: one session per destination
+            feed(gate, A, Endpoint("127.0.0.1", port), DNS_QUERY)
+        assert sorted(key[1].port for key in gate.sessions if key[1]) == [20, 21, 22]
+        await gate.drain(0)
+
+    asyncio.run(scenario())
+    assert [r["close"] for r in records(tmp_path / "log")].count("refused") == 1
+
+
+def test_a_remote_that_keeps_writing_does_not_keep_the_session_open(tmp_path: Path) -> None:
+    """Answers pass to the client, but only the client's own datagrams postpone the idle expiry."""
+    async def scenario() -> None:
+        with real_client() as (_, address):
+            gate = listener(tmp_path / "log", session_timeout=0.2)
+            feed(gate, address, SERVER, DNS_QUERY)
+            session = gate.sessions[(address, None)]
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 3
+            while gate.sessions:
+                assert loop.time() < deadline, "answers kept the session open"
+                answer(session.upstream, ("127.0.0.2", 3478))
+                await asyncio.sleep(0.01)
+            assert session.flow.bytes_down > 0  # the remote's datagrams did pass
+            await gate.drain(0)
+
+    asyncio.run(scenario())
+    [record] = records(tmp_path / "log")
+    assert record["close"] == "idle timeout" and record["bytes_down"] > 0

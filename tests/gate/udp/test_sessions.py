@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from gate.addr import Endpoint
 from gate.udp import Expired, Open, Relay, SessionTable, reply_source, session_key
+from gate.udp.sessions import MAX_REMOTES_PER_SESSION, MAX_SESSIONS_PER_CLIENT, Refuse, RemoteVerdict
 from sniff import Sniffed
 from tests.fuzzing import budget
 from tests.sniff.test_quic import datagrams
@@ -24,15 +26,19 @@ TIMEOUT, SNIFF = 60.0, 0.5
 
 
 class Session:
-    """A shell's session as the table sees it: a counter that moves while datagrams pass."""
+    """A shell's session as the table sees it: byte counters that move while datagrams pass."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.activity = 0
+        self.bytes_up = 0  # what the client sent
+        self.bytes_down = 0  # answers, and whatever else remotes sent to the session's upstream port
 
 
-def table(mapping: str = "full-cone", max_flows: int = 100, max_held_bytes: int = 1 << 20) -> SessionTable[Session]:
-    return SessionTable(mapping, TIMEOUT, SNIFF, max_flows, max_held_bytes)
+def table(mapping: str = "full-cone", max_flows: int = 100, max_held_bytes: int = 1 << 20,
+          max_sessions_per_client: int = MAX_SESSIONS_PER_CLIENT,
+          max_remotes_per_session: int = MAX_REMOTES_PER_SESSION) -> SessionTable[Session]:
+    return SessionTable(mapping, TIMEOUT, SNIFF, max_flows, max_held_bytes, max_sessions_per_client,
+                        max_remotes_per_session)
 
 
 def open_session(t: SessionTable[Session], client: Endpoint, dst: Endpoint, now: float) -> Session:
@@ -131,13 +137,24 @@ def test_idle_session_expires_at_the_timeout_not_before() -> None:
     assert t.sessions == {} and t.next_timer() is None  # nothing left to wake up for
 
 
-def test_activity_either_way_postpones_expiry() -> None:
+def test_the_clients_datagrams_postpone_expiry() -> None:
     t = table()
     session = open_session(t, A, DNS, 0.0)
     assert run_timers(t, 30.0) == []
-    session.activity += 100  # a datagram passed, noticed by the next sweep (at most 1 s later)
+    session.bytes_up += 100  # the client sent, noticed by the next sweep (at most 1 s later)
     assert run_timers(t, 30.0 + TIMEOUT) == []
     assert run_timers(t, 31.0 + TIMEOUT) == [(31.0 + TIMEOUT, Expired((A, None), session))]
+
+
+def test_answers_and_unsolicited_datagrams_do_not_postpone_expiry() -> None:
+    """RFC 4787 REQ-6: only outbound traffic refreshes a mapping; a remote that keeps writing to the
+    session's upstream port must not keep its sockets open forever."""
+    t = table()
+    session = open_session(t, A, DNS, 0.0)
+    for second in range(1, int(TIMEOUT)):
+        session.bytes_down += 1200
+        assert run_timers(t, float(second)) == []
+    assert run_timers(t, TIMEOUT) == [(TIMEOUT, Expired((A, None), session))]
 
 
 def test_sweeps_are_coarse_and_stop_with_the_last_session() -> None:
@@ -147,6 +164,61 @@ def test_sweeps_are_coarse_and_stop_with_the_last_session() -> None:
     assert t.timer(0.5) == [] and t.next_timer() == 1.0
     assert t.end((A, None)) is not None and t.next_timer() is None
     assert t.end((A, None)) is None
+
+
+# -- caps ------------------------------------------------------------------------------------------------
+
+
+def test_sessions_per_client_address_are_capped_and_refusals_reported_once_per_timeout() -> None:
+    t = table(max_sessions_per_client=2)  # full-cone: a session per source port of the address
+    first = open_session(t, Endpoint("10.0.0.1", 1), DNS, 0.0)
+    open_session(t, Endpoint("10.0.0.1", 2), DNS, 0.0)
+    third, fourth = Endpoint("10.0.0.1", 3), Endpoint("10.0.0.1", 4)
+    assert t.datagram(third, DNS, DNS_QUERY, 10.0) == Refuse(third, DNS, 1)  # the first: reported
+    assert t.datagram(fourth, QUIC, DNS_QUERY, 11.0) is None  # counted, not reported again yet
+    assert t.datagram(third, DNS, CHROMIUM[0], 12.0) is None  # nor held: a hold is a session too
+    assert t.held == {} and t.held_bytes == 0 and t.dropped == {"max_sessions_per_client": 3}
+    assert isinstance(t.datagram(B, DNS, DNS_QUERY, 12.0), Open)  # other addresses are not affected
+    assert t.datagram(third, DNS, DNS_QUERY, 10.0 + TIMEOUT) == Refuse(third, DNS, 3)  # a timeout later
+    assert run_timers(t, 30.0) == []
+    first.bytes_up += 1  # keeps the first open; the second idles out and leaves room for one
+    expired = [action for _, action in run_timers(t, 70.0)]
+    assert [action.key for action in expired if isinstance(action, Expired)] == [(Endpoint("10.0.0.1", 2), None)]
+    assert isinstance(t.datagram(fourth, DNS, DNS_QUERY, 70.0), Open)
+
+
+def test_symmetric_sessions_per_client_are_capped_across_destinations() -> None:
+    t = table("symmetric", max_sessions_per_client=2)
+    open_session(t, A, DNS, 0.0)
+    assert t.datagram(A, QUIC, CHROMIUM[0], 0.0) is None  # held, and counted
+    assert t.datagram(A, OTHER, DNS_QUERY, 0.0) == Refuse(A, OTHER, 1)
+    assert t.datagram(A, DNS, b"x", 0.0) == Relay(t.sessions[(A, DNS)], DNS, b"x")  # open ones go on
+    [(_, opened)] = run_timers(t, SNIFF)  # the hold becomes an Open: still the same slot
+    assert isinstance(opened, Open)
+    t.refused(opened.key)  # the route said no: its slot is free again
+    assert isinstance(t.datagram(A, OTHER, DNS_QUERY, 1.0), Open)
+
+
+def test_ended_sessions_free_their_clients_slot() -> None:
+    t = table(max_sessions_per_client=1)
+    open_session(t, A, DNS, 0.0)
+    assert isinstance(t.datagram(Endpoint(A.host, 6000), DNS, DNS_QUERY, 0.0), Refuse)
+    assert t.end((A, None)) is not None
+    assert isinstance(t.datagram(Endpoint(A.host, 6000), DNS, DNS_QUERY, 0.0), Open)
+    t.shutdown()
+    assert isinstance(t.datagram(A, DNS, DNS_QUERY, 0.0), Open)
+
+
+def test_reply_sockets_per_session_are_capped_and_the_first_drop_reported() -> None:
+    t = table(max_remotes_per_session=2)
+    open_session(t, A, DNS, 0.0)
+    open_session(t, B, DNS, 0.0)
+    assert t.new_remote((A, None), 0) is RemoteVerdict.ADMIT
+    assert t.new_remote((A, None), 1) is RemoteVerdict.ADMIT
+    assert t.new_remote((A, None), 2) is RemoteVerdict.DROP_FIRST  # one log line for the session
+    assert t.new_remote((A, None), 2) is RemoteVerdict.DROP
+    assert t.new_remote((B, None), 2) is RemoteVerdict.DROP_FIRST  # another session: its own line
+    assert t.dropped == {"max_remotes_per_session": 3}
 
 
 # -- the QUIC hold -----------------------------------------------------------------------------------
@@ -231,28 +303,33 @@ step = st.one_of(
     st.tuples(st.just("wait"), st.floats(0, 2)),
     st.tuples(st.just("answer"), st.booleans()),
     st.tuples(st.just("activity"), st.integers(0, 2)),
+    st.tuples(st.just("remote"), st.integers(0, 2), st.integers(0, 3)),
     st.tuples(st.just("end"), st.sampled_from(CLIENTS)),
 )
 
 
 @budget(300)
 @given(mapping=st.sampled_from(["full-cone", "symmetric"]), max_flows=st.integers(1, 3),
-       max_held=st.sampled_from([1300, 2600, 1 << 20]), steps=st.lists(step, max_size=40))
-def test_held_bytes_stay_accounted(mapping: str, max_flows: int, max_held: int, steps: list[tuple]) -> None:
+       max_held=st.sampled_from([1300, 2600, 1 << 20]), per_client=st.integers(1, 3),
+       steps=st.lists(step, max_size=40))
+def test_held_bytes_stay_accounted(mapping: str, max_flows: int, max_held: int, per_client: int,
+                                   steps: list[tuple]) -> None:
     """Whatever arrives and whenever: held bytes are exactly those of held and queued datagrams, within
     their bound; a key is in one state at most; every datagram is held, queued, relayed, opened or
-    dropped only when the bytes are at their bound; timers only fire when due."""
-    t: SessionTable[Session] = SessionTable(mapping, 4.0, SNIFF, max_flows, max_held)
+    dropped only when the bytes (or the client address's sessions) are at their bound; each address has
+    at most its cap of keys, and the table's count of them is exact; timers only fire when due."""
+    t: SessionTable[Session] = SessionTable(mapping, 4.0, SNIFF, max_flows, max_held, per_client, 2)
     now, pending = 0.0, []
     for kind, *args in steps:
-        actions: list[Open | Expired[Session] | Relay[Session] | None] = []
+        actions: list[Open | Expired[Session] | Relay[Session] | Refuse | None] = []
         if kind == "datagram":
             client, dst, payload = args
-            before = t.held_bytes
+            before, refused = t.held_bytes, t.dropped["max_sessions_per_client"]
             action = t.datagram(client, dst, payload, now)
-            if action is None:
+            if action is None or isinstance(action, Refuse):
                 grew = t.held_bytes - before == len(payload)
-                assert grew or before + len(payload) > max_held  # dropped only at the bound
+                at_cap = t.dropped["max_sessions_per_client"] == refused + 1
+                assert grew or at_cap or before + len(payload) > max_held  # dropped only at a bound
             actions.append(action)
         elif kind == "wait":
             now += args[0]
@@ -267,7 +344,10 @@ def test_held_bytes_stay_accounted(mapping: str, max_flows: int, max_held: int, 
                 t.refused(key)
         elif kind == "activity" and t.sessions:
             sessions = list(t.sessions.values())
-            sessions[args[0] % len(sessions)].activity += 1
+            sessions[args[0] % len(sessions)].bytes_up += 1
+        elif kind == "remote" and t.sessions:
+            key = list(t.sessions)[args[0] % len(t.sessions)]
+            assert (t.new_remote(key, args[1]) is RemoteVerdict.ADMIT) == (args[1] < 2)
         elif kind == "end":
             for key in [key for key in t.sessions if key[0] == args[0]]:
                 assert t.end(key) is not None
@@ -280,5 +360,8 @@ def test_held_bytes_stay_accounted(mapping: str, max_flows: int, max_held: int, 
         assert not (held.keys() & queued.keys()) and not (held.keys() & t.sessions.keys())
         assert not (queued.keys() & t.sessions.keys()) and set(queued) == set(pending)
         assert all(t.key(key[0], ds[0][0]) == key for key, ds in held.items())
+        hosts = collections.Counter(key[0].host for key in (*held, *queued, *t.sessions))
+        assert {host: c.sessions for host, c in t._clients.items()} == hosts
+        assert all(n <= per_client for n in hosts.values())
     t.shutdown()
     assert t.held_bytes == 0 and t.next_timer() is None
