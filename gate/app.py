@@ -111,6 +111,10 @@ def _run_loop(config: GateConfig, reuse_port: bool) -> int:
     except OSError as e:
         log.error("cannot start: %s", e)
         return 1
+    finally:
+        # The closed loop put the default actions back; the capture rules are yet to be cleared.
+        for sig in REOPEN_SIGNALS:
+            signal.signal(sig, _ignore)
     return 0
 
 
