@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
+from pathlib import Path
+
+import pytest
 
 from gate.capture import rules_of
 from gate.config import load_config, parse_config
@@ -169,3 +173,17 @@ def test_on_failure_config() -> None:
             assert any(p.startswith(expected) for p in e.problems), e.problems
         else:
             raise AssertionError(f"accepted {capture}")
+
+
+def test_rules_apply_refuses_rules_that_would_die_with_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``ugate rules apply`` of on_failure: open would install a table owned by the CLI process, gone as
+    it exits: refused before anything is touched (so no root is needed to test it)."""
+    from gate.cli import main
+
+    config = tmp_path / "gate.yaml"
+    config.write_text(json.dumps({"listeners": [{"name": "t", "kind": "tproxy", "listen": "0.0.0.0:15001"}],
+                                  "capture": {"mode": "tproxy", "apply": "auto", "on_failure": "open"}}))
+    assert main(["rules", "apply", "--config", str(config)]) == 2
+    assert "on_failure: open" in capsys.readouterr().err
+    assert main(["rules", "show", "--config", str(config)]) == 0
+    assert "  flags owner\n" in capsys.readouterr().out
