@@ -1,18 +1,22 @@
 """The gateway process: builds listeners from the config, runs until SIGTERM/SIGINT, drains, exits.
 
+SIGHUP and SIGUSR1 re-open the access log file (what logrotate needs); they never stop the gate.
 With ``workers: N > 1`` a supervisor forks N workers, each an independent event loop with its own
 SO_REUSEPORT listening sockets (Python runs one core per loop); the supervisor forwards signals,
-restarts a worker that dies, and exits when all have drained.
+restarts a worker that dies, and exits when all have drained. A worker whose supervisor dies (even
+by kill -9) is sent SIGTERM by the kernel (PR_SET_PDEATHSIG), so no worker serves on unsupervised.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import logging
 import os
 import signal
 import time
+from collections.abc import Iterable
 
 import uvloop
 
@@ -34,11 +38,13 @@ __all__ = ["run", "serve"]
 
 log = logging.getLogger("ugate")
 RESTART_DELAY = 1.0  # seconds before a crashed worker is replaced, so a crash loop cannot spin
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+REOPEN_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)  # logrotate's postrotate sends one of these
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent thread ends
 
 
-async def serve(config: GateConfig, stop: asyncio.Event, *, reuse_port: bool = False) -> None:
+async def serve(config: GateConfig, stop: asyncio.Event, access_log: AccessLog, *, reuse_port: bool = False) -> None:
     """Run the listeners until ``stop`` is set, then stop accepting and drain within ``timeouts.drain``."""
-    access_log = AccessLog(config.log.access)
     mesh = Mesh(Trust(config.mesh, config.peers), config.mark) if config.mesh is not None else None
     ctx = Context(router=Router(config.routes), access_log=access_log, reuse_port=reuse_port, mark=config.mark,
                   own=frozenset(spec.listen for spec in config.listeners), mesh=mesh)
@@ -77,9 +83,26 @@ async def serve(config: GateConfig, stop: asyncio.Event, *, reuse_port: bool = F
 async def _main(config: GateConfig, reuse_port: bool) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
-    await serve(config, stop, reuse_port=reuse_port)
+    access_log = AccessLog(config.log.access)
+
+    def reopen() -> None:
+        try:
+            access_log.reopen()
+        except OSError as e:  # e.g. the directory is gone: keep serving, writing to the old file
+            log.error("cannot re-open the access log: %s", e)
+        else:
+            log.info("access log re-opened")
+
+    for sig in REOPEN_SIGNALS:
+        loop.add_signal_handler(sig, reopen)
+    await serve(config, stop, access_log, reuse_port=reuse_port)
+
+
+def _ignore(_signum: int, _frame: object) -> None:
+    """Until the event loop takes over: SIGHUP/SIGUSR1 must not kill (their default), and a handler,
+    unlike SIG_IGN, is not inherited by the programs we run (nft, iptables helpers)."""
 
 
 def _run_loop(config: GateConfig, reuse_port: bool) -> int:
@@ -88,24 +111,47 @@ def _run_loop(config: GateConfig, reuse_port: bool) -> int:
     except OSError as e:
         log.error("cannot start: %s", e)
         return 1
+    finally:
+        # The closed loop put the default actions back; the capture rules are yet to be cleared.
+        for sig in REOPEN_SIGNALS:
+            signal.signal(sig, _ignore)
     return 0
 
 
-def _fork_worker(config: GateConfig) -> int:
+def _die_with(parent: int) -> bool:
+    """Ask the kernel for SIGTERM when ``parent`` ends; False if it already has (we were re-parented)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    # The supervisor may have died between fork and prctl: then no signal will ever come.
+    return os.getppid() == parent
+
+
+def _fork_worker(config: GateConfig, inherited: Iterable[int]) -> int:
+    supervisor = os.getpid()
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            code = _run_loop(config, reuse_port=True)
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            for sig in REOPEN_SIGNALS:
+                signal.signal(sig, _ignore)
+            for fd in inherited:  # the supervisor's alone (the socket owning the capture table)
+                os.close(fd)
+            if _die_with(supervisor):
+                code = _run_loop(config, reuse_port=True)
         finally:
             os._exit(code)
     return pid
 
 
-def _supervise(config: GateConfig) -> int:
-    """Fork the workers, forward SIGTERM/SIGINT to them, replace any that die, exit when all have ended."""
+def _supervise(config: GateConfig, inherited: Iterable[int] = ()) -> int:
+    """Fork the workers, forward signals to them, replace any that die, exit when all have ended.
+
+    SIGTERM/SIGINT stop the workers (and the supervisor once they have); SIGHUP/SIGUSR1 only pass on.
+    ``inherited`` are descriptors a worker closes after the fork.
+    """
     for spec in config.listeners:  # fail here, once and clearly, if a port cannot be bound
         try:
             bind_listening_socket(spec.listen, reuse_port=True).close()
@@ -116,16 +162,19 @@ def _supervise(config: GateConfig) -> int:
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
-        stopping = True
+        if signum in STOP_SIGNALS:
+            stopping = True
         for pid in workers:
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    workers = {_fork_worker(config) for _ in range(config.workers)}
+    workers: set[int] = set()
+    for sig in (*STOP_SIGNALS, *REOPEN_SIGNALS):
+        signal.signal(sig, forward)
+    for _ in range(config.workers):
+        workers.add(_fork_worker(config, inherited))
     log.info("supervisor %d: %d workers %s", os.getpid(), len(workers), sorted(workers))
     failed = False
     while workers:
@@ -139,7 +188,7 @@ def _supervise(config: GateConfig) -> int:
             log.error("worker %d ended unexpectedly (exit %d); restarting it", pid, code)
             time.sleep(RESTART_DELAY)
             if not stopping:
-                workers.add(_fork_worker(config))
+                workers.add(_fork_worker(config, inherited))
         elif code != 0:
             failed = True
     return 1 if failed else 0
@@ -149,6 +198,8 @@ def run(config: GateConfig) -> int:
     """Run the gateway; 0 after a signal-initiated stop, 1 if it could not start, 2 on bad trust material."""
     from gate.preflight import check_ready
 
+    for sig in REOPEN_SIGNALS:  # from the start: a SIGHUP while the rules are applied must not kill
+        signal.signal(sig, _ignore)
     try:
         check_ready(config)  # what ``ugate check`` loads too: keys, certificates, TLS contexts
     except ConfigError as e:
@@ -156,10 +207,10 @@ def run(config: GateConfig) -> int:
             log.error("cannot start: %s", problem)
         return 2
     try:
-        with applied(config):
+        with applied(config) as owned:
             if config.workers == 1:
                 return _run_loop(config, reuse_port=False)
-            return _supervise(config)
+            return _supervise(config, owned.fds if owned is not None else ())
     except OSError as e:
         log.error("cannot start: %s", e)
         return 1

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Iterator
 
 from gate.config import GateConfig
-from tproxy.rules import Capture, RuleSet, apply, build, clear
+from tproxy.rules import Capture, OwnedTable, RuleSet, apply, build, clear
 
 __all__ = ["applied", "capture_of", "rules_of"]
 
@@ -22,7 +22,7 @@ def capture_of(config: GateConfig) -> Capture | None:
     return Capture(mode=spec.mode, role=spec.role, port4=spec.port4, port6=spec.port6, bypass_mark=config.mark,
                    route_mark=spec.route_mark, table=spec.table, udp_port4=spec.udp_port4,
                    udp_port6=spec.udp_port6, backend=spec.backend, interfaces=spec.interfaces, ports=spec.ports,
-                   exclude=spec.exclude, sources=spec.sources)
+                   exclude=spec.exclude, sources=spec.sources, on_failure=spec.on_failure)
 
 
 def rules_of(config: GateConfig) -> tuple[Capture, RuleSet] | None:
@@ -31,17 +31,22 @@ def rules_of(config: GateConfig) -> tuple[Capture, RuleSet] | None:
 
 
 @contextlib.contextmanager
-def applied(config: GateConfig) -> Iterator[None]:
-    """With ``capture.apply: auto``: install the rules for the run, and clear them however it ends."""
+def applied(config: GateConfig) -> Iterator[OwnedTable | None]:
+    """With ``capture.apply: auto``: install the rules for the run, and clear them however it ends.
+
+    Yields the OwnedTable holding the rules with ``on_failure: open`` (forked workers close its sockets).
+    """
     found = rules_of(config)
     if found is None or config.capture is None or config.capture.apply != "auto":
-        yield
+        yield None
         return
     cap, rules = found
-    apply(rules, cap)
-    log.info("capture rules applied (%s, %s)", cap.mode, cap.role)
+    owned = apply(rules, cap)
+    log.info("capture rules applied (%s, %s, on_failure %s)", cap.mode, cap.role, cap.on_failure)
     try:
-        yield
+        yield owned
     finally:
+        if owned is not None:
+            owned.close()
         clear(cap)
         log.info("capture rules cleared")

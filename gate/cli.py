@@ -136,6 +136,10 @@ def _rules(config: GateConfig, action: str) -> int:
     if action == "show":
         print(rules.show(), end="")
         return 0
+    if action == "apply" and rules.held:
+        print("capture.on_failure: open: the rules live as long as the gate that installs them "
+              "(apply: auto); `rules apply` would remove them as it exits", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         apply(rules, cap) if action == "apply" else clear(cap)
     except OSError as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ __all__ = [
     "CaptureApply",
     "CaptureBackend",
     "CaptureMode",
+    "CaptureOnFailure",
     "CaptureRole",
     "CaptureSpec",
     "ForwardSpec",
@@ -99,6 +101,13 @@ class LogSpec:
     access: LogAccess | str = LogAccess.STDERR  # or a file path
 
 
+class CaptureOnFailure(StrEnum):
+    """What captured traffic does while no gate serves it (crash, kill -9); see tproxy.rules."""
+
+    CLOSED = "closed"  # dropped (TPROXY) or refused (REDIRECT): a kill switch
+    OPEN = "open"  # bypasses the gate: the rules die with the process that installed them
+
+
 @dataclass(frozen=True)
 class CaptureSpec:
     """Which traffic the firewall steers to ugate; see tproxy.rules for the rule sets built from it."""
@@ -111,6 +120,7 @@ class CaptureSpec:
     sources: tuple[IPNetwork, ...] = ()  # only these sources (empty: any)
     backend: CaptureBackend = CaptureBackend.NFTABLES
     apply: CaptureApply = CaptureApply.MANUAL
+    on_failure: CaptureOnFailure = CaptureOnFailure.CLOSED
     route_mark: int = 0x1  # fwmark of TPROXYed packets -> policy routing table below
     table: int = 100
     port4: int | None = None  # listener ports the rules steer to (from the config's listeners)
@@ -136,7 +146,7 @@ class GateConfig:
 
 
 _CAPTURE_KEYS = ("mode", "role", "interfaces", "ports", "exclude", "sources", "backend", "apply", "route_mark",
-                 "table")
+                 "table", "on_failure")
 
 
 def _ports_of(listeners: list[ListenerSpec], kind: str) -> tuple[int | None, int | None]:
@@ -158,6 +168,14 @@ def _capture(raw: Any, listeners: list[ListenerSpec], p: Problems) -> CaptureSpe
         p.add(f"{w}.mode", f"capture mode {mode} needs a listener of kind {mode}")
     if (udp4 is not None or udp6 is not None) and mode != CaptureMode.TPROXY:
         p.add(f"{w}.mode", "tproxy_udp listeners need capture mode tproxy (REDIRECT loses UDP destinations)")
+    backend = p.get(m, "backend", w, one_of(CaptureBackend), CaptureBackend.NFTABLES)
+    apply = p.get(m, "apply", w, one_of(CaptureApply), CaptureApply.MANUAL)
+    on_failure = p.get(m, "on_failure", w, one_of(CaptureOnFailure), CaptureOnFailure.CLOSED)
+    if on_failure == CaptureOnFailure.OPEN and backend != CaptureBackend.NFTABLES:
+        p.add(f"{w}.on_failure", "open needs backend nftables (iptables rules cannot die with the gate; "
+                                 "its TPROXY drops what no socket takes, i.e. closed)")
+    if on_failure == CaptureOnFailure.OPEN and apply != CaptureApply.AUTO:
+        p.add(f"{w}.on_failure", "open needs apply: auto (the rules live as long as the gate that installed them)")
     return CaptureSpec(
         mode=mode,
         role=p.get(m, "role", w, one_of(CaptureRole), CaptureRole.ROUTER),
@@ -165,8 +183,9 @@ def _capture(raw: Any, listeners: list[ListenerSpec], p: Problems) -> CaptureSpe
         ports=p.get(m, "ports", w, ports, ()),
         exclude=p.get(m, "exclude", w, networks, ()),
         sources=p.get(m, "sources", w, networks, ()),
-        backend=p.get(m, "backend", w, one_of(CaptureBackend), CaptureBackend.NFTABLES),
-        apply=p.get(m, "apply", w, one_of(CaptureApply), CaptureApply.MANUAL),
+        backend=backend,
+        apply=apply,
+        on_failure=on_failure,
         route_mark=p.get(m, "route_mark", w, mark, 0x1),
         table=p.get(m, "table", w, positive_int, 100),
         port4=port4, port6=port6, udp_port4=udp4, udp_port6=udp6,

@@ -4,8 +4,8 @@ A test and scripts tool (scripts/netns, scripts/bench_router.py), not part of th
 
 ``router``: client -- gateway -- server, the gateway forwarding between a LAN and a WAN veth, IPv4 and
 IPv6. ``sidecar``: an app namespace (where ugate runs beside the app) linked to a server namespace.
-Every namespace name starts with the given prefix, so ``remove`` (also ``scripts/netns down``) can find
-what a crashed run left.
+Every namespace is named ``<prefix>-<role>``, so ``remove`` (also ``scripts/netns down``) can find what a
+crashed run left, and nothing else (``ugx-other`` is not ``ug``'s).
 """
 
 from __future__ import annotations
@@ -123,10 +123,11 @@ def sidecar(prefix: str) -> Topology:
 
 
 def remove(prefix: str) -> list[str]:
-    """Delete every namespace whose name starts with ``prefix``; returns their names."""
+    """Delete every namespace named ``<prefix>-<role>`` (as ``router`` and ``sidecar`` name them); returns
+    their names. Other tools' namespaces that merely start with ``prefix`` stay."""
     names = [line.split()[0] for line in subprocess.run(["ip", "netns", "list"], capture_output=True,
                                                         text=True).stdout.splitlines() if line.strip()]
-    gone = [n for n in names if n.startswith(prefix)]
+    gone = [n for n in names if n.startswith(f"{prefix}-") and "-" not in n[len(prefix) + 1:]]
     for name in gone:
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
     return gone

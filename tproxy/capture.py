@@ -30,3 +30,6 @@ class Capture:
     ports: tuple[tuple[int, int], ...] = ()
     exclude: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # While no gate serves: "closed" drops (TPROXY) or refuses (REDIRECT) captured traffic; "open" lets it
+    # bypass the gate (nftables only: the table dies with the process that holds it). See tproxy.rules.
+    on_failure: str = "closed"

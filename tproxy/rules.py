@@ -3,28 +3,43 @@
 ``build`` turns a capture spec into a RuleSet (an nftables script for one ``inet`` table owned by ugate,
 plus ``ip rule`` / ``ip route`` entries for TPROXY); a test compares that without root. ``apply`` and
 ``clear`` change the current network namespace; everything they add is recognisable as ugate's (the
-table name, the route protocol number, the rule's fwmark + table pair), so ``clear`` removes exactly
-that, also after a crash (``apply`` clears first).
+table name, the route protocol number 117 on both the routes and the ip rules), so ``clear`` removes
+exactly that, also after a crash (``apply`` clears first), and leaves anyone else's alike rules alone.
+
+What captured traffic does while no gate serves (``on_failure``), from the kernel's behaviour:
+- nft ``tproxy`` with no socket on the port does nothing (the rule stops matching, evaluation goes on),
+  so without more rules a dead gate's traffic would pass uncaptured (router, ingress) or be looped to
+  lo and reset (egress). ``closed`` follows every ``tproxy`` rule with a ``drop`` of the same match:
+  only what no transparent socket took reaches it. iptables' TPROXY target drops by itself.
+  REDIRECT always rewrites the destination; with nothing listening the client is refused (RST).
+- ``open`` creates the table with ``flags owner``: the kernel deletes an owned table when the netlink
+  socket that created it closes, i.e. when the gate process ends however it ends (kill -9 included).
+  The gate holds that socket for its run (``OwnedTable``, libnftables in-process). The policy routing it
+  leaves behind only concerns packets the table marked, so it is inert until the next ``apply``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import os
 import socket
 import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, ParamSpec
+from typing import Any, ParamSpec, TypeVar
 
 from tproxy.capture import Capture
 from tproxy.iptables import build_iptables, clear_iptables
 
 P = ParamSpec("P")
+R = TypeVar("R")
 
-__all__ = ["NFT_TABLE", "RT_PROTO", "Capture", "IpRule", "LocalRoute", "RuleSet", "apply", "build", "clear"]
+__all__ = ["NFT_TABLE", "RT_PROTO", "Capture", "IpRule", "LocalRoute", "OwnedTable", "RuleSet", "apply", "build",
+           "clear"]
 
 NFT_TABLE = "ugate"  # `table inet ugate`: ours alone, created and deleted whole
-RT_PROTO = 117  # rtm_protocol of our routes (ASCII "u"): how clear() knows them
+RT_PROTO = 117  # rtm_protocol of our routes and ip rules (ASCII "u"): how clear() knows them
 RULE_PRIORITY = 32000  # before the main table (32766)
 
 
@@ -37,7 +52,7 @@ class IpRule:
 
     def __str__(self) -> str:
         ip = "ip -6" if self.family == socket.AF_INET6 else "ip"
-        return f"{ip} rule add fwmark {self.fwmark:#x} lookup {self.table} priority {self.priority}"
+        return f"{ip} rule add fwmark {self.fwmark:#x} lookup {self.table} priority {self.priority} proto {RT_PROTO}"
 
 
 @dataclass(frozen=True)
@@ -58,6 +73,7 @@ class RuleSet:
     ip_rules: tuple[IpRule, ...] = ()
     routes: tuple[LocalRoute, ...] = ()
     iptables: tuple[Any, ...] = ()  # tproxy.iptables.IptRule, with the iptables backend
+    held: bool = False  # the nft table has ``flags owner``: it lives as long as the process that applied it
 
     def show(self) -> str:
         """What ``ugate rules show`` prints: exactly what ``apply`` installs."""
@@ -100,6 +116,12 @@ def _match(cap: Capture, proto: str = "tcp") -> str:
     return f"meta l4proto {proto}{dport}"
 
 
+def _drop(statement: str) -> str:
+    """The ``closed`` twin of a steering statement: the same match, dropped, for what no socket took."""
+    match = statement.split(" tproxy ", 1)[0]
+    return f'{match} drop comment "no gate serves: on_failure closed"'
+
+
 def _chain(name: str, kind: str, hook: str, prio: str, body: list[str]) -> str:
     lines = [f"  chain {name} {{", f"    type {kind} hook {hook} priority {prio}; policy accept;"]
     lines += [f"    {statement}" for statement in body]
@@ -134,10 +156,15 @@ def build(cap: Capture) -> RuleSet:
             udp = [f"{_match(cap, 'udp')} {mark}"] if cap.udp_port4 or cap.udp_port6 else []
             out = [skip_own, "fib daddr type local return", *filters, f"{_match(cap)} {mark}", *udp]
             chains.append(_chain("output", "route", "output", "mangle", out))
-            pre = [owned, *[f'iifname "lo" meta mark {cap.route_mark:#x} {s}' for s in _steer(cap, *tproxy)]]
+            steer = [f'iifname "lo" meta mark {cap.route_mark:#x} {s}' for s in _steer(cap, *tproxy)]
+            pre = [owned]
         else:
             local = "fib daddr type local return" if cap.role == "router" else "fib daddr type != local return"
-            pre = [owned, skip_own, local, *filters, *[f"{iif}{s}" for s in _steer(cap, *tproxy)]]
+            steer = [f"{iif}{s}" for s in _steer(cap, *tproxy)]
+            pre = [owned, skip_own, local, *filters]
+        pre += steer
+        if cap.on_failure == "closed":
+            pre += [_drop(s) for s in steer]
         chains.insert(0, _chain("prerouting", "filter", "prerouting", "mangle", pre))
         families = [f for f, ports in ((socket.AF_INET, (cap.port4, cap.udp_port4)),
                                        (socket.AF_INET6, (cap.port6, cap.udp_port6))) if any(ports)]
@@ -154,10 +181,13 @@ def build(cap: Capture) -> RuleSet:
             chains.append(_chain("prerouting", "nat", "prerouting", "dstnat", pre))
         rules, routes = (), ()
     if cap.backend == "iptables":
-
+        if cap.on_failure == "open":
+            raise ValueError("on_failure open needs the nftables backend")  # the config refuses it
         return RuleSet(nft="", ip_rules=rules, routes=routes, iptables=build_iptables(cap))
-    nft = f"table inet {NFT_TABLE} {{\n" + "\n".join(chains) + "\n}\n"
-    return RuleSet(nft=nft, ip_rules=rules, routes=routes)
+    held = cap.on_failure == "open"
+    owner = ["  flags owner"] if held else []
+    nft = f"table inet {NFT_TABLE} {{\n" + "\n".join([*owner, *chains]) + "\n}\n"
+    return RuleSet(nft=nft, ip_rules=rules, routes=routes, held=held)
 
 
 # -- applying (needs CAP_NET_ADMIN in the namespace) ---------------------------------------------
@@ -166,7 +196,66 @@ def build(cap: Capture) -> RuleSet:
 def _nft(script: str) -> None:
     done = subprocess.run(["nft", "-f", "-"], input=script, text=True, capture_output=True)
     if done.returncode != 0:
+        if "Operation not permitted" in done.stderr or "Operation not supported" in done.stderr:
+            raise OSError(f"table inet {NFT_TABLE} is held by a running gate (on_failure: open): stop that gate "
+                          f"to remove it ({done.stderr.strip()})")
         raise OSError(f"nft failed: {done.stderr.strip()}")
+
+
+def _socket_fds() -> set[int]:
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                fds.add(int(name))
+        except OSError:  # the descriptor listdir itself used, closed by now
+            pass
+    return fds
+
+
+class OwnedTable:
+    """Holds the netlink socket that owns ugate's table (nft ``flags owner``, Linux 5.12+).
+
+    The kernel deletes an owned table when that socket closes, so the table cannot outlive this process:
+    what ``on_failure: open`` needs. libnftables runs in-process (through ctypes) because the ``nft`` tool
+    would own the table only until it exits. Only this socket may change or delete the table.
+    """
+
+    def __init__(self) -> None:
+        self._lib = ctypes.CDLL("libnftables.so.1")
+        self._lib.nft_ctx_new.restype = ctypes.c_void_p
+        self._lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        self._lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+        self._lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+        self._lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+        self._lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        self._lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+        before = _socket_fds()
+        self._ctx: int | None = self._lib.nft_ctx_new(0)  # opens its netlink socket now, keeps it until freed
+        if not self._ctx:
+            raise OSError("libnftables: cannot create a context")
+        self._lib.nft_ctx_buffer_error(self._ctx)
+        # A forked worker inherits the socket; it closes these so the table dies with this process alone.
+        self.fds = frozenset(_socket_fds() - before)
+
+    def run(self, script: str) -> None:
+        if self._ctx is None:
+            raise ValueError("closed")
+        if self._lib.nft_run_cmd_from_buffer(self._ctx, script.encode()) != 0:
+            error = (self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode(errors="replace")
+            raise OSError(f"nft failed: {error.strip()}")
+
+    def close(self) -> None:
+        """Delete the table (if it was created) and release the socket."""
+        if self._ctx is None:
+            return
+        try:
+            self.run(f"delete table inet {NFT_TABLE}\n")
+        except OSError:
+            pass  # never created (the apply failed): releasing the socket is all there is to do
+        finally:
+            self._lib.nft_ctx_free(self._ctx)
+            self._ctx = None
 
 
 def _local_route(family: int, table: int, oif: int) -> dict[str, Any]:
@@ -178,15 +267,15 @@ def _local_route(family: int, table: int, oif: int) -> dict[str, Any]:
     return args
 
 
-def _netlink_errors_as_oserror(fn: Callable[P, None]) -> Callable[P, None]:
+def _netlink_errors_as_oserror(fn: Callable[P, R]) -> Callable[P, R]:
     """pyroute2's NetlinkError is not an OSError; callers handle one kind of failure."""
 
     @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         from pyroute2 import NetlinkError
 
         try:
-            fn(*args, **kwargs)
+            return fn(*args, **kwargs)
         except NetlinkError as e:
             raise OSError(e.code, f"netlink: {e}") from None
 
@@ -195,7 +284,11 @@ def _netlink_errors_as_oserror(fn: Callable[P, None]) -> Callable[P, None]:
 
 @_netlink_errors_as_oserror
 def clear(cap: Capture) -> None:
-    """Remove ugate's table (or chains), fwmark rules and local routes from this namespace (idempotent)."""
+    """Remove ugate's table (or chains), ip rules and local routes from this namespace (idempotent).
+
+    Rules and routes are ugate's by their protocol (RT_PROTO); another tool's ``fwmark 0x1 lookup 100``
+    stays. A table held by a running gate (on_failure: open) cannot be removed from here: OSError.
+    """
     if cap.backend == "iptables":
 
         clear_iptables()
@@ -207,22 +300,35 @@ def clear(cap: Capture) -> None:
     with IPRoute() as ipr:
         for family in (socket.AF_INET, socket.AF_INET6):
             for rule in ipr.get_rules(family=family):
-                if rule.get("table") == cap.table and rule.get_attr("FRA_FWMARK") == cap.route_mark:
-                    ipr.rule("del", family=family, table=cap.table, fwmark=cap.route_mark,
-                             priority=rule.get_attr("FRA_PRIORITY"))
+                if rule.get_attr("FRA_PROTOCOL") == RT_PROTO:
+                    ipr.rule("del", family=family, table=rule.get("table") or rule.get_attr("FRA_TABLE"),
+                             fwmark=rule.get_attr("FRA_FWMARK"), priority=rule.get_attr("FRA_PRIORITY"),
+                             protocol=RT_PROTO)
             for route in ipr.get_routes(family=family, table=cap.table):
                 if route["proto"] == RT_PROTO and route.get_attr("RTA_TABLE") == cap.table:
                     ipr.route("del", **_local_route(family, cap.table, route.get_attr("RTA_OIF")))
 
 
 @_netlink_errors_as_oserror
-def apply(rules: RuleSet, cap: Capture) -> None:
-    """Install ``rules`` after clearing what an earlier run may have left."""
+def apply(rules: RuleSet, cap: Capture) -> OwnedTable | None:
+    """Install ``rules`` after clearing what an earlier run may have left.
+
+    With ``rules.held`` the table belongs to the returned OwnedTable: keep it for as long as the rules
+    should live, and ``close`` it (then ``clear``) to remove them.
+    """
     clear(cap)
+    owned = None
     if rules.iptables:
         from tproxy.iptables import apply_iptables
 
         apply_iptables(rules.iptables)
+    elif rules.held:
+        owned = OwnedTable()
+        try:
+            owned.run(rules.nft)
+        except OSError:
+            owned.close()
+            raise
     else:
         _nft(rules.nft)
     from pyroute2 import IPRoute
@@ -230,6 +336,8 @@ def apply(rules: RuleSet, cap: Capture) -> None:
     with IPRoute() as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
         for rule in rules.ip_rules:
-            ipr.rule("add", family=rule.family, fwmark=rule.fwmark, table=rule.table, priority=rule.priority)
+            ipr.rule("add", family=rule.family, fwmark=rule.fwmark, table=rule.table, priority=rule.priority,
+                     protocol=RT_PROTO)
         for route in rules.routes:
             ipr.route("add", **_local_route(route.family, route.table, lo))
+    return owned

@@ -287,6 +287,97 @@ def test_rules_survive_kill_9_and_clear_exactly(start_gate: Any, router: netns.T
     assert state(router, "gateway") == before
 
 
+def served_by(topo: netns.Topology, max_time: str = "10") -> subprocess.CompletedProcess[str]:
+    """The client fetches from the IPv4 server; the answer names the address the server saw."""
+    return curl(topo, "client", f"http://{topo.addr['server4']}:{WEB}/", "--max-time", max_time)
+
+
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+def test_on_failure_closed_drops_captured_traffic_while_no_gate_serves(start_gate: Any, router: netns.Topology,
+                                                                       backend: str) -> None:
+    """The default: kill -9 leaves the rules, and what they capture is dropped (a kill switch) rather than
+    forwarded uncaptured; a restarted gate captures again."""
+    before = state(router, "gateway")
+    listeners, capture = gateway_config("tproxy")
+    capture["backend"] = backend
+    a = router.addr
+    gate = start_gate(listeners, netns=router.ns["gateway"], capture=capture)
+    assert served_by(router).stdout == f"you are {a['gateway_wan4']}\n"  # captured: the gate dialled
+    gate.proc.send_signal(signal.SIGKILL)
+    gate.proc.wait()
+    dropped = served_by(router, max_time="2")
+    assert dropped.returncode == 28, dropped  # timed out: dropped, neither refused nor served directly
+    gate = start_gate(listeners, netns=router.ns["gateway"], capture=capture)
+    assert served_by(router).stdout == f"you are {a['gateway_wan4']}\n"
+    assert gate.stop() == 0
+    assert state(router, "gateway") == before
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_on_failure_open_lets_traffic_bypass_a_dead_gate(start_gate: Any, router: netns.Topology,
+                                                         workers: int) -> None:
+    """on_failure: open: the capture table is held by the gate (nft flags owner), so kill -9 of the gate
+    (of the supervisor with workers) removes it: clients then reach the server directly, as if no gate
+    stood there, until a restarted gate captures again."""
+    before = state(router, "gateway")
+    listeners, capture = gateway_config("tproxy")
+    capture["on_failure"] = "open"
+    a = router.addr
+    gate = start_gate(listeners, netns=router.ns["gateway"], capture=capture, workers=workers)
+    assert "flags owner" in router.run("gateway", "nft", "list", "table", "inet", "ugate")
+    assert served_by(router).stdout == f"you are {a['gateway_wan4']}\n"
+    gate.proc.send_signal(signal.SIGKILL)
+    gate.proc.wait()
+    deadline = time.monotonic() + 5  # workers closed their copies of its socket: it goes with the supervisor
+    while "table inet ugate" in router.run("gateway", "nft", "list", "ruleset"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    direct = served_by(router, max_time="5")
+    assert direct.stdout == f"you are {a['client4']}\n", direct.stderr  # forwarded, not captured
+    gate = start_gate(listeners, netns=router.ns["gateway"], capture=capture, workers=workers)
+    assert served_by(router).stdout == f"you are {a['gateway_wan4']}\n"
+    assert gate.stop() == 0
+    assert state(router, "gateway") == before
+
+
+def test_rules_clear_leaves_other_tools_ip_rules(start_gate: Any, router: netns.Topology, tmp_path: Path) -> None:
+    """Another tool's ``fwmark 0x1 lookup 100`` rule looks like ours but for its protocol: it stays."""
+    foreign = ["ip", "rule", "add", "fwmark", "0x1", "lookup", "100", "priority", "32000"]
+    router.run("gateway", *foreign)
+    router.run("gateway", *["ip", "-6", *foreign[1:]])
+    try:
+        before = state(router, "gateway")
+        listeners, capture = gateway_config("tproxy")
+        config = tmp_path / "gate.yaml"
+        config.write_text(json.dumps({"listeners": listeners, "capture": {**capture, "apply": "manual"}}))
+        for action in ("apply", "clear"):
+            done = subprocess.run(router.cmd("gateway", sys.executable, "-m", "gate", "rules", action, "--config",
+                                             str(config)), cwd=ROOT, capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+            if action == "apply":
+                assert router.run("gateway", "ip", "rule").count("fwmark 0x1 lookup 100") == 2  # ours and theirs
+        assert state(router, "gateway") == before
+    finally:
+        for ip in (["ip"], ["ip", "-6"]):
+            router.run("gateway", *ip, "rule", "del", *foreign[4:])
+
+
+def test_netns_down_removes_only_its_own_namespaces() -> None:
+    prefix = f"ugd{os.getpid() % 100000}"
+    ours, other = f"{prefix}-g", f"{prefix}x-other"
+    for name in (ours, other):
+        subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        done = subprocess.run([str(ROOT / "scripts" / "netns"), "down", "--prefix", prefix], capture_output=True,
+                              text=True, check=True)
+        names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+        assert ours not in names.split() and other in names.split(), (done.stdout, names)
+        assert done.stdout.split() == ["removed:", ours]
+    finally:
+        for name in (ours, other):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
 @pytest.fixture
 def sidecar() -> Iterator[netns.Topology]:
     topo = netns.sidecar(PREFIX + "x")
