@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import Any
 
 import h11
@@ -28,7 +29,15 @@ from gate.errors import (
 )
 from gate.flow import Close, Flow
 from gate.listeners.tcp import TcpListener
-from gate.proto.http import TargetError, check_basic_auth, connect_authority, forward_headers, split_absolute_uri
+from gate.proto.http import (
+    IDEMPOTENT,
+    TargetError,
+    check_basic_auth,
+    connect_authority,
+    forward_headers,
+    readable,
+    split_absolute_uri,
+)
 from gate.runner import FlowRunner
 from gate.upstream import Upstream
 
@@ -37,12 +46,31 @@ __all__ = ["HttpListener", "HttpProxy"]
 # A request or response head larger than this is refused (431 / 502): no legitimate client needs more,
 # and it bounds what one connection can make us buffer.
 MAX_HEAD = 64 * 1024
+# The body of an idempotent request is kept up to this size while it goes over a reused upstream
+# connection, so that it can be sent again on a fresh one if the origin had closed the reused one;
+# a larger body is only streamed (and such a request is not retried).
+MAX_REPLAY = 64 * 1024
 RECV_SIZE = 256 * 1024
 VIA = b"1.1 ugate"
 
 
 class _ClientGone(Exception):
     """The client closed its connection between or during requests."""
+
+
+class _Cut(Exception):
+    """Too late for an error answer (a response is under way, or the client is gone): the client
+    connection is closed, and the flow ends with ``close`` and ``detail``."""
+
+    def __init__(self, close: Close, detail: str) -> None:
+        super().__init__(detail)
+        self.close = close
+        self.detail = detail
+
+
+class _NoResponse(UpstreamError):
+    """The upstream connection failed before any byte of the response came: on a reused connection,
+    most likely the origin had closed it while it was idle (RFC 9112 9.3.1), so a retry may work."""
 
 
 def _status_for(error: GateError) -> int:
@@ -52,7 +80,22 @@ def _status_for(error: GateError) -> int:
         return 504
     if isinstance(error, UpstreamError):
         return 502
+    if isinstance(error, HandshakeTimeout):
+        return 408
     return 400
+
+
+def _phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def _buffered(conn: h11.Connection) -> int:
+    """Bytes h11 holds unparsed. h11's max_incomplete_event_size bounds only a head still incomplete;
+    one that arrives whole in a single read is measured by what parsing it took from this buffer."""
+    return len(conn.trailing_data[0])
 
 
 class HttpProxy:
@@ -71,6 +114,7 @@ class HttpProxy:
             client.receive_data(flow.preread)
             flow.preread = b""
         session = _UpstreamSession()
+        current = flow  # the runner ends ``flow``, the first request's; the later ones end here
         try:
             first = True
             while True:
@@ -81,13 +125,21 @@ class HttpProxy:
                     if first:
                         flow.closing(Close.CLIENT_ERROR, str(gone))  # a connection that never asked
                     return
-                flow = flow if first else self.ctx.begin(Flow(listener=flow.listener, client=flow.client))
+                except GateError as e:  # answered already: a bad or slow request head
+                    current = flow if first else self.ctx.begin(Flow(listener=flow.listener, client=flow.client))
+                    self.ctx.finish(current, e.close, str(e))
+                    return
+                current = flow if first else self.ctx.begin(Flow(listener=flow.listener, client=flow.client))
                 first = False
-                if not await self._serve_request(conn, client, request, flow, session):
+                if not await self._serve_request(conn, client, request, current, session):
                     return
                 if client.our_state is h11.MUST_CLOSE or client.their_state is not h11.DONE:
                     return
                 client.start_next_cycle()
+        except BaseException as e:  # shutdown, or a bug (which the runner logs with its traceback)
+            if current is not flow:
+                self.ctx.finish(current, Close.SHUTDOWN if isinstance(e, asyncio.CancelledError) else Close.INTERNAL)
+            raise
         finally:
             session.close()
 
@@ -115,10 +167,17 @@ class HttpProxy:
             status = _status_for(e)
             flow.closing(e.close, f"{status} {e}")
             await self._error(conn, client, flow, status, str(e))
+        except _Cut as cut:
+            flow.closing(cut.close, cut.detail)
+        except TimeoutError:
+            flow.closing(Close.HANDSHAKE_TIMEOUT)
+        except OSError as e:  # the client's socket broke while we answered (a tunnel's upstream says so first)
+            flow.closing(Close.CLIENT_ERROR, e.strerror or type(e).__name__)
         self.ctx.finish(flow)
         return False
 
     async def _next_request(self, conn: socket.socket, client: h11.Connection, wait: float) -> h11.Request:
+        buffered = _buffered(client)
         try:
             async with asyncio.timeout(wait):
                 while True:
@@ -126,18 +185,26 @@ class HttpProxy:
                     if event is h11.NEED_DATA:
                         data = await self.loop.sock_recv(conn, RECV_SIZE)
                         client.receive_data(data)
+                        buffered += len(data)
                         continue
                     if isinstance(event, h11.Request):
-                        return event
+                        break
                     raise _ClientGone("client closed")  # ConnectionClosed (PAUSED cannot happen here)
         except h11.RemoteProtocolError as e:
-            await self._error(conn, client, None, e.error_status_hint, f"bad request: {e}")
-            raise ClientProtocolError(f"bad request: {e}") from None
+            message = _TOO_LARGE_REQUEST if e.error_status_hint == 431 else f"bad request: {readable(str(e))}"
+            await self._error(conn, client, None, e.error_status_hint, message)
+            raise ClientProtocolError(message) from None
         except TimeoutError:
             if client.their_state is h11.IDLE and not client.trailing_data[0]:
                 raise _ClientGone("idle timeout") from None  # nothing was sent: close without an answer
             await self._error(conn, client, None, 408, "request head not received in time")
             raise HandshakeTimeout("request head not received in time") from None
+        except OSError as e:
+            raise _ClientGone(e.strerror or type(e).__name__) from None
+        if buffered - _buffered(client) > MAX_HEAD:
+            await self._error(conn, client, None, 431, _TOO_LARGE_REQUEST)
+            raise ClientProtocolError(_TOO_LARGE_REQUEST)
+        return event
 
     async def _tunnel(self, conn: socket.socket, client: h11.Connection, request: h11.Request, flow: Flow) -> None:
         flow.dst = connect_authority(request.target)
@@ -178,20 +245,31 @@ class HttpProxy:
             raise RejectedByRule(f"rejected by {decision.rule}")
         # reused while the next request goes the same way (same origin or upstream, same peer)
         way = (decision.via, decision.upstream or origin)
-        upstream = await session.get(way, lambda: self._connect_with_header(opener.open(decision, flow), flow))
+
+        def connect() -> Awaitable[socket.socket]:
+            return self._connect_with_header(opener.open(decision, flow), flow)
+
+        upstream = await session.get(way, connect)
         flow.peer = decision.via
         headers = forward_headers(request.headers, VIA)
         if not any(name == b"host" for name, _ in headers):
             headers.insert(0, (b"host", str(origin).encode()))
-        head = h11.Request(method=request.method, target=path, headers=headers)
         try:
-            await self._send_request(conn, client, upstream, head, flow)
-            await self._relay_response(conn, client, upstream, flow)
-        except UpstreamError:
-            session.close()
-            raise
+            head = h11.Request(method=request.method, target=path, headers=headers)
+        except h11.LocalProtocolError as e:
+            raise ClientProtocolError(f"request cannot be forwarded: {readable(str(e))}") from None
+        outgoing = _Outgoing(head, keep=request.method in IDEMPOTENT)
+        try:
+            await self._exchange(conn, client, upstream, outgoing, flow)
+        except _NoResponse:
+            if not (upstream.reused and outgoing.replayable):
+                raise
+            session.close()  # the origin had closed it while idle: once more, on a fresh connection
+            upstream = await session.get(way, connect)
+            await self._exchange(conn, client, upstream, outgoing, flow)
         if upstream.h11.our_state is h11.DONE and upstream.h11.their_state is h11.DONE:
             upstream.h11.start_next_cycle()
+            upstream.reused = True
         else:
             session.close()
         self.ctx.finish(flow, Close.DONE)
@@ -210,27 +288,46 @@ class HttpProxy:
             flow.bytes_up += len(upstream.header)
         return upstream.sock
 
-    async def _send_request(
-        self, conn: socket.socket, client: h11.Connection, upstream: _Upstream, head: h11.Request, flow: Flow
+    async def _exchange(
+        self, conn: socket.socket, client: h11.Connection, upstream: _Upstream, outgoing: _Outgoing, flow: Flow
     ) -> None:
-        await upstream.send(head, flow)
-        while True:
-            event = client.next_event()
-            if event is h11.NEED_DATA:
-                async with asyncio.timeout(self.spec.timeouts.idle):
-                    client.receive_data(await self.loop.sock_recv(conn, RECV_SIZE))
-                continue
-            if isinstance(event, h11.ConnectionClosed):
-                raise ClientProtocolError("client closed during the request body")
-            if isinstance(event, (h11.Data, h11.EndOfMessage)):
-                await upstream.send(event, flow)
-            if isinstance(event, h11.EndOfMessage):
-                return
+        """Send the request (on a retry: its head and the kept body first, then what the client still
+        sends) and relay the response. _NoResponse when the upstream failed before answering."""
+        await upstream.send(outgoing.head, flow)
+        for kept in outgoing.kept or ():
+            await upstream.send(kept, flow)
+        while not outgoing.complete:
+            event = await self._next_body_event(conn, client)
+            outgoing.add(event)
+            await upstream.send(event, flow)
+        await self._relay_response(conn, client, upstream, flow)
+
+    async def _next_body_event(self, conn: socket.socket, client: h11.Connection) -> h11.Data | h11.EndOfMessage:
+        """The next piece of the request body. Before any response is sent, so a broken body (bad
+        chunk framing, the client closing mid-body) is answered 400."""
+        try:
+            while True:
+                event = client.next_event()
+                if event is h11.NEED_DATA:
+                    async with asyncio.timeout(self.spec.timeouts.idle):
+                        data = await self.loop.sock_recv(conn, RECV_SIZE)
+                    client.receive_data(data)
+                    continue
+                if isinstance(event, (h11.Data, h11.EndOfMessage)):
+                    return event
+                raise ClientProtocolError("client closed during the request body")  # ConnectionClosed
+        except h11.RemoteProtocolError as e:
+            raise ClientProtocolError(f"bad request body: {readable(str(e))}") from None
+        except TimeoutError:
+            raise HandshakeTimeout("request body not received in time") from None
+        except OSError as e:
+            raise _Cut(Close.CLIENT_ERROR, f"client went away during the request body: {e.strerror}") from None
 
     async def _relay_response(
         self, conn: socket.socket, client: h11.Connection, upstream: _Upstream, flow: Flow
     ) -> None:
-        started = False
+        started = False  # the response head went to the client: too late for an error status
+        buffered = received = _buffered(upstream.h11)  # bytes h11 holds / response bytes seen
         while True:
             try:
                 event = upstream.h11.next_event()
@@ -238,25 +335,55 @@ class HttpProxy:
                     async with asyncio.timeout(self.spec.timeouts.idle):
                         data = await self.loop.sock_recv(upstream.sock, RECV_SIZE)
                     upstream.h11.receive_data(data)
+                    buffered += len(data)
+                    received += len(data)
                     continue
-            except (h11.RemoteProtocolError, OSError, TimeoutError) as e:
-                if started:  # too late for an error status: cut the client off
-                    raise ClientProtocolError(f"upstream broke mid-response: {e}") from None
-                if isinstance(e, TimeoutError):
-                    raise UpstreamTimeout("no response in time") from None
-                raise UpstreamError(f"bad response: {e}") from None
+            except h11.RemoteProtocolError as e:
+                if started:
+                    raise _Cut(Close.UPSTREAM_RESET, f"upstream broke mid-response: {readable(str(e))}") from None
+                if upstream.h11.trailing_data[1]:  # h11's word for an end-of-file before a whole response
+                    raise (UpstreamError if received else _NoResponse)("upstream closed without a response") from None
+                if e.error_status_hint == 431:
+                    raise UpstreamError(_TOO_LARGE_RESPONSE) from None
+                raise UpstreamError(f"bad response: {readable(str(e))}") from None
+            except TimeoutError:
+                if started:
+                    raise _Cut(Close.IDLE, "upstream stalled mid-response") from None
+                raise UpstreamTimeout("no response in time") from None
+            except OSError as e:
+                if started:
+                    raise _Cut(Close.UPSTREAM_RESET, f"upstream broke mid-response: {e.strerror}") from None
+                if not received:
+                    raise _NoResponse(f"upstream read failed: {e.strerror}") from None
+                raise UpstreamError(f"bad response: {e.strerror}") from None
             if isinstance(event, h11.ConnectionClosed):
                 if started:
-                    raise ClientProtocolError("upstream closed mid-response")
+                    raise _Cut(Close.UPSTREAM_RESET, "upstream closed mid-response")
+                if not received:
+                    raise _NoResponse("upstream closed without a response")
                 raise UpstreamError("upstream closed without a response")
+            if isinstance(event, (h11.InformationalResponse, h11.Response)):
+                buffered, size = _buffered(upstream.h11), buffered
+                if size - buffered > MAX_HEAD:
+                    raise UpstreamError(_TOO_LARGE_RESPONSE)
             if isinstance(event, h11.Response):
-                started = True
                 event = h11.Response(status_code=event.status_code, reason=event.reason,
                                      headers=forward_headers(event.headers, VIA))
+            elif isinstance(event, h11.EndOfMessage) and event.headers and client.their_http_version != b"1.1":
+                event = h11.EndOfMessage()  # trailers exist only in chunked framing, which HTTP/1.0 lacks
             assert isinstance(event, (h11.InformationalResponse, h11.Response, h11.Data, h11.EndOfMessage))
-            data = client.send(event)
+            try:
+                data = client.send(event)
+            except h11.LocalProtocolError as e:
+                if started:
+                    raise _Cut(Close.UPSTREAM_RESET, f"response cannot be forwarded: {readable(str(e))}") from None
+                raise UpstreamError(f"response cannot be forwarded: {readable(str(e))}") from None
+            started = started or isinstance(event, h11.Response)
             if data:
-                await self.loop.sock_sendall(conn, data)
+                try:
+                    await self.loop.sock_sendall(conn, data)
+                except OSError as e:
+                    raise _Cut(Close.CLIENT_ERROR, f"client went away mid-response: {e.strerror}") from None
                 flow.bytes_down += len(data)
             if isinstance(event, h11.EndOfMessage):
                 return
@@ -275,7 +402,8 @@ class HttpProxy:
                    (b"connection", b"close"), *(extra or [])]
         try:
             data = b"".join(client.send(event) or b"" for event in (
-                h11.Response(status_code=status, headers=headers), h11.Data(data=body), h11.EndOfMessage()))
+                h11.Response(status_code=status, reason=_phrase(status), headers=headers), h11.Data(data=body),
+                h11.EndOfMessage()))
         except h11.LocalProtocolError:  # e.g. the request could not be parsed into a state we answer
             data = _raw_error(status, body, extra or [])
         try:
@@ -284,10 +412,41 @@ class HttpProxy:
             pass
 
 
+_TOO_LARGE_REQUEST = f"request head larger than {MAX_HEAD} bytes"
+_TOO_LARGE_RESPONSE = f"response head larger than {MAX_HEAD} bytes"
+
+
 def _raw_error(status: int, body: bytes, extra: list[tuple[bytes, bytes]]) -> bytes:
-    head = [f"HTTP/1.1 {status} Error".encode(), b"content-type: text/plain", b"connection: close",
+    head = [b"HTTP/1.1 %d %s" % (status, _phrase(status)), b"content-type: text/plain", b"connection: close",
             b"content-length: " + str(len(body)).encode(), *(n + b": " + v for n, v in extra)]
     return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+class _Outgoing:
+    """A request as it goes upstream. An idempotent one keeps its body (up to MAX_REPLAY) so that it
+    can be sent again; ``complete`` once the client's whole body was read."""
+
+    def __init__(self, head: h11.Request, keep: bool) -> None:
+        self.head = head
+        self.kept: list[h11.Data | h11.EndOfMessage] | None = [] if keep else None
+        self.kept_bytes = 0
+        self.complete = False
+
+    @property
+    def replayable(self) -> bool:
+        """Everything of the request read so far is kept: it can be sent again as it was."""
+        return self.kept is not None
+
+    def add(self, event: h11.Data | h11.EndOfMessage) -> None:
+        self.complete = isinstance(event, h11.EndOfMessage)
+        if self.kept is None:
+            return
+        if isinstance(event, h11.Data):
+            self.kept_bytes += len(event.data)
+            if self.kept_bytes > MAX_REPLAY:
+                self.kept = None
+                return
+        self.kept.append(event)
 
 
 class _Upstream:
@@ -298,15 +457,30 @@ class _Upstream:
         self.sock = sock
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         self.loop = asyncio.get_running_loop()
+        self.reused = False  # a request was answered on it before: the origin may have closed it since
 
     async def send(self, event: Any, flow: Flow) -> None:
-        data = self.h11.send(event)
+        try:
+            data = self.h11.send(event)
+        except h11.LocalProtocolError as e:
+            raise ClientProtocolError(f"request cannot be forwarded: {readable(str(e))}") from None
         if data:
             try:
                 await self.loop.sock_sendall(self.sock, data)
-            except OSError as e:
-                raise UpstreamError(f"upstream write failed: {e.strerror}") from None
+            except OSError as e:  # nothing of a response was read yet (it is read once the request is sent)
+                raise _NoResponse(f"upstream write failed: {e.strerror}") from None
             flow.bytes_up += len(data)
+
+    def idle_and_open(self) -> bool:
+        """Whether this idle connection can take the next request: not if the origin closed it (an
+        end-of-file or reset is queued) or sent bytes no request asked for."""
+        try:
+            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True  # nothing queued: open and quiet
+        except OSError:
+            pass
+        return False
 
 
 class _UpstreamSession:
@@ -317,8 +491,10 @@ class _UpstreamSession:
 
     async def get(self, way: tuple[str | None, Endpoint],
                   connect: Callable[[], Awaitable[socket.socket]]) -> _Upstream:
-        if self.current is not None and self.current.way == way and self.current.h11.our_state is h11.IDLE:
-            return self.current
+        current = self.current
+        if current is not None and current.way == way and current.h11.our_state is h11.IDLE \
+                and current.idle_and_open():
+            return current
         self.close()
         self.current = _Upstream(way, await connect())
         return self.current

@@ -105,20 +105,51 @@ def test_authentication(start_gate: Any, http_origin: int) -> None:
     assert right.stdout == f"hello from {http_origin} /x\n".encode()
 
 
-@pytest.mark.parametrize(
-    ("request_bytes", "status"),
-    [
-        (b"GET /relative HTTP/1.1\r\nHost: x\r\n\r\n", b"400"),
-        (b"GET https://example.test/ HTTP/1.1\r\nHost: example.test\r\n\r\n", b"400"),
-        (b"CONNECT nonsense HTTP/1.1\r\nHost: x\r\n\r\n", b"400"),
-        (b"\x16\x03\x01\x02\x00garbage\r\n\r\n", b"400"),
-        (b"GET http://x/ HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 70000, b"431"),  # head never ends
-    ],
-    ids=["relative", "https-uri", "bad-authority", "tls-bytes", "huge-head"],
-)
-def test_bad_requests(proxy: Any, request_bytes: bytes, status: bytes) -> None:
+def ask(proxy: Any, request_bytes: bytes) -> tuple[bytes, bytes]:
+    """Send ``request_bytes`` on a raw connection; the answer's status line and body (read to close)."""
     port = int(proxy.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(request_bytes)
-        answer = s.recv(4096)
-    assert answer.startswith(b"HTTP/1.1 " + status), answer
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head.split(b"\r\n", 1)[0], body
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "body"),
+    [
+        (b"GET /relative HTTP/1.1\r\nHost: x\r\n\r\n", b"400 Bad Request",
+         b'400 request target "/relative" is not an absolute http:// URI\n'),
+        (b"GET https://example.test/ HTTP/1.1\r\nHost: example.test\r\n\r\n", b"400 Bad Request",
+         b"400 https:// targets need CONNECT (this proxy does not terminate TLS)\n"),
+        (b"CONNECT nonsense HTTP/1.1\r\nHost: x\r\n\r\n", b"400 Bad Request",
+         b'400 CONNECT target "nonsense" is not host:port\n'),
+        (b"\x16\x03\x01\x02\x00garbage\r\n\r\n", b"400 Bad Request",
+         b'400 bad request: illegal request line: "\\x16\\x03\\x01\\x02\\x00garbage"\n'),
+        (b"GET http://x/ HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 70000, b"431 Request Header Fields Too Large",
+         b"431 request head larger than 65536 bytes\n"),  # head never ends
+        (b"GET http://www.blocked.test/ HTTP/1.1\r\nHost: www.blocked.test\r\n\r\n", b"403 Forbidden",
+         b"403 rejected by blocked\n"),
+    ],
+    ids=["relative", "https-uri", "bad-authority", "tls-bytes", "huge-head", "rejected"],
+)
+def test_bad_requests(proxy: Any, request_bytes: bytes, status: bytes, body: bytes) -> None:
+    assert ask(proxy, request_bytes) == (b"HTTP/1.1 " + status, body)
+
+
+def test_upstream_error_reads_as_text(proxy: Any) -> None:
+    closed = free_port()
+    status, body = ask(proxy, f"GET http://127.0.0.1:{closed}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert status == b"HTTP/1.1 502 Bad Gateway"
+    (record,) = proxy.wait_records(1)
+    assert body == record["detail"].encode() + b"\n" and b"'" not in body, body  # e.g. "502 connection refused"
+
+
+def test_authentication_status_line(start_gate: Any, http_origin: int) -> None:
+    port = free_port()
+    gate = start_gate([{"name": "http", "kind": "http", "listen": f"127.0.0.1:{port}", "users": {"a": "b"}}])
+    gate.url = f"http://127.0.0.1:{port}"
+    status, body = ask(gate, f"GET http://127.0.0.1:{http_origin}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert (status, body) == (b"HTTP/1.1 407 Proxy Authentication Required", b"407 proxy authentication required\n")

@@ -10,7 +10,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gate.addr import Endpoint
-from gate.proto.http import TargetError, check_basic_auth, connect_authority, forward_headers, split_absolute_uri
+from gate.proto.http import (
+    TargetError,
+    check_basic_auth,
+    connect_authority,
+    forward_headers,
+    printable,
+    readable,
+    split_absolute_uri,
+)
 from tests.fuzzing import budget
 
 
@@ -82,3 +90,52 @@ def test_basic_auth() -> None:
     assert not check_basic_auth([(b"proxy-authorization", b"Basic !!!")], users)
     assert not check_basic_auth([(b"proxy-authorization", b"Digest abc")], users)
     assert not check_basic_auth([(b"proxy-authorization", b"Basic " + base64.b64encode(b"alice"))], users)
+
+
+@pytest.mark.parametrize(
+    ("parse", "target", "message"),
+    [
+        (split_absolute_uri, b"/relative", 'request target "/relative" is not an absolute http:// URI'),
+        (split_absolute_uri, b"http://\xff/", 'request target "http://\\xff/" is not a URI'),
+        (split_absolute_uri, b"https://x/", "https:// targets need CONNECT (this proxy does not terminate TLS)"),
+        (connect_authority, b"nonsense", 'CONNECT target "nonsense" is not host:port'),
+        (connect_authority, b"a" * 150, f'CONNECT target "{"a" * 100}..." is not host:port'),
+    ],
+)
+def test_target_errors_read_as_text(parse: object, target: bytes, message: str) -> None:
+    assert callable(parse)
+    with pytest.raises(TargetError) as caught:
+        parse(target)
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    ("raw", "text"),
+    [(b"GET /", "GET /"), (b"\x16\x03\x01", "\\x16\\x03\\x01"), (b"a\\b\r\n", "a\\x5cb\\x0d\\x0a"),
+     (b"\xff" * 3, "\\xff" * 3), (b"x" * 101, "x" * 100 + "...")],
+)
+def test_printable(raw: bytes, text: str) -> None:
+    assert printable(raw) == text
+
+
+@pytest.mark.parametrize(
+    ("message", "text"),
+    [
+        ("illegal request line: bytearray(b'\\x16\\x03garbage')", 'illegal request line: "\\x16\\x03garbage"'),
+        ("illegal chunk header: bytearray(b'zz\\r\\n')", 'illegal chunk header: "zz\\r\\n"'),
+        ("Illegal header value b\" it's\"", "Illegal header value \" it's\""),
+        ("malformed chunk footer: b'ab' (expected b'\\r\\n')", 'malformed chunk footer: "ab" (expected "\\r\\n")'),
+        ("Receive buffer too long", "Receive buffer too long"),
+        ("a club'x' stays", "a club'x' stays"),
+    ],
+)
+def test_readable(message: str, text: str) -> None:
+    assert readable(message) == text
+
+
+@budget(300)
+@given(raw=st.binary(max_size=200))
+def test_readable_unwraps_every_bytes_repr(raw: bytes) -> None:
+    for wrapped in (repr(raw), f"bytearray({raw!r})"):
+        text = readable(f"illegal line: {wrapped}")
+        assert text == f'illegal line: "{repr(raw)[2:-1]}"'
