@@ -19,9 +19,13 @@ from gate.vocab import Action
 if TYPE_CHECKING:
     from splice import Relay
 
-__all__ = ["Close", "Flow", "FlowState"]
+__all__ = ["MAX_HOPS", "Close", "Flow", "FlowState"]
 
 _ids = itertools.count(1)
+# A flow that crossed this many gates (mesh metadata, PROXY protocol v2 hop TLVs) is refused: a loop
+# through other hosts (A via B, B via A) would otherwise open connections until something runs out.
+# Real meshes are one or two hops deep.
+MAX_HOPS = 8
 
 
 class FlowState(enum.Enum):

@@ -190,6 +190,7 @@ class ProxyHeaderReader:
         elif isinstance(header, proxy_protocol.ProxyHeader):
             if header.source is not None:
                 self.flow.client = Endpoint(*header.source)
+            self.flow.hops = header.hops
             self.flow.preread = self._buf[header.consumed :]
             self._finish(True)
 

@@ -32,7 +32,7 @@ from gate.addr import Endpoint
 from gate.deadlines import Sweeper
 from gate.dial import Connect, SocketOptions, literal_family, open_tcp, resolve
 from gate.errors import GateError, RefusedByPolicy, RejectedByRule, UpstreamError, UpstreamUnreachable
-from gate.flow import Flow, FlowState
+from gate.flow import MAX_HOPS, Flow, FlowState
 from gate.router import Decision, FlowKey
 from sniff import proxy_protocol
 from tproxy.sockopts import is_local_address, set_big_buffers, set_mark, unmap
@@ -92,8 +92,9 @@ class OwnAddresses:
         return dst.port in self.wildcard_ports and literal_family(host) is not None and is_local_address(host)
 
 
-def proxy_header(version: str | None, client: Endpoint, upstream: socket.socket) -> bytes:
-    """The PROXY protocol header a route asks for: the client, and the address actually dialled."""
+def proxy_header(version: str | None, client: Endpoint, upstream: socket.socket, hops: int = 0) -> bytes:
+    """The PROXY protocol header a route asks for: the client, and the address actually dialled (v2 also
+    counts the gates the flow crossed, ``hops``, so a loop through PROXY-speaking gates ends)."""
     if version is None:
         return b""
     source = (client.host, client.port)
@@ -106,7 +107,17 @@ def proxy_header(version: str | None, client: Endpoint, upstream: socket.socket)
     destination = (peer[0], peer[1])
     if version == "v1":
         return proxy_protocol.build_v1(source, destination)
-    return proxy_protocol.build_v2(source, destination)
+    return proxy_protocol.build_v2(source, destination, hops)
+
+
+def _too_far(flow: Flow) -> str:
+    return f"crossed {flow.hops} gates (a loop through other hosts?)"
+
+
+def _check_hops(flow: Flow) -> None:
+    """A flow that crossed MAX_HOPS gates goes no further (it is most likely looping)."""
+    if flow.hops >= MAX_HOPS:
+        raise RefusedByPolicy(_too_far(flow))
 
 
 class Opener:
@@ -170,7 +181,7 @@ class Opener:
 
     def _header(self, decision: Decision, flow: Flow, sock: socket.socket) -> bytes:
         version = decision.route.proxy_protocol if decision.route is not None else None
-        return proxy_header(version, flow.client, sock) if version is not None else b""
+        return proxy_header(version, flow.client, sock, flow.hops + 1) if version is not None else b""
 
     async def open(self, decision: Decision, flow: Flow) -> Upstream:
         """Open the upstream ``decision`` names for ``flow``; RejectedByRule, RefusedByPolicy or an
@@ -178,6 +189,7 @@ class Opener:
         flow.state = FlowState.CONNECTING
         if decision.action == "reject":
             raise RejectedByRule(f"rejected by {decision.rule}")
+        _check_hops(flow)
         if decision.action == "via":
             if self.ctx.mesh is None or decision.via is None:
                 raise UpstreamUnreachable("via: this gate has no mesh section")
@@ -223,8 +235,8 @@ class Opener:
         it. Returns the attempt (to cancel at shutdown), or None when the flow was refused at once
         (``done`` has been called)."""
         flow.state = FlowState.CONNECTING
-        if target in self.own:
-            done(None, RefusedByPolicy(LOOP))
+        if target in self.own or flow.hops >= MAX_HOPS:
+            done(None, RefusedByPolicy(LOOP if target in self.own else _too_far(flow)))
             return None
         return Connect(asyncio.get_running_loop(), target, family, self.connect_timeout,
                        functools.partial(self._connected, decision, flow, done), self._sweeper,
@@ -240,6 +252,7 @@ class Opener:
             raise RejectedByRule(f"rejected by {decision.rule}")
         if decision.action == "via":  # relaying it direct would contradict the route (and its log)
             raise RefusedByPolicy(f"via {decision.via} is TCP-only (UDP over the mesh is not built yet)")
+        _check_hops(flow)
         target = decision.upstream if decision.action == "upstream" else None
         flow.upstream = target
         dst = target or flow.dst

@@ -10,11 +10,14 @@ from dataclasses import dataclass
 
 from sniff.result import NEED_MORE, NeedMore, NotThisProtocol
 
-__all__ = ["V1_MAX", "V2_SIGNATURE", "ProxyHeader", "build_v1", "build_v2", "parse_proxy_header"]
+__all__ = ["TLV_HOPS", "V1_MAX", "V2_SIGNATURE", "ProxyHeader", "build_v1", "build_v2", "parse_proxy_header"]
 
 V1_MAX = 107  # the spec's longest v1 line, CRLF included
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V2_MAX = 16 + 2048  # address block plus a generous TLV allowance; longer headers are refused
+# A custom TLV (PP2_TYPE_MIN_CUSTOM, 0xE0: the spec leaves 0xE0-0xEF to applications) in which gates count
+# the gates a flow crossed, so a loop through PROXY-speaking hops ends; one byte of value.
+TLV_HOPS = 0xE0
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,7 @@ class ProxyHeader:
     source: tuple[str, int] | None  # None: LOCAL / UNKNOWN (the connection is the proxy's own)
     destination: tuple[str, int] | None
     consumed: int
+    hops: int = 0  # gates crossed, from a v2 TLV_HOPS (v1 cannot say: 0)
 
 
 def _v1(data: bytes) -> ProxyHeader | NeedMore:
@@ -70,7 +74,20 @@ def _v2(data: bytes) -> ProxyHeader | NeedMore:
     src = socket.inet_ntop(af, block[:size])
     dst = socket.inet_ntop(af, block[size : 2 * size])
     sport, dport = struct.unpack_from("!HH", block, 2 * size)
-    return ProxyHeader((src, sport), (dst, dport), 16 + length)
+    return ProxyHeader((src, sport), (dst, dport), 16 + length, _hops(block[2 * size + 4 :]))
+
+
+def _hops(tlvs: bytes) -> int:
+    """TLV_HOPS's value among the TLVs after the address block (a malformed TLV list ends the search)."""
+    at = 0
+    while at + 3 <= len(tlvs):
+        kind, size = tlvs[at], int.from_bytes(tlvs[at + 1 : at + 3], "big")
+        if at + 3 + size > len(tlvs):
+            break
+        if kind == TLV_HOPS and size == 1:
+            return tlvs[at + 3]
+        at += 3 + size
+    return 0
 
 
 def parse_proxy_header(data: bytes) -> ProxyHeader | NeedMore:
@@ -87,9 +104,12 @@ def build_v1(source: tuple[str, int], destination: tuple[str, int]) -> bytes:
     return f"PROXY {family} {source[0]} {destination[0]} {source[1]} {destination[1]}\r\n".encode()
 
 
-def build_v2(source: tuple[str, int], destination: tuple[str, int]) -> bytes:
+def build_v2(source: tuple[str, int], destination: tuple[str, int], hops: int = 0) -> bytes:
+    """A v2 PROXY header; with ``hops``, a TLV_HOPS saying how many gates the flow crossed (at most 255)."""
     v6 = ":" in source[0]
     af = socket.AF_INET6 if v6 else socket.AF_INET
     block = socket.inet_pton(af, source[0]) + socket.inet_pton(af, destination[0])
     block += struct.pack("!HH", source[1], destination[1])
+    if hops:
+        block += bytes([TLV_HOPS, 0, 1, min(hops, 255)])
     return V2_SIGNATURE + bytes([0x21, 0x21 if v6 else 0x11]) + len(block).to_bytes(2, "big") + block

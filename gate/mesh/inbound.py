@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 from gate.addr import Endpoint
 from gate.config import PeerSpec
 from gate.deadlines import Sweeper, sweep_interval
-from gate.errors import GateError, RefusedByPolicy, RejectedByRule, UpstreamError
+from gate.errors import GateError, RejectedByRule, UpstreamError
 from gate.flow import Close, Flow, FlowState
-from gate.mesh.transport import MAX_HOPS, FlowMeta, Stream, StreamEnd
+from gate.mesh.transport import FlowMeta, Stream, StreamEnd
 from gate.router import why_not
 from gate.upstream import Opener, Upstream
 
@@ -64,8 +64,6 @@ class Inbound:
         try:
             if peer is None:
                 raise RejectedByRule(f"gate {ident} is not a configured peer")
-            if meta.hops > MAX_HOPS:
-                raise RefusedByPolicy(f"crossed {meta.hops} gates (a loop through the mesh?)")
             key = self.opener.key(flow)
             if not any(why_not(allowed, key) is None for allowed in peer.allow):
                 raise RejectedByRule(f"peer {peer.name} may not reach {flow.dst}")

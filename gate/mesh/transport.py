@@ -18,13 +18,10 @@ from typing import Protocol
 
 from gate.addr import Endpoint, is_ip
 from gate.errors import GateError
-from gate.flow import Close, Flow
+from gate.flow import MAX_HOPS, Close, Flow
 
 __all__ = ["MAX_HOPS", "FlowMeta", "Stream", "StreamEnd", "Transport"]
 
-# A flow that crossed this many gates is refused: a loop through the mesh (A via B, B via A) would
-# otherwise open streams until something runs out. Real meshes are one or two hops deep.
-MAX_HOPS = 8
 
 
 @dataclass(frozen=True, slots=True)

@@ -94,3 +94,27 @@ def test_listeners_accept_the_header_from_load_balancers_only(start_gate: Any, h
     assert by_listener["socks:from-lb-client"]["client"] == "203.0.113.9:5555"
     assert by_listener["fwd:-"]["close"] == "client error"
     assert by_listener["fwd:-"]["detail"].startswith("bad PROXY protocol header")
+
+
+def test_a_loop_through_proxy_protocol_hops_ends(start_gate: Any) -> None:
+    """Two gates that forward to each other with PROXY v2, each trusting the other's header (a loop no
+    address check can see: every hop is another gate): the hop count in the header ends it after
+    MAX_HOPS gates instead of running until descriptors run out."""
+    port_a, port_b = free_port(), free_port()
+    each = {"proxy_protocol_from": ["127.0.0.0/8"]}
+    routes = [{"action": "direct", "proxy_protocol": "v2", "name": "onward"}]
+    a = start_gate([{"name": "a", "kind": "forward", "listen": f"127.0.0.1:{port_a}",
+                     "to": f"127.0.0.1:{port_b}", **each}], routes=routes)
+    b = start_gate([{"name": "b", "kind": "forward", "listen": f"127.0.0.1:{port_b}",
+                     "to": f"127.0.0.1:{port_a}", **each}], routes=routes)
+    with socket.create_connection(("127.0.0.1", port_a), timeout=10) as s:
+        s.sendall(build_v2(("203.0.113.7", 40000), ("127.0.0.1", port_a)) + b"hello")
+        s.settimeout(10)
+        try:
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pass
+    records = a.wait_records(4) + b.wait_records(4)
+    refused = [r for r in records if r["close"] == "refused"]
+    assert len(refused) == 1 and "crossed 8 gates" in refused[0]["detail"], records
+    assert len(records) == 9, records  # 8 hops relayed, the 9th refused: then every hop ends

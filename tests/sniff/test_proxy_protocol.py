@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sniff.proxy_protocol import ProxyHeader, build_v1, build_v2, parse_proxy_header
+from sniff.proxy_protocol import TLV_HOPS, V2_SIGNATURE, ProxyHeader, build_v1, build_v2, parse_proxy_header
 from sniff.result import NEED_MORE, NotThisProtocol
 from tests.fuzzing import budget
 
@@ -53,3 +54,20 @@ def test_arbitrary_input(data: bytes) -> None:
     except NotThisProtocol:
         return
     assert result is NEED_MORE or isinstance(result, ProxyHeader)
+
+
+@pytest.mark.parametrize("hops", [0, 1, 7, 255])
+def test_v2_carries_the_hop_count(hops: int) -> None:
+    header = build_v2(("10.1.2.3", 40000), ("10.9.9.9", 80), hops)
+    assert parse_proxy_header(header + b"data") == ProxyHeader(("10.1.2.3", 40000), ("10.9.9.9", 80), len(header),
+                                                               hops)
+
+
+def test_other_tlvs_are_skipped_and_a_broken_tlv_list_means_no_hops() -> None:
+    block = socket.inet_aton("10.0.0.1") + socket.inet_aton("10.0.0.2") + b"\x00\x01\x00\x02"
+    tlvs = b"\x01\x00\x02h2" + bytes([TLV_HOPS, 0, 1, 3])  # ALPN first, then ours
+    header = V2_SIGNATURE + b"\x21\x11" + len(block + tlvs).to_bytes(2, "big") + block + tlvs
+    assert parse_proxy_header(header).hops == 3  # type: ignore[union-attr]
+    broken = b"\x01\x00\x09h2" + bytes([TLV_HOPS, 0, 1, 3])  # the first TLV claims more than there is
+    header = V2_SIGNATURE + b"\x21\x11" + len(block + broken).to_bytes(2, "big") + block + broken
+    assert parse_proxy_header(header).hops == 0  # type: ignore[union-attr]
