@@ -7,6 +7,7 @@ gate.mesh.session; gate.mesh.inbound sees only ``transport.Stream`` and ``FlowMe
 
 from __future__ import annotations
 
+import functools
 import socket
 from collections.abc import Callable
 
@@ -28,7 +29,7 @@ from gate.mesh.session import Bridge, RequestHandler, Session
 from gate.mesh.transport import FlowMeta, StreamEnd
 from gate.mesh.trust import Trust
 
-__all__ = ["ERROR_HEADER", "H2Stream", "Serve", "answer_for", "error_for_status", "meta_headers", "meta_of",
+__all__ = ["ERROR_HEADER", "Abandon", "H2Stream", "Serve", "answer_for", "error_for_status", "meta_headers", "meta_of",
            "request_handler"]
 
 # The peer's reason for a failed CONNECT, in a response header, so the client's answer is exact
@@ -127,6 +128,9 @@ class H2Stream:
         self.session.discard(self.stream_id)
 
     async def accept(self, upstream: socket.socket, on_end: Callable[[StreamEnd], None]) -> bool:
+        bridge = self.session.bridges.get(self.stream_id)
+        if bridge is not None:  # from here the bridge owns the upstream: a reset no longer cancels the serving
+            bridge.on_abort = None
         self.session.respond(self.stream_id, 200)
         try:
             self._bridge = await self.session.attach(self.stream_id, upstream, lambda b: on_end(_end_of(b)))
@@ -143,7 +147,15 @@ class H2Stream:
             self.session.discard(self.stream_id)
 
 
-Serve = Callable[[str, PeerSpec | None, FlowMeta | GateError, H2Stream], None]
+# Serves a stream (who sent it, its peer entry, the flow or why it cannot be read, the stream) and
+# returns how to give up on it: called with the reason when the stream is reset or its tunnel lost
+# before it was bridged, so no upstream is dialled (or kept) for a stream nobody waits for.
+Abandon = Callable[[str], None]
+Serve = Callable[[str, PeerSpec | None, FlowMeta | GateError, H2Stream], Abandon]
+
+
+def _abandoned(bridge: Bridge, abandon: Abandon) -> None:
+    abandon(bridge.error or "stream reset")
 
 
 def request_handler(trust: Trust, serve: Serve) -> RequestHandler:
@@ -159,6 +171,9 @@ def request_handler(trust: Trust, serve: Serve) -> RequestHandler:
             meta = meta_of(headers)
         except ClientProtocolError as e:
             meta = e
-        serve(ident, peer, meta, H2Stream(session, stream_id))
+        abandon = serve(ident, peer, meta, H2Stream(session, stream_id))
+        bridge = session.bridges.get(stream_id)
+        if bridge is not None:
+            bridge.on_abort = functools.partial(_abandoned, bridge, abandon)
 
     return on_request

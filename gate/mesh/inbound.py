@@ -11,8 +11,9 @@ gate maps them back to its client's protocol.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from gate.addr import Endpoint
@@ -46,14 +47,18 @@ class Inbound:
         self.flows: dict[Stream, Flow] = {}  # bridged streams, until they end
         self.idle: dict[Stream, _IdleWatch] = {}
 
-    def serve(self, ident: str, peer: PeerSpec | None, meta: FlowMeta | GateError, stream: Stream) -> None:
-        """A stream arrived from the gate with ID ``ident`` (``peer``: its configured entry, if any)."""
-        self._spawn(self._serve(ident, peer, meta, stream))
+    def serve(self, ident: str, peer: PeerSpec | None, meta: FlowMeta | GateError,
+              stream: Stream) -> Callable[[str], None]:
+        """A stream arrived from the gate with ID ``ident`` (``peer``: its configured entry, if any).
+        Returns what the transport calls (with the reason) when the stream ends before it is bridged:
+        its setup is cancelled, before the dial if it has not started, closing the upstream if it has."""
+        return functools.partial(_abandon, self._spawn(self._serve(ident, peer, meta, stream)))
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
     async def _serve(self, ident: str, peer: PeerSpec | None, meta: FlowMeta | GateError, stream: Stream) -> None:
         if isinstance(meta, GateError):  # a request the transport could not read a flow from
@@ -78,11 +83,15 @@ class Inbound:
         except GateError as e:
             self._refuse(stream, flow, e)
             return
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as e:
             if upstream is not None:
                 upstream.sock.close()
-            stream.cancel(Close.SHUTDOWN)
-            self.ctx.finish(flow, Close.SHUTDOWN)
+            if e.args:  # abandoned: the peer reset the stream or the tunnel was lost (the reason)
+                stream.cancel(Close.CLIENT_RESET)
+                self.ctx.finish(flow, Close.CLIENT_RESET, str(e.args[0]))
+            else:
+                stream.cancel(Close.SHUTDOWN)
+                self.ctx.finish(flow, Close.SHUTDOWN)
             raise
         flow.state, flow.path = FlowState.RELAYING, "h2"
         self.flows[stream] = flow
@@ -119,6 +128,10 @@ class Inbound:
         self.flows.clear()
         self.sweeper.close()
         self.opener.close()
+
+
+def _abandon(task: asyncio.Task[None], reason: str) -> None:
+    task.cancel(reason)  # a task that has not started yet never runs: nothing is dialled
 
 
 class _IdleWatch:

@@ -7,11 +7,19 @@ CONNECT stream (RFC 9113 section 8.5) bridged to a socket:
   send windows admit them; above ``PENDING_HIGH`` the socket stops being read (backpressure).
 - stream -> socket: DATA is written to the socket; its flow-control credit is given back only while
   the socket's write buffer is below its high-water mark, so a slow reader closes the sender's window.
+  DATA that arrives before the socket is attached (the upstream is still connecting) is held and its
+  credit returned only once it is written: the peer can send one window ahead, no more.
 - a FIN becomes END_STREAM and END_STREAM a FIN (half-close both ways); an error or an abort becomes
   RST_STREAM, and RST_STREAM a TCP reset.
 
 Windows and frames are large (MeshSpec.window, max_frame) since a flow here is usually a bulk
 transfer over one long-lived connection.
+
+A peer is trusted with flows, not with our memory (a trusted gate can be compromised; the limits follow
+nginx's and Envoy's answers to CVE-2023-44487): what it can make us buffer is bounded by the windows
+we advertise, by MAX_STREAMS and MAX_HEADER_LIST, by MAX_UNREAD_CONTROL answers it does not read, and
+streams it resets before we answer them are counted (``ResetBudget``); past a limit the connection
+ends with GOAWAY ENHANCE_YOUR_CALM.
 """
 
 from __future__ import annotations
@@ -40,8 +48,22 @@ log = logging.getLogger("ugate")
 PENDING_HIGH = 1 << 20  # bytes read from a socket and not yet sendable before we stop reading it
 SOCKET_WRITE_HIGH = 4 << 20  # a socket's write buffer above this holds back the stream's credit
 H2_MAX_DATA_CHUNK = 1 << 20  # DATA frames we send are cut at this size (frames are copied by h2)
+# Streams a peer may have open on one connection (SETTINGS_MAX_CONCURRENT_STREAMS, enforced by h2: one
+# more is a connection error). Each holds an upstream descriptor and up to PENDING_HIGH read ahead, so
+# this bounds one tunnel at 1000 descriptors and ~1 GiB; a gate's concurrent flows to one peer fit.
+MAX_STREAMS = 1000
+# SETTINGS_MAX_HEADER_LIST_SIZE (decoded, RFC 9113 accounting): the largest CONNECT a gate sends (16
+# ALPN offers of up to 255 bytes, SNI, host, authority) is under 6 KiB; h2's default would be 64 KiB.
+MAX_HEADER_LIST = 16 << 10
+# Answers the peer makes us queue (PING and SETTINGS ACKs, RST_STREAM) while it does not read: our
+# write buffer is above its high-water mark. A real peer has a handful in flight; 17 bytes each, so
+# this bounds them at ~170 KiB. Past it: GOAWAY ENHANCE_YOUR_CALM (Envoy's max_outbound_control_frames
+# is 1000 for the same purpose).
+MAX_UNREAD_CONTROL = 10_000
+ABUSE_LINGER = 1.0  # seconds a GOAWAY for abuse gets to leave before the connection is cut
 
 RequestHandler = Callable[["Session", int, dict[str, str]], None]
+CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 ALPN_H2, ALPN_REVERSE = "h2", "ugate-reverse"  # reverse: the TLS client serves the HTTP/2 streams
 
 
@@ -60,6 +82,38 @@ def _headers(raw: Any) -> dict[str, str]:
     return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in raw}
 
 
+class ResetBudget:
+    """Counts the streams a peer opens and those it resets before we answered them (rapid reset,
+    CVE-2023-44487: each would cost an upstream connect). Over budget when, within one window of
+    ``WINDOW`` seconds, more than ``FLOOR`` streams were reset early and they are more than half of the
+    streams opened (as Envoy's premature-reset rule): a client that gives up while a connect is slow is
+    normal, half of all streams is not."""
+
+    WINDOW = 10.0  # seconds: counts start afresh, so a long-lived tunnel is judged on recent behaviour
+    FLOOR = 100  # early resets always tolerated per window (browsers cancel; ~10 connects/s at most)
+
+    __slots__ = ("early", "opened", "since")
+
+    def __init__(self, now: float) -> None:
+        self.since = now
+        self.opened = 0
+        self.early = 0
+
+    def _window(self, now: float) -> None:
+        if now - self.since > self.WINDOW:
+            self.since, self.opened, self.early = now, 0, 0
+
+    def open(self, now: float) -> None:
+        self._window(now)
+        self.opened += 1
+
+    def reset_early(self, now: float) -> bool:
+        """A stream was reset before it was answered; True once the peer is over budget."""
+        self._window(now)
+        self.early += 1
+        return self.early > self.FLOOR and 2 * self.early > self.opened
+
+
 class Bridge(asyncio.Protocol):
     """The socket side of one stream (an asyncio protocol on the socket)."""
 
@@ -73,13 +127,14 @@ class Bridge(asyncio.Protocol):
         self.remote_ended = False  # END_STREAM received (FIN written to the socket)
         self.reading_paused = False
         self.write_paused = False
-        self.unacked = 0  # stream credit held back while the socket's write buffer is full
+        self.unacked = 0  # stream credit held back: the socket's write buffer is full, or no socket yet
         self.bytes_to_stream = 0
         self.bytes_to_socket = 0
         self.last_active = session.loop.time()
         self.error: str | None = None
         self.closed = False
-        self.early: list[bytes] = []  # DATA that came before the socket was attached
+        self.early: list[bytes] = []  # DATA that came before the socket was attached (bounded: its
+        # credit is held, so the peer can send the stream's window ahead of the connect and no more)
         self.on_closed = on_closed
         self.on_abort: Callable[[], None] | None = None  # makes the socket's far end see a reset
 
@@ -87,11 +142,17 @@ class Bridge(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        if self.closed:  # the stream was reset or the tunnel lost while the socket was being attached
+            self._reset_socket()
+            return
         transport.set_write_buffer_limits(high=SOCKET_WRITE_HIGH)
         for data in self.early:
             transport.write(data)
             self.bytes_to_socket += len(data)
         self.early.clear()
+        if self.unacked and not self.write_paused:  # the early bytes left: their credit goes back
+            self.session.acknowledge(self.stream_id, self.unacked)
+            self.unacked = 0
         if self.remote_ended and transport.can_write_eof():
             transport.write_eof()
         self.session.drain(self)  # END_STREAM already due (a socket attached half-closed) or nothing
@@ -125,9 +186,9 @@ class Bridge(asyncio.Protocol):
 
     def deliver(self, data: bytes, credit: int) -> None:
         self.last_active = self.session.loop.time()
-        if self.transport is None:  # not attached yet: bounded by the window we advertised
+        if self.transport is None:  # not attached yet: bounded by the window, since the credit waits
             self.early.append(data)
-            self.session.acknowledge(self.stream_id, credit)
+            self.unacked += credit
             return
         if self.transport.is_closing():
             self.session.acknowledge(self.stream_id, credit)
@@ -153,22 +214,32 @@ class Bridge(asyncio.Protocol):
         """The stream was reset or the connection lost: reset the socket (RST, not FIN)."""
         self.error = self.error or reason
         self.local_ended = self.remote_ended = True
-        if self.on_abort is not None:
-            self.on_abort()
+        self.early.clear()
+        on_abort, self.on_abort = self.on_abort, None
+        if on_abort is not None:
+            on_abort()
         if self.transport is not None:
-            sock = self.transport.get_extra_info("socket")
-            if sock is not None and sock.family != socket.AF_UNIX:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                except OSError:
-                    pass
-            self.transport.abort()
+            self._reset_socket()
         else:
             self._finished()
+
+    def _reset_socket(self) -> None:
+        assert self.transport is not None
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None and sock.family != socket.AF_UNIX:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        self.transport.abort()
 
     def _finished(self) -> None:
         if not self.closed:
             self.closed = True
+            self.early.clear()
+            if self.unacked:  # held credit: the connection's share must come back, or it stalls
+                self.session.acknowledge(self.stream_id, self.unacked)
+                self.unacked = 0
             self.session.forget(self.stream_id)
             if self.on_closed is not None:
                 self.on_closed(self)
@@ -197,6 +268,8 @@ class Session(asyncio.Protocol):
         self._on_request = on_request
         self.lost_callbacks: list[Callable[[Session], None]] = [on_lost] if on_lost is not None else []
         self.ready: asyncio.Future[None] = self.loop.create_future()  # the peer's SETTINGS arrived
+        self.unread_control = 0  # answers queued while our writes are paused (MAX_UNREAD_CONTROL)
+        self.resets = ResetBudget(self.loop.time())
 
     # -- asyncio.Protocol (the TLS connection) ---------------------------------------------------
 
@@ -211,9 +284,11 @@ class Session(asyncio.Protocol):
         self.conn.local_settings = h2.settings.Settings(client=self.client_side, initial_values={
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self.spec.window,
             h2.settings.SettingCodes.MAX_FRAME_SIZE: self.spec.max_frame,
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 10000,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
         })  # in force at once (h2 treats initial values as acknowledged): the peer learns them below
-        self.conn.max_inbound_frame_size = self.spec.max_frame  # h2 read it from the defaults at __init__
+        self.conn.max_inbound_frame_size = self.spec.max_frame  # h2 read these from the defaults at __init__
+        self.conn.decoder.max_header_list_size = MAX_HEADER_LIST
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(self.spec.window - 65535)
         self.flush()
@@ -228,13 +303,22 @@ class Session(asyncio.Protocol):
             return
         for event in events:
             self._dispatch(event)
+            if self.closed:  # ended for abuse: the rest of the batch is not served
+                return
         self.flush()
+        if self.unread_control > MAX_UNREAD_CONTROL:
+            log.warning("mesh: peer sent %d control frames without reading the answers", self.unread_control)
+            self.abandon(CALM)
 
     def pause_writing(self) -> None:
+        # Reading on is deliberate: a peer whose reads we stopped could stop ours in turn (both gates
+        # sending bulk both ways would wait on each other for ever). What the peer makes us answer while
+        # it does not read is counted instead (unread_control); DATA we send is bounded by the windows.
         self.write_paused = True
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.unread_control = 0
         for bridge in list(self.bridges.values()):
             self.drain(bridge)
 
@@ -261,11 +345,14 @@ class Session(asyncio.Protocol):
                 bridge.deliver(event.data, event.flow_controlled_length)
             else:
                 self.acknowledge(event.stream_id, event.flow_controlled_length)
+        elif isinstance(event, h2.events.PingReceived):  # h2 queued the ACK
+            self.unread_control += self.write_paused
         elif isinstance(event, h2.events.WindowUpdated):
             for bridge in ([self.bridges[event.stream_id]] if event.stream_id in self.bridges
                            else list(self.bridges.values()) if event.stream_id == 0 else []):
                 self.drain(bridge)
-        elif isinstance(event, h2.events.RemoteSettingsChanged):
+        elif isinstance(event, h2.events.RemoteSettingsChanged):  # h2 queued the ACK
+            self.unread_control += self.write_paused
             if not self.ready.done():
                 self.ready.set_result(None)
             for bridge in list(self.bridges.values()):
@@ -280,7 +367,12 @@ class Session(asyncio.Protocol):
                 future.set_exception(ConnectionResetError(f"stream reset by peer ({event.error_code!r})"))
             bridge = self.bridges.get(event.stream_id)
             if bridge is not None:
+                early = self._on_request is not None and bridge.transport is None  # not answered yet
                 bridge.abort(f"reset by peer ({getattr(event.error_code, 'name', event.error_code)})")
+                if early and self.resets.reset_early(self.loop.time()):
+                    log.warning("mesh: peer reset %d of %d streams before they were answered (rapid reset)",
+                                self.resets.early, self.resets.opened)
+                    self.abandon(CALM)
         elif isinstance(event, h2.events.ResponseReceived):
             future = self.responses.pop(event.stream_id, None)
             if future is not None and not future.done():
@@ -289,6 +381,7 @@ class Session(asyncio.Protocol):
             if self._on_request is None:
                 self.reset(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             else:
+                self.resets.open(self.loop.time())
                 self.bridges[event.stream_id] = Bridge(self, event.stream_id)
                 self._on_request(self, event.stream_id, _headers(event.headers))
         elif isinstance(event, h2.events.ConnectionTerminated):
@@ -390,13 +483,29 @@ class Session(asyncio.Protocol):
             self.conn.reset_stream(stream_id, code)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             return
+        self.unread_control += self.write_paused
         self.flush()
 
     def forget(self, stream_id: int) -> None:
         self.bridges.pop(stream_id, None)
 
-    def close(self) -> None:
+    def close(self, code: h2.errors.ErrorCodes = h2.errors.ErrorCodes.NO_ERROR) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.conn.close_connection()
+            try:
+                self.conn.close_connection(code)
+            except h2.exceptions.ProtocolError:
+                pass  # h2 already sent its GOAWAY (a protocol error of the peer)
             self.flush()
             self.transport.close()
+
+    def abandon(self, code: h2.errors.ErrorCodes) -> None:
+        """End the connection of a peer that broke a limit: GOAWAY, every stream aborted now, and the
+        connection cut if the GOAWAY cannot leave within ABUSE_LINGER (a peer that does not read)."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        self.close(code)
+        self.closed = True  # nothing more is sent or served; connection_lost finishes the rest
+        for bridge in list(self.bridges.values()):
+            bridge.abort("tunnel closed for abuse")
+        self.loop.call_later(ABUSE_LINGER, transport.abort)
