@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from http import HTTPStatus
-from typing import Any
 
 import h11
 
-from gate.addr import Endpoint, is_ip
+from gate.addr import is_ip
 from gate.config import HttpSpec, MuxSpec
 from gate.context import Context
 from gate.errors import (
@@ -28,6 +27,7 @@ from gate.errors import (
     UpstreamTimeout,
 )
 from gate.flow import Close, Flow
+from gate.listeners.http_origin import MAX_HEAD, NoResponse, OriginConnection, OriginSession, Outgoing
 from gate.listeners.tcp import TcpListener
 from gate.proto.http import (
     IDEMPOTENT,
@@ -43,13 +43,6 @@ from gate.upstream import Upstream
 
 __all__ = ["HttpListener", "HttpProxy"]
 
-# A request or response head larger than this is refused (431 / 502): no legitimate client needs more,
-# and it bounds what one connection can make us buffer.
-MAX_HEAD = 64 * 1024
-# The body of an idempotent request is kept up to this size while it goes over a reused upstream
-# connection, so that it can be sent again on a fresh one if the origin had closed the reused one;
-# a larger body is only streamed (and such a request is not retried).
-MAX_REPLAY = 64 * 1024
 RECV_SIZE = 256 * 1024
 VIA = b"1.1 ugate"
 
@@ -66,11 +59,6 @@ class _Cut(Exception):
         super().__init__(detail)
         self.close = close
         self.detail = detail
-
-
-class _NoResponse(UpstreamError):
-    """The upstream connection failed before any byte of the response came: on a reused connection,
-    most likely the origin had closed it while it was idle (RFC 9112 9.3.1), so a retry may work."""
 
 
 def _status_for(error: GateError) -> int:
@@ -113,7 +101,7 @@ class HttpProxy:
         if flow.preread:  # bytes a mux listener read while sniffing (b"" would tell h11 "closed")
             client.receive_data(flow.preread)
             flow.preread = b""
-        session = _UpstreamSession()
+        session = OriginSession()
         current = flow  # the runner ends ``flow``, the first request's; the later ones end here
         try:
             first = True
@@ -145,7 +133,7 @@ class HttpProxy:
 
     async def _serve_request(
         self, conn: socket.socket, client: h11.Connection, request: h11.Request, flow: Flow,
-        session: _UpstreamSession,
+        session: OriginSession,
     ) -> bool:
         """Answer one request; False when the client connection must end (or was handed to a relay)."""
         if self.spec.users and not check_basic_auth(request.headers, self.spec.users):
@@ -233,7 +221,7 @@ class HttpProxy:
 
     async def _forward(
         self, conn: socket.socket, client: h11.Connection, request: h11.Request, flow: Flow,
-        session: _UpstreamSession,
+        session: OriginSession,
     ) -> None:
         origin, path = split_absolute_uri(request.target)
         flow.dst = origin
@@ -258,10 +246,10 @@ class HttpProxy:
             head = h11.Request(method=request.method, target=path, headers=headers)
         except h11.LocalProtocolError as e:
             raise ClientProtocolError(f"request cannot be forwarded: {readable(str(e))}") from None
-        outgoing = _Outgoing(head, keep=request.method in IDEMPOTENT)
+        outgoing = Outgoing(head, keep=request.method in IDEMPOTENT)
         try:
             await self._exchange(conn, client, upstream, outgoing, flow)
-        except _NoResponse:
+        except NoResponse:
             if not (upstream.reused and outgoing.replayable):
                 raise
             session.close()  # the origin had closed it while idle: once more, on a fresh connection
@@ -289,10 +277,10 @@ class HttpProxy:
         return upstream.sock
 
     async def _exchange(
-        self, conn: socket.socket, client: h11.Connection, upstream: _Upstream, outgoing: _Outgoing, flow: Flow
+        self, conn: socket.socket, client: h11.Connection, upstream: OriginConnection, outgoing: Outgoing, flow: Flow
     ) -> None:
         """Send the request (on a retry: its head and the kept body first, then what the client still
-        sends) and relay the response. _NoResponse when the upstream failed before answering."""
+        sends) and relay the response. NoResponse when the upstream failed before answering."""
         await upstream.send(outgoing.head, flow)
         for kept in outgoing.kept or ():
             await upstream.send(kept, flow)
@@ -324,7 +312,7 @@ class HttpProxy:
             raise _Cut(Close.CLIENT_ERROR, f"client went away during the request body: {e.strerror}") from None
 
     async def _relay_response(
-        self, conn: socket.socket, client: h11.Connection, upstream: _Upstream, flow: Flow
+        self, conn: socket.socket, client: h11.Connection, upstream: OriginConnection, flow: Flow
     ) -> None:
         started = False  # the response head went to the client: too late for an error status
         buffered = received = _buffered(upstream.h11)  # bytes h11 holds / response bytes seen
@@ -342,7 +330,7 @@ class HttpProxy:
                 if started:
                     raise _Cut(Close.UPSTREAM_RESET, f"upstream broke mid-response: {readable(str(e))}") from None
                 if upstream.h11.trailing_data[1]:  # h11's word for an end-of-file before a whole response
-                    raise (UpstreamError if received else _NoResponse)("upstream closed without a response") from None
+                    raise (UpstreamError if received else NoResponse)("upstream closed without a response") from None
                 if e.error_status_hint == 431:
                     raise UpstreamError(_TOO_LARGE_RESPONSE) from None
                 raise UpstreamError(f"bad response: {readable(str(e))}") from None
@@ -354,13 +342,13 @@ class HttpProxy:
                 if started:
                     raise _Cut(Close.UPSTREAM_RESET, f"upstream broke mid-response: {e.strerror}") from None
                 if not received:
-                    raise _NoResponse(f"upstream read failed: {e.strerror}") from None
+                    raise NoResponse(f"upstream read failed: {e.strerror}") from None
                 raise UpstreamError(f"bad response: {e.strerror}") from None
             if isinstance(event, h11.ConnectionClosed):
                 if started:
                     raise _Cut(Close.UPSTREAM_RESET, "upstream closed mid-response")
                 if not received:
-                    raise _NoResponse("upstream closed without a response")
+                    raise NoResponse("upstream closed without a response")
                 raise UpstreamError("upstream closed without a response")
             if isinstance(event, (h11.InformationalResponse, h11.Response)):
                 buffered, size = _buffered(upstream.h11), buffered
@@ -420,89 +408,6 @@ def _raw_error(status: int, body: bytes, extra: list[tuple[bytes, bytes]]) -> by
     head = [b"HTTP/1.1 %d %s" % (status, _phrase(status)), b"content-type: text/plain", b"connection: close",
             b"content-length: " + str(len(body)).encode(), *(n + b": " + v for n, v in extra)]
     return b"\r\n".join(head) + b"\r\n\r\n" + body
-
-
-class _Outgoing:
-    """A request as it goes upstream. An idempotent one keeps its body (up to MAX_REPLAY) so that it
-    can be sent again; ``complete`` once the client's whole body was read."""
-
-    def __init__(self, head: h11.Request, keep: bool) -> None:
-        self.head = head
-        self.kept: list[h11.Data | h11.EndOfMessage] | None = [] if keep else None
-        self.kept_bytes = 0
-        self.complete = False
-
-    @property
-    def replayable(self) -> bool:
-        """Everything of the request read so far is kept: it can be sent again as it was."""
-        return self.kept is not None
-
-    def add(self, event: h11.Data | h11.EndOfMessage) -> None:
-        self.complete = isinstance(event, h11.EndOfMessage)
-        if self.kept is None:
-            return
-        if isinstance(event, h11.Data):
-            self.kept_bytes += len(event.data)
-            if self.kept_bytes > MAX_REPLAY:
-                self.kept = None
-                return
-        self.kept.append(event)
-
-
-class _Upstream:
-    """One connection to an origin (or fixed upstream) with its own h11 client state."""
-
-    def __init__(self, way: tuple[str | None, Endpoint], sock: socket.socket) -> None:
-        self.way = way
-        self.sock = sock
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
-        self.loop = asyncio.get_running_loop()
-        self.reused = False  # a request was answered on it before: the origin may have closed it since
-
-    async def send(self, event: Any, flow: Flow) -> None:
-        try:
-            data = self.h11.send(event)
-        except h11.LocalProtocolError as e:
-            raise ClientProtocolError(f"request cannot be forwarded: {readable(str(e))}") from None
-        if data:
-            try:
-                await self.loop.sock_sendall(self.sock, data)
-            except OSError as e:  # nothing of a response was read yet (it is read once the request is sent)
-                raise _NoResponse(f"upstream write failed: {e.strerror}") from None
-            flow.bytes_up += len(data)
-
-    def idle_and_open(self) -> bool:
-        """Whether this idle connection can take the next request: not if the origin closed it (an
-        end-of-file or reset is queued) or sent bytes no request asked for."""
-        try:
-            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return True  # nothing queued: open and quiet
-        except OSError:
-            pass
-        return False
-
-
-class _UpstreamSession:
-    """Keeps the last upstream connection of a client connection for reuse by its next request."""
-
-    def __init__(self) -> None:
-        self.current: _Upstream | None = None
-
-    async def get(self, way: tuple[str | None, Endpoint],
-                  connect: Callable[[], Awaitable[socket.socket]]) -> _Upstream:
-        current = self.current
-        if current is not None and current.way == way and current.h11.our_state is h11.IDLE \
-                and current.idle_and_open():
-            return current
-        self.close()
-        self.current = _Upstream(way, await connect())
-        return self.current
-
-    def close(self) -> None:
-        if self.current is not None:
-            self.current.sock.close()
-            self.current = None
 
 
 class HttpListener(TcpListener):
