@@ -94,7 +94,7 @@ class TproxyUdpListener:
         self.table: SessionTable[_Session] = SessionTable(
             spec.mapping, spec.session_timeout, spec.timeouts.sniff, spec.max_flows,
             max_sessions_per_client=spec.max_sessions_per_client,
-            max_remotes_per_session=spec.max_remotes_per_session)
+            max_remotes_per_session=spec.max_remotes_per_session, max_reply_sockets=spec.max_reply_sockets)
         self.sessions = self.table.sessions  # the open sessions, looked up per datagram
         self.full_cone = self.table.mapping == "full-cone"
         self.timer: asyncio.TimerHandle | None = None  # calls the table's timer at its next_timer()
