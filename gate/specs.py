@@ -200,20 +200,23 @@ class TproxyUdpSpec(ListenerSpec):
 
     kind: ClassVar[str] = "tproxy_udp"
     KEYS: ClassVar[tuple[str, ...]] = ("mapping", "session_timeout", "max_sessions_per_client",
-                                       "max_remotes_per_session")
+                                       "max_remotes_per_session", "max_reply_sockets")
     transport: ClassVar[Transport] = Transport.UDP
     mapping: UdpMapping = UdpMapping.FULL_CONE
     session_timeout: float = 60.0  # a UDP session the client sent nothing through for this long ends
-    # Why these defaults: gate.udp.sessions (MAX_SESSIONS_PER_CLIENT, MAX_REMOTES_PER_SESSION).
+    # Why these defaults: gate.udp.sessions (MAX_SESSIONS_PER_CLIENT, MAX_REMOTES_PER_SESSION,
+    # MAX_REPLY_SOCKETS).
     max_sessions_per_client: int = 256  # per client address: further new sessions are refused
     max_remotes_per_session: int = 64  # reply sockets: answers from further remotes are dropped
+    max_reply_sockets: int = 4096  # of all sessions together: answers needing one more are dropped
 
     @classmethod
     def options(cls, m: Mapping[str, Any], where: str, p: Problems) -> dict[str, Any]:
         return {"mapping": p.get(m, "mapping", where, one_of(UdpMapping), UdpMapping.FULL_CONE),
                 "session_timeout": p.get(m, "session_timeout", where, positive_number, 60.0),
                 "max_sessions_per_client": p.get(m, "max_sessions_per_client", where, positive_int, 256),
-                "max_remotes_per_session": p.get(m, "max_remotes_per_session", where, positive_int, 64)}
+                "max_remotes_per_session": p.get(m, "max_remotes_per_session", where, positive_int, 64),
+                "max_reply_sockets": p.get(m, "max_reply_sockets", where, positive_int, 4096)}
 
 
 @dataclass(frozen=True)

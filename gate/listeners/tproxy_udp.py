@@ -6,7 +6,8 @@ Answers go back to the client from a socket bound (IP_TRANSPARENT) to the addres
 the client sees the server's address; that socket is connected to the client, and the kernel then also
 hands it the client's next datagrams to that address, which are relayed like the first.
 Which sessions exist, the hold of a QUIC Initial whose ClientHello continues in later datagrams, the
-idle expiry and the caps (sessions per client address, reply sockets per session) are decided by
+idle expiry and the caps (sessions per client address, reply sockets per session and per listener) are
+decided by
 ``gate.udp.SessionTable``; this module is its I/O shell: sockets, the clock, routing, relaying and the
 access log.
 """
@@ -93,7 +94,7 @@ class TproxyUdpListener:
         self.table: SessionTable[_Session] = SessionTable(
             spec.mapping, spec.session_timeout, spec.timeouts.sniff, spec.max_flows,
             max_sessions_per_client=spec.max_sessions_per_client,
-            max_remotes_per_session=spec.max_remotes_per_session)
+            max_remotes_per_session=spec.max_remotes_per_session, max_reply_sockets=spec.max_reply_sockets)
         self.sessions = self.table.sessions  # the open sessions, looked up per datagram
         self.full_cone = self.table.mapping == "full-cone"
         self.timer: asyncio.TimerHandle | None = None  # calls the table's timer at its next_timer()
@@ -242,28 +243,31 @@ class TproxyUdpListener:
 
     def _reply_for(self, session: _Session, key: Key, remote: tuple[str, int]) -> socket.socket | None:
         source = reply_source(key, session.dst, session.target is not None, Endpoint(unmap(remote[0]), remote[1]))
-        if source is None:
-            return None
+        if source is None or (":" in source.host) != (self.family == socket.AF_INET6):
+            return None  # not to be answered, or cannot be: an IPv4 client from an IPv6 address
         reply = session.replies.get(source)
         if reply is None:
-            verdict = self.table.new_remote(key, len(session.replies))
+            verdict = self.table.new_remote(key, self.loop.time())
             if verdict is not RemoteVerdict.ADMIT:
                 if verdict is RemoteVerdict.DROP_FIRST:
                     log.warning("%s: session of %s answers from %d remotes (max_remotes_per_session): answers "
                                 "from further remotes are dropped", self.spec.name, session.client,
                                 len(session.replies))
+                elif verdict is RemoteVerdict.BUDGET_FULL:
+                    log.warning("%s: %d reply sockets open (max_reply_sockets): %d answer(s) from remotes "
+                                "without one dropped", self.spec.name, self.table.reply_sockets,
+                                self.table.reported())
                 return None
             reply = self._reply_socket(session, source)
+            if reply is None:
+                self.table.reply_closed(key)
         if reply is not None and len(session.by_remote) < self.table.max_remotes_per_session:
             session.by_remote[remote] = reply
         return reply
 
     def _reply_socket(self, session: _Session, source: Endpoint) -> socket.socket | None:
         """A socket bound to ``source`` (not ours: IP_TRANSPARENT) and connected to the client."""
-        family = socket.AF_INET6 if ":" in source.host else socket.AF_INET
-        if family != self.family:
-            return None  # cannot answer an IPv4 client from an IPv6 address
-        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        sock = socket.socket(self.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # other clients' sessions share it
             set_transparent(sock)

@@ -2,7 +2,7 @@
 
 It keeps which client sessions are open, holds a session's first datagrams while their QUIC ClientHello
 is incomplete, ends sessions the client left idle for ``session_timeout``, and bounds what one client can
-make the shell open (sessions per client address, reply sockets per session); the shell that owns the
+make the shell open (sessions per client address, reply sockets per session and per listener); the shell that owns the
 sockets routes, relays and logs. Time is an argument (aioquic's ``handle_timer(now)`` model): the table
 never reads a clock, so every timeout here is tested with plain floats.
 """
@@ -21,6 +21,7 @@ from sniff import NeedMore, Sniffed, classify_datagrams
 __all__ = [
     "MAX_HELD_BYTES",
     "MAX_REMOTES_PER_SESSION",
+    "MAX_REPLY_SOCKETS",
     "MAX_SESSIONS_PER_CLIENT",
     "Counted",
     "Datagram",
@@ -55,6 +56,15 @@ MAX_REMOTES_PER_SESSION = 64
 # a whole session_timeout (60 s) still fits. At the cap, the client's datagrams that would open another
 # session are dropped before routing, and reported once per client per session_timeout (``Refuse``).
 MAX_SESSIONS_PER_CLIENT = 256
+# Reply sockets of all the listener's sessions together. The caps above bound one session (64) and one
+# address (256 sessions), not the listener: one address could still hold 256 x 64 reply sockets, and a few
+# addresses max_flows x 64, far past the 20,000-descriptor limit of the process, starving every other
+# listener of descriptors. 4096 (as many as max_flows' default) keeps one listener's worst case at
+# max_flows upstream sockets + 4096 reply sockets = 8,192 descriptors, under half the process's limit,
+# while a full-cone session still averages one reply socket (most answer from one remote: DNS, QUIC).
+# At the budget, answers from a remote the session has no reply socket for are dropped (counted), and
+# reported once per session_timeout (the time scale on which sessions end and free their sockets).
+MAX_REPLY_SOCKETS = 4096
 
 
 def session_key(mapping: Mapping, client: Endpoint, dst: Endpoint) -> Key:
@@ -136,9 +146,11 @@ class Refuse:
 class RemoteVerdict(enum.Enum):
     """Whether a session may open a reply socket for one more remote (``SessionTable.new_remote``)."""
 
-    ADMIT = "admit"
-    DROP_FIRST = "drop first"  # at the cap, and the first drop of this session: the shell logs it, once
-    DROP = "drop"  # at the cap again: counted only
+    ADMIT = "admit"  # counted as open: the shell answers ``reply_closed`` if it could not open it
+    DROP_FIRST = "drop first"  # at the session's cap, its first drop: the shell logs it, once
+    DROP = "drop"  # at a cap again: counted only
+    BUDGET_FULL = "budget full"  # at the listener's max_reply_sockets: the shell logs it (at most once
+    # per session_timeout; ``budget_refused`` says how many answers were dropped since the last report)
 
 
 class _Held:
@@ -154,14 +166,15 @@ class _Held:
 
 
 class _Idle:
-    """The client's bytes as last seen by a sweep, when the sweep saw them move; whether the session's
-    reply sockets reached their cap (its first dropped answer was reported)."""
+    """The client's bytes as last seen by a sweep, when the sweep saw them move; the session's reply
+    sockets, and whether they reached their cap (its first dropped answer was reported)."""
 
-    __slots__ = ("capped", "last_active", "seen")
+    __slots__ = ("capped", "last_active", "replies", "seen")
 
     def __init__(self, seen: int, now: float) -> None:
         self.seen = seen
         self.last_active = now
+        self.replies = 0  # reply sockets admitted and not closed, counted in the table's reply_sockets
         self.capped = False
 
 
@@ -193,7 +206,8 @@ class SessionTable(Generic[S]):
 
     def __init__(self, mapping: str, session_timeout: float, sniff_timeout: float, max_flows: int,
                  max_held_bytes: int = MAX_HELD_BYTES, max_sessions_per_client: int = MAX_SESSIONS_PER_CLIENT,
-                 max_remotes_per_session: int = MAX_REMOTES_PER_SESSION) -> None:
+                 max_remotes_per_session: int = MAX_REMOTES_PER_SESSION,
+                 max_reply_sockets: int = MAX_REPLY_SOCKETS) -> None:
         self.mapping = _mapping(mapping)
         self.session_timeout = session_timeout
         self.sniff_timeout = sniff_timeout
@@ -201,6 +215,10 @@ class SessionTable(Generic[S]):
         self.max_held_bytes = max_held_bytes
         self.max_sessions_per_client = max_sessions_per_client
         self.max_remotes_per_session = max_remotes_per_session
+        self.max_reply_sockets = max_reply_sockets
+        self.reply_sockets = 0  # of the open sessions, at most max_reply_sockets
+        self.budget_refused = 0  # answers dropped at max_reply_sockets since the last BUDGET_FULL
+        self._next_budget_report = 0.0  # no BUDGET_FULL before then (0: the next drop is reported)
         # datagrams dropped at each cap, by the cap's config key (for the metrics)
         self.dropped: collections.Counter[str] = collections.Counter()
         # open sessions: the shell looks a datagram's session up here itself (its hot path is one
@@ -288,7 +306,7 @@ class SessionTable(Generic[S]):
                 elif seen.last_active + self.session_timeout <= now:
                     idle.append(key)
             for key in idle:
-                del self._idle[key]
+                self.reply_sockets -= self._idle.pop(key).replies
                 self._forget(key)
                 actions.append(Expired(key, self.sessions.pop(key)))
             self._next_sweep = now + self._interval if self.sessions else None
@@ -321,22 +339,50 @@ class SessionTable(Generic[S]):
         self.held_bytes -= sum(len(data) for _, data in queued)
         self._forget(key)
 
-    def new_remote(self, key: Key, replies: int) -> RemoteVerdict:
-        """An answer to the open session ``key`` came from a remote it has no reply socket for, and it
-        has ``replies`` of them: may the shell open one more? At ``max_remotes_per_session`` the answer
-        is dropped (counted); the first drop of the session says so, for one log line per session."""
-        if replies < self.max_remotes_per_session:
-            return RemoteVerdict.ADMIT
-        self.dropped["max_remotes_per_session"] += 1
+    def new_remote(self, key: Key, now: float) -> RemoteVerdict:
+        """An answer to the open session ``key`` came from a remote it has no reply socket for: may the
+        shell open one more? ``ADMIT`` counts it open (for the session and the listener) until the
+        session leaves the table or the shell calls ``reply_closed``. At ``max_remotes_per_session`` the
+        answer is dropped (counted; the session's first drop says so, for one log line per session); at
+        the listener's ``max_reply_sockets`` too (reported the first time, then once per timeout)."""
         state = self._idle[key]
-        if state.capped:
-            return RemoteVerdict.DROP
-        state.capped = True
-        return RemoteVerdict.DROP_FIRST
+        if state.replies >= self.max_remotes_per_session:
+            self.dropped["max_remotes_per_session"] += 1
+            if state.capped:
+                return RemoteVerdict.DROP
+            state.capped = True
+            return RemoteVerdict.DROP_FIRST
+        if self.reply_sockets >= self.max_reply_sockets:
+            self.dropped["max_reply_sockets"] += 1
+            self.budget_refused += 1
+            if now < self._next_budget_report:
+                return RemoteVerdict.DROP
+            self._next_budget_report = now + self.session_timeout
+            return RemoteVerdict.BUDGET_FULL
+        state.replies += 1
+        self.reply_sockets += 1
+        return RemoteVerdict.ADMIT
+
+    def reported(self) -> int:
+        """The shell reported a ``BUDGET_FULL``: returns the answers dropped at the budget since the last
+        report (this one included), and counts afresh."""
+        refused, self.budget_refused = self.budget_refused, 0
+        return refused
+
+    def reply_closed(self, key: Key) -> None:
+        """An admitted reply socket of the open session ``key`` could not be opened (or was closed while
+        the session stays): its place in the budgets is free again."""
+        state = self._idle.get(key)
+        if state is not None and state.replies:
+            state.replies -= 1
+            self.reply_sockets -= 1
 
     def end(self, key: Key) -> S | None:
-        """The shell ends an open session itself (an error, say); returns it, or None if not open."""
-        self._idle.pop(key, None)
+        """The shell ends an open session itself (an error, say); returns it, or None if not open. Its
+        reply sockets leave the budget: the shell closes them with it."""
+        state = self._idle.pop(key, None)
+        if state is not None:
+            self.reply_sockets -= state.replies
         session = self.sessions.pop(key, None)
         if session is not None:
             self._forget(key)
@@ -354,6 +400,7 @@ class SessionTable(Generic[S]):
         self._idle.clear()
         self._clients.clear()
         self.held_bytes = 0
+        self.reply_sockets = 0
         self._next_sweep = None
         return sessions
 

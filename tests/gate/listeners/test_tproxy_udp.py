@@ -23,7 +23,7 @@ from gate.context import Context
 from gate.errors import ConfigError
 from gate.listeners import tproxy_udp
 from gate.router import Router
-from gate.udp.sessions import MAX_REMOTES_PER_SESSION, MAX_SESSIONS_PER_CLIENT
+from gate.udp.sessions import MAX_REMOTES_PER_SESSION, MAX_REPLY_SOCKETS, MAX_SESSIONS_PER_CLIENT
 from tests.gate.udp.test_sessions import DNS_QUERY
 from tests.sniff.test_quic import datagrams
 
@@ -155,16 +155,19 @@ def test_an_idle_session_ends_on_the_loop_timer(tmp_path: Path) -> None:
 
 def test_the_caps_are_spec_keys_with_the_tables_defaults() -> None:
     config = parse_config({"listeners": [{"name": "u", "kind": "tproxy_udp", "listen": "0.0.0.0:15002",
-                                          "max_sessions_per_client": 8, "max_remotes_per_session": 4}],
+                                          "max_sessions_per_client": 8, "max_remotes_per_session": 4,
+                                          "max_reply_sockets": 100}],
                            "routes": [{"action": "direct"}]})
     spec = config.listeners[0]
     assert isinstance(spec, TproxyUdpSpec)
-    assert (spec.max_sessions_per_client, spec.max_remotes_per_session) == (8, 4)
-    assert (TproxyUdpSpec.max_sessions_per_client, TproxyUdpSpec.max_remotes_per_session) == (
-        MAX_SESSIONS_PER_CLIENT, MAX_REMOTES_PER_SESSION)
-    with pytest.raises(ConfigError, match="max_remotes_per_session"):
-        parse_config({"listeners": [{"name": "u", "kind": "tproxy_udp", "listen": "0.0.0.0:15002",
-                                     "max_remotes_per_session": 0}], "routes": [{"action": "direct"}]})
+    assert (spec.max_sessions_per_client, spec.max_remotes_per_session, spec.max_reply_sockets) == (8, 4, 100)
+    assert (TproxyUdpSpec.max_sessions_per_client, TproxyUdpSpec.max_remotes_per_session,
+            TproxyUdpSpec.max_reply_sockets) == (MAX_SESSIONS_PER_CLIENT, MAX_REMOTES_PER_SESSION,
+                                                 MAX_REPLY_SOCKETS)
+    for key in ("max_remotes_per_session", "max_reply_sockets"):
+        with pytest.raises(ConfigError, match=key):
+            parse_config({"listeners": [{"name": "u", "kind": "tproxy_udp", "listen": "0.0.0.0:15002", key: 0}],
+                          "routes": [{"action": "direct"}]})
 
 
 def test_answers_from_a_thousand_remotes_hold_at_most_the_cap_of_reply_sockets(
@@ -202,6 +205,63 @@ def test_answers_from_a_thousand_remotes_hold_at_most_the_cap_of_reply_sockets(
             assert open_fds() - before == -1  # the session's upstream socket too
 
     asyncio.run(scenario())
+
+
+def test_a_thousand_sessions_answered_from_five_remotes_stay_within_the_reply_socket_budget(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The listener-wide descriptor figure: 1,000 full-cone sessions (4 addresses x 250 ports, under
+    the per-address cap) each answered from 5 remotes would want 5,000 reply sockets; the listener opens
+    MAX_REPLY_SOCKETS of them, never more, drops (counts, logs once) the other answers, and the sockets
+    of sessions that idle out are there for the sessions left."""
+    caplog.set_level(logging.WARNING, logger="ugate")
+    clients = [Endpoint(f"127.3.0.{host}", port) for host in range(1, 5) for port in range(20000, 20250)]
+    remotes = [(f"127.1.0.{i}", 3478) for i in range(1, 6)]
+    wanted = len(clients) * len(remotes)
+
+    async def scenario() -> None:
+        gate = listener(tmp_path / "log")
+        before = open_fds()
+        for client in clients:
+            feed(gate, client, SERVER, DNS_QUERY)
+        sessions = [gate.sessions[(client, None)] for client in clients]
+        assert open_fds() - before == len(sessions) == 1000
+
+        def answer_all(of: list[tproxy_udp._Session]) -> None:
+            for session in of:
+                for remote in remotes:
+                    answer(session.upstream, remote)
+                gate._on_upstream(session, session.key)
+                held = sum(len(s.replies) for s in gate.sessions.values())
+                assert held == gate.table.reply_sockets <= MAX_REPLY_SOCKETS
+
+        answer_all(sessions)
+        grew = open_fds() - before - len(sessions)
+        print(f"reply sockets: {grew} opened for {wanted} wanted by {len(sessions)} sessions")
+        assert grew == gate.table.reply_sockets == MAX_REPLY_SOCKETS
+        assert gate.table.dropped == {"max_reply_sockets": wanted - MAX_REPLY_SOCKETS}
+        assert warnings(caplog) == 1
+        # the first half idle out (the shell's own path: the table's timer, its Expired closed) while
+        # the second half keep sending: their answers now find reply sockets
+        kept = sessions[500:]
+        now = gate.loop.time()
+        for action in gate.table.timer(now + 30):  # the first sweep sees every session's first bytes
+            gate._act(action)
+        for session in kept:
+            session.flow.bytes_up += 1
+        for action in gate.table.timer(now + 95):
+            gate._act(action)
+        assert list(gate.sessions.values()) == kept
+        assert gate.table.reply_sockets == sum(len(s.replies) for s in kept) < MAX_REPLY_SOCKETS
+        answer_all(kept)
+        assert all(len(s.replies) == len(remotes) for s in kept)
+        assert open_fds() - before == len(kept) * (1 + len(remotes)) == len(kept) + gate.table.reply_sockets
+        assert gate.table.dropped == {"max_reply_sockets": wanted - MAX_REPLY_SOCKETS}
+        await gate.drain(0)
+        assert open_fds() == before and gate.table.reply_sockets == 0
+
+    asyncio.run(scenario())
+    logged = records(tmp_path / "log")
+    assert sorted(r["close"] for r in logged) == ["idle timeout"] * 500 + ["shutdown"] * 500
 
 
 def test_one_host_from_a_thousand_ports_gets_max_sessions_per_client(

@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 
 from gate.addr import Endpoint
 from gate.udp import Expired, Open, Relay, SessionTable, reply_source, session_key
-from gate.udp.sessions import MAX_REMOTES_PER_SESSION, MAX_SESSIONS_PER_CLIENT, Refuse, RemoteVerdict
+from gate.udp.sessions import (
+    MAX_REMOTES_PER_SESSION,
+    MAX_REPLY_SOCKETS,
+    MAX_SESSIONS_PER_CLIENT,
+    Refuse,
+    RemoteVerdict,
+)
 from sniff import Sniffed
 from tests.fuzzing import budget
 from tests.sniff.test_quic import datagrams
@@ -36,9 +42,10 @@ class Session:
 
 def table(mapping: str = "full-cone", max_flows: int = 100, max_held_bytes: int = 1 << 20,
           max_sessions_per_client: int = MAX_SESSIONS_PER_CLIENT,
-          max_remotes_per_session: int = MAX_REMOTES_PER_SESSION) -> SessionTable[Session]:
+          max_remotes_per_session: int = MAX_REMOTES_PER_SESSION,
+          max_reply_sockets: int = MAX_REPLY_SOCKETS) -> SessionTable[Session]:
     return SessionTable(mapping, TIMEOUT, SNIFF, max_flows, max_held_bytes, max_sessions_per_client,
-                        max_remotes_per_session)
+                        max_remotes_per_session, max_reply_sockets)
 
 
 def open_session(t: SessionTable[Session], client: Endpoint, dst: Endpoint, now: float) -> Session:
@@ -213,12 +220,50 @@ def test_reply_sockets_per_session_are_capped_and_the_first_drop_reported() -> N
     t = table(max_remotes_per_session=2)
     open_session(t, A, DNS, 0.0)
     open_session(t, B, DNS, 0.0)
-    assert t.new_remote((A, None), 0) is RemoteVerdict.ADMIT
-    assert t.new_remote((A, None), 1) is RemoteVerdict.ADMIT
-    assert t.new_remote((A, None), 2) is RemoteVerdict.DROP_FIRST  # one log line for the session
-    assert t.new_remote((A, None), 2) is RemoteVerdict.DROP
-    assert t.new_remote((B, None), 2) is RemoteVerdict.DROP_FIRST  # another session: its own line
-    assert t.dropped == {"max_remotes_per_session": 3}
+    assert t.new_remote((A, None), 0.0) is RemoteVerdict.ADMIT
+    assert t.new_remote((A, None), 0.0) is RemoteVerdict.ADMIT
+    assert t.new_remote((A, None), 0.0) is RemoteVerdict.DROP_FIRST  # one log line for the session
+    assert t.new_remote((A, None), 0.0) is RemoteVerdict.DROP
+    assert t.new_remote((B, None), 0.0) is RemoteVerdict.ADMIT  # another session has its own cap
+    t.reply_closed((A, None))  # the shell could not open one: the session has room again
+    assert t.new_remote((A, None), 0.0) is RemoteVerdict.ADMIT
+    assert t.new_remote((A, None), 0.0) is RemoteVerdict.DROP
+    assert t.dropped == {"max_remotes_per_session": 3} and t.reply_sockets == 3
+
+
+def test_reply_sockets_of_the_listener_are_budgeted_and_drops_reported_once_per_timeout() -> None:
+    t = table(max_remotes_per_session=2, max_reply_sockets=3)
+    open_session(t, A, DNS, 0.0)
+    open_session(t, B, DNS, 0.0)
+    assert [t.new_remote((A, None), 1.0) for _ in range(2)] == [RemoteVerdict.ADMIT] * 2
+    assert t.new_remote((B, None), 1.0) is RemoteVerdict.ADMIT
+    assert t.reply_sockets == 3
+    assert t.new_remote((B, None), 2.0) is RemoteVerdict.BUDGET_FULL  # the first: reported
+    assert t.new_remote((B, None), 3.0) is RemoteVerdict.DROP  # counted, not reported again yet
+    assert t.new_remote((A, None), 3.0) is RemoteVerdict.DROP_FIRST  # A is at its own cap first
+    assert t.new_remote((B, None), 2.0 + TIMEOUT - 1) is RemoteVerdict.DROP
+    assert t.reported() == 3 and t.reported() == 0  # since the last report, then afresh
+    assert t.new_remote((B, None), 2.0 + TIMEOUT) is RemoteVerdict.BUDGET_FULL  # a timeout later
+    assert t.reported() == 1
+    assert t.dropped == {"max_reply_sockets": 4, "max_remotes_per_session": 1} and t.reply_sockets == 3
+
+
+def test_reply_sockets_of_sessions_that_end_are_free_again() -> None:
+    t = table(max_remotes_per_session=4, max_reply_sockets=4)
+    a = open_session(t, A, DNS, 0.0)
+    open_session(t, B, DNS, 0.0)
+    assert [t.new_remote((B, None), 0.0) for _ in range(4)] == [RemoteVerdict.ADMIT] * 4
+    assert t.new_remote((A, None), 0.0) is RemoteVerdict.BUDGET_FULL
+    assert run_timers(t, 30.0) == []
+    a.bytes_up += 1  # A stays; B idles out, and its four sockets leave the budget with it
+    [expired] = [action for _, action in run_timers(t, TIMEOUT + 1)]
+    assert isinstance(expired, Expired) and expired.key == (B, None) and t.reply_sockets == 0
+    assert [t.new_remote((A, None), TIMEOUT + 1) for _ in range(4)] == [RemoteVerdict.ADMIT] * 4
+    assert t.end((A, None)) is a and t.reply_sockets == 0  # ended by the shell: freed too
+    open_session(t, A, DNS, 100.0)
+    assert t.new_remote((A, None), 100.0) is RemoteVerdict.ADMIT
+    t.shutdown()
+    assert t.reply_sockets == 0
 
 
 # -- the QUIC hold -----------------------------------------------------------------------------------
@@ -311,15 +356,17 @@ step = st.one_of(
 @budget(300)
 @given(mapping=st.sampled_from(["full-cone", "symmetric"]), max_flows=st.integers(1, 3),
        max_held=st.sampled_from([1300, 2600, 1 << 20]), per_client=st.integers(1, 3),
-       steps=st.lists(step, max_size=40))
+       reply_budget=st.integers(1, 4), steps=st.lists(step, max_size=40))
 def test_held_bytes_stay_accounted(mapping: str, max_flows: int, max_held: int, per_client: int,
-                                   steps: list[tuple]) -> None:
+                                   reply_budget: int, steps: list[tuple]) -> None:
     """Whatever arrives and whenever: held bytes are exactly those of held and queued datagrams, within
     their bound; a key is in one state at most; every datagram is held, queued, relayed, opened or
     dropped only when the bytes (or the client address's sessions) are at their bound; each address has
-    at most its cap of keys, and the table's count of them is exact; timers only fire when due."""
-    t: SessionTable[Session] = SessionTable(mapping, 4.0, SNIFF, max_flows, max_held, per_client, 2)
-    now, pending = 0.0, []
+    at most its cap of keys, and the table's count of them is exact; timers only fire when due; reply
+    sockets are admitted exactly while their session and the listener are below their caps, and the
+    listener's count is that of its open sessions."""
+    t: SessionTable[Session] = SessionTable(mapping, 4.0, SNIFF, max_flows, max_held, per_client, 2, reply_budget)
+    now, pending, replies = 0.0, [], collections.Counter[object]()
     for kind, *args in steps:
         actions: list[Open | Expired[Session] | Relay[Session] | Refuse | None] = []
         if kind == "datagram":
@@ -347,11 +394,20 @@ def test_held_bytes_stay_accounted(mapping: str, max_flows: int, max_held: int, 
             sessions[args[0] % len(sessions)].bytes_up += 1
         elif kind == "remote" and t.sessions:
             key = list(t.sessions)[args[0] % len(t.sessions)]
-            assert (t.new_remote(key, args[1]) is RemoteVerdict.ADMIT) == (args[1] < 2)
+            if args[1] == 3:  # the shell could not open an admitted one
+                t.reply_closed(key)
+                replies[key] -= replies[key] > 0
+            else:
+                room = replies[key] < 2 and replies.total() < reply_budget
+                assert (t.new_remote(key, now) is RemoteVerdict.ADMIT) == room
+                replies[key] += room
         elif kind == "end":
             for key in [key for key in t.sessions if key[0] == args[0]]:
                 assert t.end(key) is not None
         pending += [action.key for action in actions if isinstance(action, Open)]
+        for key in [key for key in replies if key not in t.sessions]:  # expired or ended: closed
+            del replies[key]
+        assert t.reply_sockets == replies.total() <= reply_budget
         held = t.held
         queued = t._opening  # the queues are private: no shell needs to read them
         assert t.held_bytes == sum(len(p) for ds in held.values() for _, p in ds) + sum(
