@@ -75,21 +75,16 @@ def apply_sniffed(flow: Flow, found: Sniffed) -> None:
         flow.host = found.host
 
 
-class FirstBytes:
-    """Watches one client socket; calls ``done(ok)`` once (ok False: the client broke off)."""
+class _Watch:
+    """Reads one client socket until its subclass has what it waits for, at most until a deadline kept
+    by a shared sweeper; calls ``done(ok)`` once (ok False: the client broke off or sent nonsense)."""
 
-    __slots__ = ("_buf", "_conn", "_deadline", "_done", "_fd", "_loop", "_sweeper", "flow", "timed_out")
+    __slots__ = ("_buf", "_conn", "_deadline", "_done", "_fd", "_loop", "_sweeper", "flow")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, flow: Flow, wait: float,
-                 sweeper: Sweeper, done: Callable[[bool], None]) -> None:
-        self.timed_out = False
-        self._loop = loop
-        self._conn = conn
-        self._fd = conn.fileno()
-        self.flow = flow
-        # what sniff_at_once read already; bytes, not a bytearray: one read usually settles it, and
-        # b"" + data is data itself, so nothing is copied on the way to classify and the preread
-        self._buf = flow.preread
+                 sweeper: Sweeper, done: Callable[[bool], None], buf: bytes = b"") -> None:
+        self._loop, self._conn, self._fd, self.flow = loop, conn, conn.fileno(), flow
+        self._buf = buf
         self._deadline = loop.time() + wait
         self._sweeper = sweeper
         self._done: Callable[[bool], None] | None = done
@@ -98,6 +93,39 @@ class FirstBytes:
 
     def deadline(self) -> float:
         return self._deadline
+
+    def expire(self) -> None:
+        raise NotImplementedError
+
+    def _readable(self) -> None:
+        raise NotImplementedError
+
+    def _stop(self, keep_registration: bool = False) -> Callable[[bool], None] | None:
+        """Stop watching; the ``done`` still owed (None when it was called or cancelled already). With
+        ``keep_registration`` the fd stays registered with the loop: the caller parks it (see ``park``)."""
+        done, self._done = self._done, None
+        if done is not None:
+            if not keep_registration:
+                self._loop.remove_reader(self._fd)
+            self._sweeper.discard(self)
+        return done
+
+    def cancel(self) -> None:
+        """Shutdown: stop watching; ``done`` is not called."""
+        self._stop()
+
+
+class FirstBytes(_Watch):
+    """Waits for enough of a flow's first bytes to classify it (``sniff.classify``)."""
+
+    __slots__ = ("timed_out",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, flow: Flow, wait: float,
+                 sweeper: Sweeper, done: Callable[[bool], None]) -> None:
+        self.timed_out = False
+        # starts with what sniff_at_once read already; bytes, not a bytearray: one read usually settles
+        # it, and b"" + data is data itself, so nothing is copied on the way to classify and the preread
+        super().__init__(loop, conn, flow, wait, sweeper, done, flow.preread)
 
     def expire(self) -> None:
         """Nothing (or not enough) said in time: route on what we have."""
@@ -126,43 +154,20 @@ class FirstBytes:
         self._finish(True)
 
     def _finish(self, ok: bool) -> None:
-        done, self._done = self._done, None
+        done = self._stop(keep_registration=ok)
         if done is None:
             return
         if ok:
-            park(self._loop, self._fd)
-        else:
-            self._loop.remove_reader(self._fd)
-        self._sweeper.discard(self)
+            park(self._loop, self._fd)  # the registration stays for the relay that comes next
         self.flow.preread = self._buf
         done(ok)
 
-    def cancel(self) -> None:
-        """Shutdown: stop watching; ``done`` is not called."""
-        if self._done is not None:
-            self._done = None
-            self._loop.remove_reader(self._fd)
-            self._sweeper.discard(self)
 
-
-class ProxyHeaderReader:
+class ProxyHeaderReader(_Watch):
     """Reads the PROXY protocol header a trusted load balancer opens with; the real client replaces
-    ``flow.client`` and the bytes after the header become ``flow.preread``. ``done(ok)`` once."""
+    ``flow.client`` and the bytes after the header become ``flow.preread``."""
 
-    __slots__ = ("_buf", "_conn", "_deadline", "_done", "_fd", "_loop", "_sweeper", "flow")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, flow: Flow, wait: float,
-                 sweeper: Sweeper, done: Callable[[bool], None]) -> None:
-        self._loop, self._conn, self._fd, self.flow = loop, conn, conn.fileno(), flow
-        self._buf = b""
-        self._deadline = loop.time() + wait
-        self._sweeper = sweeper
-        self._done: Callable[[bool], None] | None = done
-        loop.add_reader(self._fd, self._readable)
-        sweeper.add(self)
-
-    def deadline(self) -> float:
-        return self._deadline
+    __slots__ = ()
 
     def expire(self) -> None:
         self.flow.closing(Close.HANDSHAKE_TIMEOUT, "no PROXY protocol header in time")
@@ -195,14 +200,6 @@ class ProxyHeaderReader:
             self._finish(True)
 
     def _finish(self, ok: bool) -> None:
-        done, self._done = self._done, None
+        done = self._stop()
         if done is not None:
-            self._loop.remove_reader(self._fd)
-            self._sweeper.discard(self)
             done(ok)
-
-    def cancel(self) -> None:
-        if self._done is not None:
-            self._done = None
-            self._loop.remove_reader(self._fd)
-            self._sweeper.discard(self)
