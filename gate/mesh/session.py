@@ -17,7 +17,8 @@ transfer over one long-lived connection.
 
 A peer is trusted with flows, not with our memory (a trusted gate can be compromised; the limits follow
 nginx's and Envoy's answers to CVE-2023-44487): what it can make us buffer is bounded by the windows
-we advertise, by MAX_STREAMS and MAX_HEADER_LIST, by MAX_UNREAD_CONTROL answers it does not read, and
+we advertise, by MAX_STREAMS, MAX_HEADER_LIST and MAX_HEADER_BLOCK (the encoded block, measured as its
+frames arrive), by MAX_UNREAD_CONTROL answers it does not read, and
 streams it resets before we answer them are counted (``ResetBudget``); past a limit the connection
 ends with GOAWAY ENHANCE_YOUR_CALM.
 """
@@ -55,6 +56,13 @@ MAX_STREAMS = 1000
 # SETTINGS_MAX_HEADER_LIST_SIZE (decoded, RFC 9113 accounting): the largest CONNECT a gate sends (16
 # ALPN offers of up to 255 bytes, SNI, host, authority) is under 6 KiB; h2's default would be 64 KiB.
 MAX_HEADER_LIST = 16 << 10
+# The encoded bytes of one header block (HEADERS or PUSH_PROMISE and its CONTINUATIONs) we receive. h2
+# buffers up to 64 CONTINUATION frames of max_frame (16 MiB) before it decodes, and MAX_HEADER_LIST is
+# only checked then: up to 1 GiB held per connection. HPACK never encodes a field in more bytes than its
+# RFC 9113 size (name + value + 32) unless the sender chooses a longer Huffman code, so a block within
+# MAX_HEADER_LIST is encoded in MAX_HEADER_LIST bytes; the doubling leaves room for padding (255 bytes a
+# frame) and table size updates. Past it: GOAWAY ENHANCE_YOUR_CALM.
+MAX_HEADER_BLOCK = 2 * MAX_HEADER_LIST
 # Answers the peer makes us queue (PING and SETTINGS ACKs, RST_STREAM) while it does not read: our
 # write buffer is above its high-water mark. A real peer has a handful in flight; 17 bytes each, so
 # this bounds them at ~170 KiB. Past it: GOAWAY ENHANCE_YOUR_CALM (Envoy's max_outbound_control_frames
@@ -112,6 +120,60 @@ class ResetBudget:
         self._window(now)
         self.early += 1
         return self.early > self.FLOOR and 2 * self.early > self.opened
+
+
+class HeaderBlockGuard:
+    """Follows the frame headers of what a peer sends (never the payloads) and measures each header
+    block while it is open, so a block can be refused before h2 has buffered it (see MAX_HEADER_BLOCK).
+
+    Pure: ``feed`` the received bytes in order; it returns False once a block is over ``limit``. The
+    cost is one step per frame, not per byte: a DATA frame's payload is skipped by counting."""
+
+    PREFACE = 24  # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n": a server receives it before the first frame
+    HEADERS, PUSH_PROMISE, CONTINUATION = 0x1, 0x5, 0x9
+    END_HEADERS = 0x4
+
+    __slots__ = ("block", "head", "limit", "skip")
+
+    def __init__(self, limit: int, server: bool) -> None:
+        self.limit = limit
+        self.skip = self.PREFACE if server else 0  # payload bytes of the current frame still to come
+        self.head = b""  # a frame header split across reads (under 9 bytes)
+        self.block = -1  # encoded bytes of the open header block; -1: none open
+
+    def feed(self, data: bytes) -> bool:
+        """Account ``data``; False when a header block has grown past the limit."""
+        pos, end = 0, len(data)
+        if self.skip >= end:  # the common case: the middle of a large DATA frame
+            self.skip -= end
+            return True
+        while True:
+            pos += self.skip
+            if pos >= end:
+                self.skip = pos - end
+                return True
+            self.skip = 0
+            if self.head:
+                head = self.head + data[pos:pos + 9 - len(self.head)]
+                pos += 9 - len(self.head)
+            else:
+                head = data[pos:pos + 9]
+                pos += 9
+            if len(head) < 9:
+                self.head = head
+                return True
+            self.head = b""
+            length = int.from_bytes(head[:3], "big")
+            kind, flags = head[3], head[4]
+            if kind in (self.HEADERS, self.PUSH_PROMISE) or (kind == self.CONTINUATION and self.block >= 0):
+                self.block = max(self.block, 0) + length
+                if self.block > self.limit:
+                    return False
+                if flags & self.END_HEADERS:
+                    self.block = -1
+            else:
+                self.block = -1  # anything else inside a block is h2's protocol error to raise
+            self.skip = length
 
 
 class Bridge(asyncio.Protocol):
@@ -270,6 +332,7 @@ class Session(asyncio.Protocol):
         self.ready: asyncio.Future[None] = self.loop.create_future()  # the peer's SETTINGS arrived
         self.unread_control = 0  # answers queued while our writes are paused (MAX_UNREAD_CONTROL)
         self.resets = ResetBudget(self.loop.time())
+        self.header_guard = HeaderBlockGuard(MAX_HEADER_BLOCK, server=True)
 
     # -- asyncio.Protocol (the TLS connection) ---------------------------------------------------
 
@@ -281,6 +344,7 @@ class Session(asyncio.Protocol):
             self.client_side = True
             self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
                                                                               header_encoding="utf-8"))
+        self.header_guard = HeaderBlockGuard(MAX_HEADER_BLOCK, server=not self.client_side)
         self.conn.local_settings = h2.settings.Settings(client=self.client_side, initial_values={
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self.spec.window,
             h2.settings.SettingCodes.MAX_FRAME_SIZE: self.spec.max_frame,
@@ -294,6 +358,12 @@ class Session(asyncio.Protocol):
         self.flush()
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if not self.header_guard.feed(data):  # before h2 buffers it
+            log.warning("mesh: peer sent a header block over %d bytes", self.header_guard.limit)
+            self.abandon(CALM)
+            return
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as e:

@@ -182,6 +182,18 @@ class Peer:
                 raise AssertionError(f"no {kind.__name__} within {timeout}s")
             self.read(max(deadline - time.monotonic(), 0.01))
 
+    def poll(self) -> None:
+        """Take in whatever B has sent by now, without waiting."""
+        self.tls.setblocking(False)
+        try:
+            while incoming := self.tls.recv(1 << 20):
+                self.events += self.conn.receive_data(incoming)
+        except (ssl.SSLWantReadError, BlockingIOError):
+            pass
+        finally:
+            self.tls.setblocking(True)
+        self.flush()
+
     def close(self) -> None:
         self.tls.close()
 
@@ -371,3 +383,64 @@ def test_advertised_limits_are_sane_and_enforced(gate_b: Target, upstream: Upstr
     assert upstream.accepted == connects  # the oversized request dialled nothing
     assert b.alive()
     serves_a_normal_flow(gate_b, upstream)
+
+
+def frame(kind: int, flags: int, stream_id: int, body: bytes) -> bytes:
+    return len(body).to_bytes(3, "big") + bytes([kind, flags]) + stream_id.to_bytes(4, "big") + body
+
+
+HEADERS, CONTINUATION, END_HEADERS = 0x1, 0x9, 0x4
+
+
+def stable_rss(gate: Any, timeout: float = 10.0) -> int:
+    """B's resident memory once it has stopped growing for half a second (or at ``timeout``)."""
+    last, deadline = rss(gate), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = rss(gate)
+        if now <= last + MiB // 4:
+            return now
+        last = now
+    return last
+
+
+def test_a_continuation_flood_is_cut_before_it_is_buffered(gate_b: Target, upstream: Upstream) -> None:
+    """HEADERS without END_HEADERS, then CONTINUATION frames of B's maximum frame size (16 MiB): h2 holds
+    64 of them before it decodes the block and checks the header-list limit (B grew by the 640 MiB sent
+    and said nothing). B measures the block from its frame headers and ends the connection with
+    GOAWAY ENHANCE_YOUR_CALM once it is past MAX_HEADER_BLOCK; a block split into CONTINUATIONs within
+    the limit is still served."""
+    b = gate_b.gate
+    peer = Peer(gate_b)
+    settings = peer.wait(h2.events.RemoteSettingsChanged).changed_settings
+    max_frame = settings[h2.settings.SettingCodes.MAX_FRAME_SIZE].new_value
+    peer.connect(upstream.port)  # stream 1, as h2 frames it: one HEADERS frame, re-cut below
+    wire = peer.conn.data_to_send()
+    assert wire[3] == HEADERS and wire[4] & END_HEADERS
+    block = wire[9:]
+    third = len(block) // 3  # a real block, split: B must answer it
+    peer.tls.sendall(frame(HEADERS, 0, 1, block[:third]) + frame(CONTINUATION, 0, 1, block[third:2 * third])
+                     + frame(CONTINUATION, END_HEADERS, 1, block[2 * third:]))
+    response = peer.wait(h2.events.ResponseReceived, stream_id=1)
+    assert dict(response.headers)[b":status"] == b"200"
+    before = stable_rss(b)
+    peer.tls.sendall(frame(HEADERS, 0, 3, peer.conn.encoder.encode([(":method", "CONNECT")])))
+    flood = frame(CONTINUATION, 0, 3, bytes(max_frame))
+    sent, goaway = 0, None
+    try:
+        while sent < 40 and goaway is None:
+            peer.tls.sendall(flood)
+            sent += 1
+            peer.poll()
+            goaway = next((e for e in peer.events if isinstance(e, h2.events.ConnectionTerminated)), None)
+    except (ConnectionResetError, BrokenPipeError, ssl.SSLError, EOFError):
+        pass  # B hung up on us
+    grown = stable_rss(b) - before
+    print(f"continuation flood: {sent} frames of {max_frame} bytes sent, B grew {grown / MiB:.0f} MiB")
+    peer.close()
+    assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, \
+        f"B took {sent} CONTINUATION frames of {max_frame} bytes and grew {grown / MiB:.0f} MiB"
+    assert grown < 48 * MiB, f"B grew {grown / MiB:.0f} MiB"
+    assert b.alive()
+    serves_a_normal_flow(gate_b, upstream)
+
