@@ -491,8 +491,8 @@ class Session(asyncio.Protocol):
         """Server side: answer a CONNECT (200 opens the tunnel; anything else ends the stream)."""
         try:
             self.conn.send_headers(stream_id, [(":status", str(status)), *headers], end_stream=end)
-        except h2.exceptions.StreamClosedError:
-            return
+        except h2.exceptions.ProtocolError:  # the stream was reset, or the connection is ending (a GOAWAY
+            return  # came while the upstream was dialled): connection_lost aborts what is left
         self.flush()
 
     async def attach(self, stream_id: int, sock: socket.socket,
