@@ -4,7 +4,8 @@ The h2 library keeps the protocol state (sans-IO); this module is its asyncio sh
 CONNECT stream (RFC 9113 section 8.5) bridged to a socket:
 
 - socket -> stream: bytes wait in the bridge's ``pending`` until the stream's and the connection's
-  send windows admit them; above ``PENDING_HIGH`` the socket stops being read (backpressure).
+  send windows admit them; above ``PENDING_HIGH`` the socket stops being read (backpressure), and so
+  does a stream that cannot send while the connection's streams together hold over ``MAX_PENDING``.
 - stream -> socket: DATA is written to the socket; its flow-control credit is given back only while
   the socket's write buffer is below its high-water mark, so a slow reader closes the sender's window.
   DATA that arrives before the socket is attached (the upstream is still connecting) is held and its
@@ -17,7 +18,8 @@ transfer over one long-lived connection.
 
 A peer is trusted with flows, not with our memory (a trusted gate can be compromised; the limits follow
 nginx's and Envoy's answers to CVE-2023-44487): what it can make us buffer is bounded by the windows
-we advertise, by MAX_STREAMS and MAX_HEADER_LIST, by MAX_UNREAD_CONTROL answers it does not read, and
+we advertise, by MAX_STREAMS, MAX_HEADER_LIST and MAX_HEADER_BLOCK (the encoded block, measured as its
+frames arrive), by MAX_PENDING read ahead for it, by MAX_UNREAD_CONTROL answers it does not read, and
 streams it resets before we answer them are counted (``ResetBudget``); past a limit the connection
 ends with GOAWAY ENHANCE_YOUR_CALM.
 """
@@ -50,11 +52,24 @@ SOCKET_WRITE_HIGH = 4 << 20  # a socket's write buffer above this holds back the
 H2_MAX_DATA_CHUNK = 1 << 20  # DATA frames we send are cut at this size (frames are copied by h2)
 # Streams a peer may have open on one connection (SETTINGS_MAX_CONCURRENT_STREAMS, enforced by h2: one
 # more is a connection error). Each holds an upstream descriptor and up to PENDING_HIGH read ahead, so
-# this bounds one tunnel at 1000 descriptors and ~1 GiB; a gate's concurrent flows to one peer fit.
+# this bounds one tunnel at 1000 descriptors (MAX_PENDING bounds the read-ahead); a gate's concurrent
+# flows to one peer fit.
 MAX_STREAMS = 1000
 # SETTINGS_MAX_HEADER_LIST_SIZE (decoded, RFC 9113 accounting): the largest CONNECT a gate sends (16
 # ALPN offers of up to 255 bytes, SNI, host, authority) is under 6 KiB; h2's default would be 64 KiB.
 MAX_HEADER_LIST = 16 << 10
+# Bytes read ahead from upstream sockets across one connection's streams (each up to PENDING_HIGH):
+# MAX_STREAMS would allow ~1 GiB a tunnel. 64 MiB lets 64 streams whose windows are closed keep a full
+# read-ahead (a flowing stream holds next to nothing: its bytes leave as they come). Past it, streams that
+# cannot send stop being read until the total is below half; streams that can send are left alone.
+MAX_PENDING = 64 << 20
+# The encoded bytes of one header block (HEADERS or PUSH_PROMISE and its CONTINUATIONs) we receive. h2
+# buffers up to 64 CONTINUATION frames of max_frame (16 MiB) before it decodes, and MAX_HEADER_LIST is
+# only checked then: up to 1 GiB held per connection. HPACK never encodes a field in more bytes than its
+# RFC 9113 size (name + value + 32) unless the sender chooses a longer Huffman code, so a block within
+# MAX_HEADER_LIST is encoded in MAX_HEADER_LIST bytes; the doubling leaves room for padding (255 bytes a
+# frame) and table size updates. Past it: GOAWAY ENHANCE_YOUR_CALM.
+MAX_HEADER_BLOCK = 2 * MAX_HEADER_LIST
 # Answers the peer makes us queue (PING and SETTINGS ACKs, RST_STREAM) while it does not read: our
 # write buffer is above its high-water mark. A real peer has a handful in flight; 17 bytes each, so
 # this bounds them at ~170 KiB. Past it: GOAWAY ENHANCE_YOUR_CALM (Envoy's max_outbound_control_frames
@@ -114,6 +129,60 @@ class ResetBudget:
         return self.early > self.FLOOR and 2 * self.early > self.opened
 
 
+class HeaderBlockGuard:
+    """Follows the frame headers of what a peer sends (never the payloads) and measures each header
+    block while it is open, so a block can be refused before h2 has buffered it (see MAX_HEADER_BLOCK).
+
+    Pure: ``feed`` the received bytes in order; it returns False once a block is over ``limit``. The
+    cost is one step per frame, not per byte: a DATA frame's payload is skipped by counting."""
+
+    PREFACE = 24  # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n": a server receives it before the first frame
+    HEADERS, PUSH_PROMISE, CONTINUATION = 0x1, 0x5, 0x9
+    END_HEADERS = 0x4
+
+    __slots__ = ("block", "head", "limit", "skip")
+
+    def __init__(self, limit: int, server: bool) -> None:
+        self.limit = limit
+        self.skip = self.PREFACE if server else 0  # payload bytes of the current frame still to come
+        self.head = b""  # a frame header split across reads (under 9 bytes)
+        self.block = -1  # encoded bytes of the open header block; -1: none open
+
+    def feed(self, data: bytes) -> bool:
+        """Account ``data``; False when a header block has grown past the limit."""
+        pos, end = 0, len(data)
+        if self.skip >= end:  # the common case: the middle of a large DATA frame
+            self.skip -= end
+            return True
+        while True:
+            pos += self.skip
+            if pos >= end:
+                self.skip = pos - end
+                return True
+            self.skip = 0
+            if self.head:
+                head = self.head + data[pos:pos + 9 - len(self.head)]
+                pos += 9 - len(self.head)
+            else:
+                head = data[pos:pos + 9]
+                pos += 9
+            if len(head) < 9:
+                self.head = head
+                return True
+            self.head = b""
+            length = int.from_bytes(head[:3], "big")
+            kind, flags = head[3], head[4]
+            if kind in (self.HEADERS, self.PUSH_PROMISE) or (kind == self.CONTINUATION and self.block >= 0):
+                self.block = max(self.block, 0) + length
+                if self.block > self.limit:
+                    return False
+                if flags & self.END_HEADERS:
+                    self.block = -1
+            else:
+                self.block = -1  # anything else inside a block is h2's protocol error to raise
+            self.skip = length
+
+
 class Bridge(asyncio.Protocol):
     """The socket side of one stream (an asyncio protocol on the socket)."""
 
@@ -160,6 +229,7 @@ class Bridge(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_active = self.session.loop.time()
         self.pending += data
+        self.session.pending += len(data)
         self.session.drain(self)
 
     def eof_received(self) -> bool:
@@ -237,10 +307,13 @@ class Bridge(asyncio.Protocol):
         if not self.closed:
             self.closed = True
             self.early.clear()
+            self.session.pending -= len(self.pending)
+            self.pending.clear()
+            self.session.forget(self.stream_id)
+            self.session.rebalance()  # its bytes no longer count: paused streams may read again
             if self.unacked:  # held credit: the connection's share must come back, or it stalls
                 self.session.acknowledge(self.stream_id, self.unacked)
                 self.unacked = 0
-            self.session.forget(self.stream_id)
             if self.on_closed is not None:
                 self.on_closed(self)
 
@@ -270,6 +343,9 @@ class Session(asyncio.Protocol):
         self.ready: asyncio.Future[None] = self.loop.create_future()  # the peer's SETTINGS arrived
         self.unread_control = 0  # answers queued while our writes are paused (MAX_UNREAD_CONTROL)
         self.resets = ResetBudget(self.loop.time())
+        self.header_guard = HeaderBlockGuard(MAX_HEADER_BLOCK, server=True)
+        self.pending = 0  # bytes in the bridges' ``pending`` (MAX_PENDING)
+        self.over_budget = False  # pending went past MAX_PENDING and has not yet fallen to half
 
     # -- asyncio.Protocol (the TLS connection) ---------------------------------------------------
 
@@ -281,6 +357,7 @@ class Session(asyncio.Protocol):
             self.client_side = True
             self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
                                                                               header_encoding="utf-8"))
+        self.header_guard = HeaderBlockGuard(MAX_HEADER_BLOCK, server=not self.client_side)
         self.conn.local_settings = h2.settings.Settings(client=self.client_side, initial_values={
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self.spec.window,
             h2.settings.SettingCodes.MAX_FRAME_SIZE: self.spec.max_frame,
@@ -294,6 +371,12 @@ class Session(asyncio.Protocol):
         self.flush()
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if not self.header_guard.feed(data):  # before h2 buffers it
+            log.warning("mesh: peer sent a header block over %d bytes", self.header_guard.limit)
+            self.abandon(CALM)
+            return
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as e:
@@ -408,8 +491,8 @@ class Session(asyncio.Protocol):
         """Server side: answer a CONNECT (200 opens the tunnel; anything else ends the stream)."""
         try:
             self.conn.send_headers(stream_id, [(":status", str(status)), *headers], end_stream=end)
-        except h2.exceptions.StreamClosedError:
-            return
+        except h2.exceptions.ProtocolError:  # the stream was reset, or the connection is ending (a GOAWAY
+            return  # came while the upstream was dialled): connection_lost aborts what is left
         self.flush()
 
     async def attach(self, stream_id: int, sock: socket.socket,
@@ -435,6 +518,7 @@ class Session(asyncio.Protocol):
         """Send what the windows admit of the bridge's pending bytes; pause or resume its socket."""
         stream_id = bridge.stream_id
         if self.closed or bridge.local_ended:
+            self.pending -= len(bridge.pending)
             bridge.pending.clear()
             return
         sent = False
@@ -446,6 +530,7 @@ class Session(asyncio.Protocol):
                     break
                 chunk = bytes(bridge.pending[:window])
                 del bridge.pending[:window]
+                self.pending -= len(chunk)
                 self.conn.send_data(stream_id, chunk)
                 bridge.bytes_to_stream += len(chunk)
                 sent = True
@@ -458,15 +543,44 @@ class Session(asyncio.Protocol):
             return
         if sent:
             self.flush()
+        self._pace(bridge)
+        self.rebalance()
+        bridge.close_if_done()
+
+    def rebalance(self) -> None:
+        """Enter or leave the over-budget state (MAX_PENDING), pausing or resuming the bridges it holds."""
+        if not self.over_budget and self.pending > MAX_PENDING:
+            self.over_budget = True  # stop the streams that cannot send from reading more
+            for other in list(self.bridges.values()):
+                self._pace(other)
+        elif self.over_budget and self.pending <= MAX_PENDING // 2:
+            self.over_budget = False  # streams stopped only for the budget read again
+            for other in list(self.bridges.values()):
+                if other.reading_paused:
+                    self._pace(other)
+
+    def _pace(self, bridge: Bridge) -> None:
+        """Pause or resume the bridge's socket by its own read-ahead and, over budget, the session's."""
         transport = bridge.transport
-        if transport is not None and not transport.is_closing():
-            if len(bridge.pending) > PENDING_HIGH and not bridge.reading_paused:
-                transport.pause_reading()
-                bridge.reading_paused = True
-            elif bridge.reading_paused and len(bridge.pending) <= PENDING_HIGH // 2:
+        if transport is None or transport.is_closing():
+            return
+        pending = len(bridge.pending)
+        if bridge.reading_paused:
+            if pending <= PENDING_HIGH // 2 and not (self.over_budget and self._blocked(bridge)):
                 transport.resume_reading()
                 bridge.reading_paused = False
-        bridge.close_if_done()
+        elif pending > PENDING_HIGH or (self.over_budget and self._blocked(bridge)):
+            transport.pause_reading()
+            bridge.reading_paused = True
+
+    def _blocked(self, bridge: Bridge) -> bool:
+        """The bridge cannot send what it reads now (bytes wait, or the windows are closed)."""
+        if bridge.pending or self.write_paused:
+            return True
+        try:
+            return self.conn.local_flow_control_window(bridge.stream_id) <= 0
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            return False
 
     def acknowledge(self, stream_id: int, credit: int) -> None:
         if credit and not self.closed:

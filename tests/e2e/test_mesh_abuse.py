@@ -10,6 +10,7 @@ connects than the flows that were really wanted, and that B still serves a well-
 
 from __future__ import annotations
 
+import random
 import socket
 import ssl
 import struct
@@ -34,9 +35,15 @@ from tests.e2e.test_mesh import keygen
 MiB = 1 << 20
 
 
+def payload(tag: int, size: int) -> bytes:
+    """What the upstream sends when asked ``send:<tag>:<size>``: different bytes for every tag."""
+    return random.Random(tag).randbytes(size)
+
+
 class Upstream:
     """A TCP server counting the connections it accepts; it holds them open until the far end closes,
-    and knows how many are still open (an upstream socket B forgot shows up here)."""
+    and knows how many are still open (an upstream socket B forgot shows up here). It answers b"ping"
+    with b"pong", and b"send:<tag>:<size>" with ``payload(tag, size)`` and a FIN."""
 
     def __init__(self) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
@@ -63,6 +70,10 @@ class Upstream:
                 while data := conn.recv(65536):
                     if data.startswith(b"ping"):
                         conn.sendall(b"pong")
+                    elif data.startswith(b"send:"):
+                        _, tag, size = data.decode().split(":")
+                        conn.sendall(payload(int(tag), int(size)))
+                        conn.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
         with self.lock:
@@ -181,6 +192,18 @@ class Peer:
             if time.monotonic() > deadline:
                 raise AssertionError(f"no {kind.__name__} within {timeout}s")
             self.read(max(deadline - time.monotonic(), 0.01))
+
+    def poll(self) -> None:
+        """Take in whatever B has sent by now, without waiting."""
+        self.tls.setblocking(False)
+        try:
+            while incoming := self.tls.recv(1 << 20):
+                self.events += self.conn.receive_data(incoming)
+        except (ssl.SSLWantReadError, BlockingIOError):
+            pass
+        finally:
+            self.tls.setblocking(True)
+        self.flush()
 
     def close(self) -> None:
         self.tls.close()
@@ -370,4 +393,117 @@ def test_advertised_limits_are_sane_and_enforced(gate_b: Target, upstream: Upstr
     peer.close()
     assert upstream.accepted == connects  # the oversized request dialled nothing
     assert b.alive()
+    serves_a_normal_flow(gate_b, upstream)
+
+
+def frame(kind: int, flags: int, stream_id: int, body: bytes) -> bytes:
+    return len(body).to_bytes(3, "big") + bytes([kind, flags]) + stream_id.to_bytes(4, "big") + body
+
+
+HEADERS, CONTINUATION, END_HEADERS = 0x1, 0x9, 0x4
+
+
+def stable_rss(gate: Any, timeout: float = 10.0) -> int:
+    """B's resident memory once it has stopped growing for half a second (or at ``timeout``)."""
+    last, deadline = rss(gate), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = rss(gate)
+        if now <= last + MiB // 4:
+            return now
+        last = now
+    return last
+
+
+def test_a_continuation_flood_is_cut_before_it_is_buffered(gate_b: Target, upstream: Upstream) -> None:
+    """HEADERS without END_HEADERS, then CONTINUATION frames of B's maximum frame size (16 MiB): h2 holds
+    64 of them before it decodes the block and checks the header-list limit (B grew by the 640 MiB sent
+    and said nothing). B measures the block from its frame headers and ends the connection with
+    GOAWAY ENHANCE_YOUR_CALM once it is past MAX_HEADER_BLOCK; a block split into CONTINUATIONs within
+    the limit is still served."""
+    b = gate_b.gate
+    peer = Peer(gate_b)
+    settings = peer.wait(h2.events.RemoteSettingsChanged).changed_settings
+    max_frame = settings[h2.settings.SettingCodes.MAX_FRAME_SIZE].new_value
+    peer.connect(upstream.port)  # stream 1, as h2 frames it: one HEADERS frame, re-cut below
+    wire = peer.conn.data_to_send()
+    assert wire[3] == HEADERS and wire[4] & END_HEADERS
+    block = wire[9:]
+    third = len(block) // 3  # a real block, split: B must answer it
+    peer.tls.sendall(frame(HEADERS, 0, 1, block[:third]) + frame(CONTINUATION, 0, 1, block[third:2 * third])
+                     + frame(CONTINUATION, END_HEADERS, 1, block[2 * third:]))
+    response = peer.wait(h2.events.ResponseReceived, stream_id=1)
+    assert dict(response.headers)[b":status"] == b"200"
+    before = stable_rss(b)
+    peer.tls.sendall(frame(HEADERS, 0, 3, peer.conn.encoder.encode([(":method", "CONNECT")])))
+    flood = frame(CONTINUATION, 0, 3, bytes(max_frame))
+    sent, goaway = 0, None
+    try:
+        while sent < 40 and goaway is None:
+            peer.tls.sendall(flood)
+            sent += 1
+            peer.poll()
+            goaway = next((e for e in peer.events if isinstance(e, h2.events.ConnectionTerminated)), None)
+    except (ConnectionResetError, BrokenPipeError, ssl.SSLError, EOFError):
+        pass  # B hung up on us
+    grown = stable_rss(b) - before
+    print(f"continuation flood: {sent} frames of {max_frame} bytes sent, B grew {grown / MiB:.0f} MiB")
+    peer.close()
+    assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, \
+        f"B took {sent} CONTINUATION frames of {max_frame} bytes and grew {grown / MiB:.0f} MiB"
+    assert grown < 48 * MiB, f"B grew {grown / MiB:.0f} MiB"
+    assert b.alive()
+    serves_a_normal_flow(gate_b, upstream)
+
+
+def test_read_ahead_across_a_tunnels_streams_is_bounded_and_nothing_stalls(gate_b: Target,
+                                                                           upstream: Upstream) -> None:
+    """Streams whose upstreams send while the peer keeps every window shut: each stream may read PENDING_HIGH
+    (1 MiB) ahead, but all of one tunnel's together only MAX_PENDING (64 MiB) (250 streams held 286 MiB
+    before, 66 MiB now). Then the windows open: every stream, paused for its own read-ahead or for the tunnel's,
+    resumes and delivers its bytes exactly, FIN included."""
+    b = gate_b.gate
+    streams, size = 250, 5 * MiB // 4
+    peer = Peer(gate_b)
+    peer.wait(h2.events.RemoteSettingsChanged)
+    peer.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0,
+                               h2.settings.SettingCodes.MAX_FRAME_SIZE: 1 << 20})
+    peer.flush()
+    peer.wait(h2.events.SettingsAcknowledged)
+    before = stable_rss(b)
+    ids = []
+    for tag in range(streams):
+        stream_id = peer.connect(upstream.port)
+        peer.conn.send_data(stream_id, f"send:{tag}:{size}".encode())
+        ids.append(stream_id)
+    peer.flush()
+    for stream_id in ids:
+        response = peer.wait(h2.events.ResponseReceived, stream_id=stream_id, timeout=10)
+        assert dict(response.headers)[b":status"] == b"200"
+    grown = stable_rss(b) - before
+    print(f"read-ahead: {streams} streams of {size} bytes behind shut windows, B grew {grown / MiB:.0f} MiB")
+    assert grown < 100 * MiB, f"B grew {grown / MiB:.0f} MiB for {streams} streams behind shut windows"
+    received = {stream_id: bytearray() for stream_id in ids}
+    ended: set[int] = set()
+    peer.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 16 * MiB})
+    peer.conn.increment_flow_control_window(256 * MiB)
+    peer.flush()
+    deadline = time.monotonic() + 60
+    while len(ended) < streams and time.monotonic() < deadline:
+        for event in peer.read(1.0):
+            if isinstance(event, h2.events.DataReceived):
+                received[event.stream_id] += event.data
+                peer.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                ended.add(event.stream_id)
+            elif isinstance(event, h2.events.StreamReset):
+                raise AssertionError(f"stream {event.stream_id} reset: {event.error_code!r}")
+        peer.flush()
+    short = [sid for sid in ids if len(received[sid]) != size]
+    assert not short, f"{len(short)} streams stalled, e.g. {short[0]}: {len(received[short[0]])} of {size} bytes"
+    assert len(ended) == streams
+    for tag, stream_id in enumerate(ids):
+        assert received[stream_id] == payload(tag, size), f"stream {stream_id} is not byte-exact"
+    peer.close()
+    assert wait_for(lambda: upstream.open == 0, 8)
     serves_a_normal_flow(gate_b, upstream)
