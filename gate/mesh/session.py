@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import struct
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -42,41 +41,24 @@ import h2.settings
 import hyperframe.frame
 
 from gate.config import MeshSpec, PeerSpec
+from gate.mesh.bridge import Bridge
+from gate.mesh.h2_limits import (
+    ABUSE_LINGER,
+    MAX_HEADER_BLOCK,
+    MAX_HEADER_LIST,
+    MAX_PENDING,
+    MAX_STREAMS,
+    MAX_UNREAD_CONTROL,
+    PENDING_HIGH,
+    HeaderBlockGuard,
+    ResetBudget,
+)
 
-__all__ = ["Bridge", "Session"]
+__all__ = ["ALPN_H2", "ALPN_REVERSE", "Bridge", "RequestHandler", "Session"]
 
 log = logging.getLogger("ugate")
 
-PENDING_HIGH = 1 << 20  # bytes read from a socket and not yet sendable before we stop reading it
-SOCKET_WRITE_HIGH = 4 << 20  # a socket's write buffer above this holds back the stream's credit
 H2_MAX_DATA_CHUNK = 1 << 20  # DATA frames we send are cut at this size (frames are copied by h2)
-# Streams a peer may have open on one connection (SETTINGS_MAX_CONCURRENT_STREAMS, enforced by h2: one
-# more is a connection error). Each holds an upstream descriptor and up to PENDING_HIGH read ahead, so
-# this bounds one tunnel at 1000 descriptors (MAX_PENDING bounds the read-ahead); a gate's concurrent
-# flows to one peer fit.
-MAX_STREAMS = 1000
-# SETTINGS_MAX_HEADER_LIST_SIZE (decoded, RFC 9113 accounting): the largest CONNECT a gate sends (16
-# ALPN offers of up to 255 bytes, SNI, host, authority) is under 6 KiB; h2's default would be 64 KiB.
-MAX_HEADER_LIST = 16 << 10
-# Bytes read ahead from upstream sockets across one connection's streams (each up to PENDING_HIGH):
-# MAX_STREAMS would allow ~1 GiB a tunnel. 64 MiB lets 64 streams whose windows are closed keep a full
-# read-ahead (a flowing stream holds next to nothing: its bytes leave as they come). Past it, streams that
-# cannot send stop being read until the total is below half; streams that can send are left alone.
-MAX_PENDING = 64 << 20
-# The encoded bytes of one header block (HEADERS or PUSH_PROMISE and its CONTINUATIONs) we receive. h2
-# buffers up to 64 CONTINUATION frames of max_frame (16 MiB) before it decodes, and MAX_HEADER_LIST is
-# only checked then: up to 1 GiB held per connection. HPACK never encodes a field in more bytes than its
-# RFC 9113 size (name + value + 32) unless the sender chooses a longer Huffman code, so a block within
-# MAX_HEADER_LIST is encoded in MAX_HEADER_LIST bytes; the doubling leaves room for padding (255 bytes a
-# frame) and table size updates. Past it: GOAWAY ENHANCE_YOUR_CALM.
-MAX_HEADER_BLOCK = 2 * MAX_HEADER_LIST
-# Answers the peer makes us queue (PING and SETTINGS ACKs, RST_STREAM) while it does not read: our
-# write buffer is above its high-water mark. A real peer has a handful in flight; 17 bytes each, so
-# this bounds them at ~170 KiB. Past it: GOAWAY ENHANCE_YOUR_CALM (Envoy's max_outbound_control_frames
-# is 1000 for the same purpose).
-MAX_UNREAD_CONTROL = 10_000
-ABUSE_LINGER = 1.0  # seconds a GOAWAY for abuse gets to leave before the connection is cut
-
 RequestHandler = Callable[["Session", int, dict[str, str]], None]
 CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 ALPN_H2, ALPN_REVERSE = "h2", "ugate-reverse"  # reverse: the TLS client serves the HTTP/2 streams
@@ -95,227 +77,6 @@ hyperframe.frame.DataFrame._body_repr = _data_frame_repr  # type: ignore[method-
 def _headers(raw: Any) -> dict[str, str]:
     """h2 hands headers as (name, value) pairs, str with header_encoding set (bytes otherwise)."""
     return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in raw}
-
-
-class ResetBudget:
-    """Counts the streams a peer opens and those it resets before we answered them (rapid reset,
-    CVE-2023-44487: each would cost an upstream connect). Over budget when, within one window of
-    ``WINDOW`` seconds, more than ``FLOOR`` streams were reset early and they are more than half of the
-    streams opened (as Envoy's premature-reset rule): a client that gives up while a connect is slow is
-    normal, half of all streams is not."""
-
-    WINDOW = 10.0  # seconds: counts start afresh, so a long-lived tunnel is judged on recent behaviour
-    FLOOR = 100  # early resets always tolerated per window (browsers cancel; ~10 connects/s at most)
-
-    __slots__ = ("early", "opened", "since")
-
-    def __init__(self, now: float) -> None:
-        self.since = now
-        self.opened = 0
-        self.early = 0
-
-    def _window(self, now: float) -> None:
-        if now - self.since > self.WINDOW:
-            self.since, self.opened, self.early = now, 0, 0
-
-    def open(self, now: float) -> None:
-        self._window(now)
-        self.opened += 1
-
-    def reset_early(self, now: float) -> bool:
-        """A stream was reset before it was answered; True once the peer is over budget."""
-        self._window(now)
-        self.early += 1
-        return self.early > self.FLOOR and 2 * self.early > self.opened
-
-
-class HeaderBlockGuard:
-    """Follows the frame headers of what a peer sends (never the payloads) and measures each header
-    block while it is open, so a block can be refused before h2 has buffered it (see MAX_HEADER_BLOCK).
-
-    Pure: ``feed`` the received bytes in order; it returns False once a block is over ``limit``. The
-    cost is one step per frame, not per byte: a DATA frame's payload is skipped by counting."""
-
-    PREFACE = 24  # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n": a server receives it before the first frame
-    HEADERS, PUSH_PROMISE, CONTINUATION = 0x1, 0x5, 0x9
-    END_HEADERS = 0x4
-
-    __slots__ = ("block", "head", "limit", "skip")
-
-    def __init__(self, limit: int, server: bool) -> None:
-        self.limit = limit
-        self.skip = self.PREFACE if server else 0  # payload bytes of the current frame still to come
-        self.head = b""  # a frame header split across reads (under 9 bytes)
-        self.block = -1  # encoded bytes of the open header block; -1: none open
-
-    def feed(self, data: bytes) -> bool:
-        """Account ``data``; False when a header block has grown past the limit."""
-        pos, end = 0, len(data)
-        if self.skip >= end:  # the common case: the middle of a large DATA frame
-            self.skip -= end
-            return True
-        while True:
-            pos += self.skip
-            if pos >= end:
-                self.skip = pos - end
-                return True
-            self.skip = 0
-            if self.head:
-                head = self.head + data[pos:pos + 9 - len(self.head)]
-                pos += 9 - len(self.head)
-            else:
-                head = data[pos:pos + 9]
-                pos += 9
-            if len(head) < 9:
-                self.head = head
-                return True
-            self.head = b""
-            length = int.from_bytes(head[:3], "big")
-            kind, flags = head[3], head[4]
-            if kind in (self.HEADERS, self.PUSH_PROMISE) or (kind == self.CONTINUATION and self.block >= 0):
-                self.block = max(self.block, 0) + length
-                if self.block > self.limit:
-                    return False
-                if flags & self.END_HEADERS:
-                    self.block = -1
-            else:
-                self.block = -1  # anything else inside a block is h2's protocol error to raise
-            self.skip = length
-
-
-class Bridge(asyncio.Protocol):
-    """The socket side of one stream (an asyncio protocol on the socket)."""
-
-    def __init__(self, session: Session, stream_id: int, on_closed: Callable[[Bridge], None] | None = None):
-        self.session = session
-        self.stream_id = stream_id
-        self.transport: asyncio.Transport | None = None
-        self.pending = bytearray()
-        self.eof_pending = False  # the socket said FIN; END_STREAM follows the pending bytes
-        self.local_ended = False  # END_STREAM sent
-        self.remote_ended = False  # END_STREAM received (FIN written to the socket)
-        self.reading_paused = False
-        self.write_paused = False
-        self.unacked = 0  # stream credit held back: the socket's write buffer is full, or no socket yet
-        self.bytes_to_stream = 0
-        self.bytes_to_socket = 0
-        self.last_active = session.loop.time()
-        self.error: str | None = None
-        self.closed = False
-        self.early: list[bytes] = []  # DATA that came before the socket was attached (bounded: its
-        # credit is held, so the peer can send the stream's window ahead of the connect and no more)
-        self.on_closed = on_closed
-        self.on_abort: Callable[[], None] | None = None  # makes the socket's far end see a reset
-
-    # -- asyncio.Protocol (the socket) ----------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        if self.closed:  # the stream was reset or the tunnel lost while the socket was being attached
-            self._reset_socket()
-            return
-        transport.set_write_buffer_limits(high=SOCKET_WRITE_HIGH)
-        for data in self.early:
-            transport.write(data)
-            self.bytes_to_socket += len(data)
-        self.early.clear()
-        if self.unacked and not self.write_paused:  # the early bytes left: their credit goes back
-            self.session.acknowledge(self.stream_id, self.unacked)
-            self.unacked = 0
-        if self.remote_ended and transport.can_write_eof():
-            transport.write_eof()
-        self.session.drain(self)  # END_STREAM already due (a socket attached half-closed) or nothing
-
-    def data_received(self, data: bytes) -> None:
-        self.last_active = self.session.loop.time()
-        self.pending += data
-        self.session.pending += len(data)
-        self.session.drain(self)
-
-    def eof_received(self) -> bool:
-        self.eof_pending = True
-        self.session.drain(self)
-        return True  # keep the socket open for the other direction
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        if self.unacked:
-            self.session.acknowledge(self.stream_id, self.unacked)
-            self.unacked = 0
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not (self.local_ended and self.remote_ended):  # the socket went away mid-flow
-            self.error = self.error or (f"socket error: {exc}" if exc else "socket closed")
-            self.session.reset(self.stream_id, h2.errors.ErrorCodes.CANCEL)
-        self._finished()
-
-    # -- from the session (the stream) ------------------------------------------------------------
-
-    def deliver(self, data: bytes, credit: int) -> None:
-        self.last_active = self.session.loop.time()
-        if self.transport is None:  # not attached yet: bounded by the window, since the credit waits
-            self.early.append(data)
-            self.unacked += credit
-            return
-        if self.transport.is_closing():
-            self.session.acknowledge(self.stream_id, credit)
-            return
-        self.transport.write(data)
-        self.bytes_to_socket += len(data)
-        if self.write_paused:
-            self.unacked += credit
-        else:
-            self.session.acknowledge(self.stream_id, credit)
-
-    def remote_end(self) -> None:
-        self.remote_ended = True
-        if self.transport is not None and not self.transport.is_closing() and self.transport.can_write_eof():
-            self.transport.write_eof()
-        self.close_if_done()
-
-    def close_if_done(self) -> None:
-        if self.local_ended and self.remote_ended and self.transport is not None:
-            self.transport.close()  # flushes what is buffered first
-
-    def abort(self, reason: str) -> None:
-        """The stream was reset or the connection lost: reset the socket (RST, not FIN)."""
-        self.error = self.error or reason
-        self.local_ended = self.remote_ended = True
-        self.early.clear()
-        on_abort, self.on_abort = self.on_abort, None
-        if on_abort is not None:
-            on_abort()
-        if self.transport is not None:
-            self._reset_socket()
-        else:
-            self._finished()
-
-    def _reset_socket(self) -> None:
-        assert self.transport is not None
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None and sock.family != socket.AF_UNIX:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
-                pass
-        self.transport.abort()
-
-    def _finished(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.early.clear()
-            self.session.pending -= len(self.pending)
-            self.pending.clear()
-            self.session.forget(self.stream_id)
-            self.session.rebalance()  # its bytes no longer count: paused streams may read again
-            if self.unacked:  # held credit: the connection's share must come back, or it stalls
-                self.session.acknowledge(self.stream_id, self.unacked)
-                self.unacked = 0
-            if self.on_closed is not None:
-                self.on_closed(self)
 
 
 class Session(asyncio.Protocol):

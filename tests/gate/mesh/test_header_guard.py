@@ -8,7 +8,7 @@ import h2.connection
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gate.mesh.session import MAX_HEADER_BLOCK, HeaderBlockGuard
+from gate.mesh.h2_limits import MAX_HEADER_BLOCK, HeaderBlockGuard
 from tests.fuzzing import budget
 
 CONTINUATION = 0x9
