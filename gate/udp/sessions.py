@@ -2,9 +2,12 @@
 
 It keeps which client sessions are open, holds a session's first datagrams while their QUIC ClientHello
 is incomplete, ends sessions the client left idle for ``session_timeout``, and bounds what one client can
-make the shell open (sessions per client address, reply sockets per session and per listener); the shell that owns the
-sockets routes, relays and logs. Time is an argument (aioquic's ``handle_timer(now)`` model): the table
-never reads a clock, so every timeout here is tested with plain floats.
+make the shell open (sessions per client address, reply sockets per session and per listener); the
+shell that owns the sockets routes, relays and logs. Time is an argument (aioquic's ``handle_timer(now)``
+model): the table never reads a clock, so every timeout here is tested with plain floats.
+
+One module a little over 400 lines on purpose: the hold, the expiry and the caps share one state (which
+key is held, opening or open, and what it holds), and the property test checks them together.
 """
 
 from __future__ import annotations
