@@ -89,7 +89,6 @@ class AcceptLoop:
         self.headers: dict[ProxyHeaderReader, socket.socket] = {}  # PROXY headers being read
         self._per_source = per_source
         self._sources: dict[str, int] = {}  # client address -> its open flows (only when per_source)
-        self._source_of: dict[int, str] = {}  # flow id -> the address it was counted under
         self.refused_per_source = 0
         self._warned_at = -1.0
         self._header_sweeper = Sweeper(self.loop, sweep_interval(spec.timeouts.handshake))
@@ -154,19 +153,18 @@ class AcceptLoop:
         if held >= self.spec.source_limit:
             return False
         self._sources[source] = held + 1
-        self._source_of[flow.id] = source
+        flow.counted_as = source
         return True
 
     def ended(self, flow: Flow) -> None:
         """A flow of this listener ended: its source's count drops, and accepting may resume."""
-        if self._source_of:
-            source = self._source_of.pop(flow.id, None)
-            if source is not None:
-                held = self._sources[source] - 1
-                if held:
-                    self._sources[source] = held
-                else:
-                    del self._sources[source]
+        source, flow.counted_as = flow.counted_as, None  # (None: never counted, or already uncounted)
+        if source is not None:
+            held = self._sources[source] - 1
+            if held:
+                self._sources[source] = held
+            else:
+                del self._sources[source]
         self.resume()
 
     def _refuse_source(self, conn: socket.socket, source: str) -> None:

@@ -79,7 +79,7 @@ class FlowRunner:
         self._sniffing: dict[FirstBytes, socket.socket] = {}
         self._connecting: dict[Connect, tuple[socket.socket, Flow]] = {}
         self._relays: set[Relay] = set()
-        self._relayed: set[socket.socket] = set()  # client sockets a relay owns now
+        self._handed: set[socket.socket] = set()  # client sockets a handshake task handed to a relay
         self._soon = 0  # flows whose sniffing is scheduled (see ``forward``)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -242,16 +242,16 @@ class FlowRunner:
             flow.bytes_up += len(first)
             flow.preread = b""
         self._start_relay(conn, flow, upstream.sock)
+        self._handed.add(conn)  # the task that called us must not close it (see _serve)
 
     def _start_relay(self, conn: socket.socket, flow: Flow, upstream: socket.socket) -> None:
         relay = Relay(conn, upstream, mode=self.spec.relay, idle_timeout=self.spec.timeouts.idle,
-                      on_done=lambda r: self._relay_done(conn, flow, r), loop=self.loop,
+                      on_done=lambda r: self._relay_done(flow, r), loop=self.loop,
                       sweeper=self._idle_sweeper)
         flow.state = FlowState.RELAYING
         flow.path = relay.path
         flow.relay = relay
         self._relays.add(relay)
-        self._relayed.add(conn)
         try:
             relay.start()
         except Exception:  # e.g. uvloop refusing a poll handle of a socket closed under us (seen fuzzing)
@@ -262,15 +262,13 @@ class FlowRunner:
                 log.exception("%s: and could not be aborted", self.spec.name)  # cleaned up below
             if flow.state is not FlowState.DONE:  # it failed before the relay could report
                 self._relays.discard(relay)
-                self._relayed.discard(conn)
                 upstream.close()
                 flow.relay = None
                 flow.closing(Close.INTERNAL, "relay did not start")
                 self._end(conn, flow)
 
-    def _relay_done(self, conn: socket.socket, flow: Flow, relay: Relay) -> None:
+    def _relay_done(self, flow: Flow, relay: Relay) -> None:
         self._relays.discard(relay)
-        self._relayed.discard(conn)
         flow.path = relay.path  # an "auto" relay may have moved to splice since it started
         flow.relay = None  # the relay's on_done refers to the flow: no cycle left behind
         flow.bytes_up += relay.bytes_up
@@ -297,7 +295,9 @@ class FlowRunner:
             task = asyncio.current_task()
             assert task is not None
             self._tasks.discard(task)
-            if conn not in self._relayed:  # no relay took the sockets over
+            if conn in self._handed:  # a relay owns the sockets now (and ends the flow it relays)
+                self._handed.discard(conn)
+            else:
                 self._end(conn, flow)
 
     def refuse(self, conn: socket.socket, flow: Flow, close: Close, detail: str | None = None) -> None:
