@@ -196,7 +196,7 @@ class FlowRunner:
                 reset(conn)
                 self._end(conn, flow)
                 return
-            preread = upstream.header + flow.preread if upstream.header else flow.preread
+            preread = upstream.header + flow.preread  # (b"" + bytes is the same object: no copy)
             sent = _send_some(upstream.sock, preread) if preread else 0
             flow.bytes_up += sent
             flow.preread = preread[sent:]

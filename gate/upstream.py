@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from gate.addr import Endpoint
-from gate.deadlines import Sweeper
+from gate.deadlines import Sweeper, sweep_interval
 from gate.dial import Connect, SocketOptions, literal_family, open_tcp, resolve
 from gate.errors import GateError, RefusedByPolicy, RejectedByRule, UpstreamError, UpstreamUnreachable
 from gate.flow import MAX_HOPS, Flow, FlowState
@@ -131,7 +131,7 @@ class Opener:
         self.preserve_source = preserve_source
         self.own = OwnAddresses(ctx.own)
         loop = asyncio.get_running_loop()
-        self._sweeper = sweeper if sweeper is not None else Sweeper(loop, min(connect_timeout / 4, 1.0))
+        self._sweeper = sweeper if sweeper is not None else Sweeper(loop, sweep_interval(connect_timeout))
 
     # -- routing ---------------------------------------------------------------------------------
 
