@@ -149,3 +149,43 @@ def test_max_flows_per_source_is_configurable(start_gate: Any) -> None:
     assert again.recv(2) == b"\x05\x00"
     for s in (*held[1:], extra, again):
         s.close()
+
+
+def test_pending_handshakes_per_source_are_bounded_apart_from_routed_flows(start_gate: Any, hash_echo: int) -> None:
+    """A source may hold max_handshakes_per_source connections that are not routed yet; past that its
+    new connections are reset while another source is served, and once its handshakes complete (the
+    flows are relayed) it may open more, though its routed flows stay open."""
+    port = free_port()
+    gate = start_gate([{"name": "s", "kind": "socks5", "listen": f"127.0.0.1:{port}",
+                        "max_handshakes_per_source": 3}])
+    pending = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+    time.sleep(0.2)
+    extra = socket.create_connection(("127.0.0.1", port), timeout=5)
+    extra.settimeout(2)
+    try:
+        assert extra.recv(1) == b""
+    except ConnectionResetError:
+        pass
+    extra.close()
+    deadline = time.monotonic() + 3
+    while "3 pending handshakes (max_handshakes_per_source)" not in gate.stderr():
+        assert time.monotonic() < deadline, gate.stderr()
+        time.sleep(0.05)
+    other = socket.socket()
+    other.bind(("127.0.0.2", 0))
+    other.settimeout(2)
+    other.connect(("127.0.0.1", port))
+    other.sendall(b"\x05\x01\x00")
+    assert other.recv(2) == b"\x05\x00"
+    other.close()
+    connect = b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + hash_echo.to_bytes(2, "big")
+    for s in pending:  # each handshake completes: three routed, relayed flows of this source
+        s.sendall(b"\x05\x01\x00" + connect)
+        assert s.recv(2) == b"\x05\x00" and s.recv(10)[1] == 0
+    more = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+    for s in more:
+        s.settimeout(2)
+        s.sendall(b"\x05\x01\x00")
+        assert s.recv(2) == b"\x05\x00"
+    for s in (*pending, *more):
+        s.close()
