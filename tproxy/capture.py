@@ -33,3 +33,6 @@ class Capture:
     # While no gate serves: "closed" drops (TPROXY) or refuses (REDIRECT) captured traffic; "open" lets it
     # bypass the gate (nftables only: the table dies with the process that holds it). See tproxy.rules.
     on_failure: str = "closed"
+    # Upstreams leave from the client's address (a tproxy listener's or a route's preserve_source); an
+    # ingress sidecar then needs return routing for the app's replies (tproxy.ingress).
+    preserve_source: bool = False

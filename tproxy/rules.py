@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 from tproxy.capture import Capture
+from tproxy.ingress import return_chain, return_iptables
 from tproxy.iptables import build_iptables, clear_iptables
 
 P = ParamSpec("P")
@@ -180,10 +181,12 @@ def build(cap: Capture) -> RuleSet:
             pre = [local, *filters, *[f"{iif}{s}" for s in _steer(cap, *redirect)]]
             chains.append(_chain("prerouting", "nat", "prerouting", "dstnat", pre))
         rules, routes = (), ()
+    if returning := return_chain(cap):  # ingress with preserve_source: the app's replies come back to us
+        chains.append(returning)
     if cap.backend == "iptables":
         if cap.on_failure == "open":
             raise ValueError("on_failure open needs the nftables backend")  # the config refuses it
-        return RuleSet(nft="", ip_rules=rules, routes=routes, iptables=build_iptables(cap))
+        return RuleSet(nft="", ip_rules=rules, routes=routes, iptables=build_iptables(cap) + return_iptables(cap))
     held = cap.on_failure == "open"
     owner = ["  flags owner"] if held else []
     nft = f"table inet {NFT_TABLE} {{\n" + "\n".join([*owner, *chains]) + "\n}\n"
