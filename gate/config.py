@@ -224,6 +224,26 @@ def _listeners(raw: Any, timeouts: Timeouts, p: Problems) -> list[ListenerSpec]:
     return [spec for _, spec in listeners]
 
 
+def _check_ingress_source(capture: CaptureSpec | None, listeners: list[ListenerSpec], routes: list[Route],
+                          mark_: int | None, p: Problems) -> None:
+    """An ingress sidecar that dials the app from the client's address (preserve_source) needs the return
+    routing of tproxy.ingress: TPROXY capture, whose transparent sockets take the app's replies back, and
+    the bypass mark on the gate's sockets, which is how those connections are told from the app's own."""
+    if capture is None or capture.role != CaptureRole.INGRESS:
+        return
+    where = [f"listeners[{i}] ({s.name})" for i, s in enumerate(listeners) if s.preserve_source]
+    where += [f"routes[{i}]" for i, r in enumerate(routes) if r.preserve_source]
+    if not where:
+        return
+    if capture.mode != CaptureMode.TPROXY:
+        p.add("capture.mode", f"preserve_source on an ingress sidecar ({', '.join(where)}) needs mode tproxy: the "
+                              "app answers the client's address, and only a transparent socket can take that back")
+    if mark_ == capture.route_mark:  # (capture's default mark is 0x2: a config can only lack it this way)
+        p.add("config.mark", f"preserve_source on an ingress sidecar ({', '.join(where)}) needs the gate's "
+                             "connections to the app marked apart from what TPROXY marks: the return routing "
+                             "finds them by config.mark")
+
+
 def parse_config(raw: Any) -> GateConfig:
     """Validate a parsed YAML document; raise ConfigError listing every problem."""
     p = Problems()
@@ -260,6 +280,7 @@ def parse_config(raw: Any) -> GateConfig:
     mark_ = p.get(top, "mark", "config", mark, 0x2 if capture else None)
     if capture and mark_ == capture.route_mark:
         p.add("config.mark", f"must differ from capture.route_mark ({mark_:#x})")
+    _check_ingress_source(capture, listeners, routes, mark_, p)
     if p.items:
         raise ConfigError(p.items)
     return GateConfig(listeners=tuple(listeners), routes=tuple(routes), timeouts=timeouts, log=log, workers=workers,

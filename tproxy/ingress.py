@@ -35,9 +35,9 @@ def _statements(cap: Capture) -> list[str]:
     own, back = f"{cap.bypass_mark:#x}", f"{cap.route_mark:#x}"
     return [
         f'meta mark {own} ct state new fib saddr type != local fib daddr type local ct mark set {back} '
-        f'comment "ugate to the app from the client address: remember the connection"',
+        'comment "ugate as client"',
         f'meta mark 0x0 ct direction reply ct mark {back} meta mark set {back} '
-        f'comment "the app answers it: route back to the gate"',
+        'comment "app replies: to ugate"',
     ]
 
 

@@ -92,7 +92,7 @@ def test_app_sees_the_client_and_answers_through_the_gate(start_gate: Any, sidec
     for app_addr, client in ((a["app4"], a["server4"]), (a["app6"], a["server6"])):
         got = curl(topo, "server", url(app_addr))
         assert got.returncode == 0, got.stderr + gate.stderr()[-2000:]
-        host, port = got.stdout.split()[2:]
+        host = got.stdout.split()[2]
         assert host == client, got.stdout  # the real client, not the gate's (= the app's own) address
         # 5 MB byte-exact both ways of the return path (the replies are the bulk)
         out = tmp_path / "payload"
@@ -159,7 +159,7 @@ def test_dead_gate_open_lets_clients_reach_the_app_directly(start_gate: Any,
                                                             sidecar: tuple[netns.Topology, App]) -> None:
     """on_failure open: the table (return routing included) dies with the gate; the app is then served
     directly, and its replies leave normally (no connection mark is restored any more)."""
-    topo, app = sidecar
+    topo, _ = sidecar
     a = topo.addr
     before = state(topo, "app")
     gate = start_gate([{**spec, "preserve_source": True} for spec in LISTENERS], netns=topo.ns["app"],
