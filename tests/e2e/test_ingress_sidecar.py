@@ -132,15 +132,17 @@ def test_without_preserve_source_the_app_sees_the_gate(start_gate: Any, sidecar:
     assert gate.stop() == 0
 
 
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
 def test_dead_gate_closed_drops_until_restart_and_clear_is_exact(start_gate: Any, tmp_path: Path,
-                                                                  sidecar: tuple[netns.Topology, App]) -> None:
+                                                                  sidecar: tuple[netns.Topology, App],
+                                                                  backend: str) -> None:
     """on_failure closed (the default): after kill -9 the app is unreachable through the port (dropped,
     not served behind the gate's back); ``ugate rules clear`` then restores the namespace exactly."""
     topo, app = sidecar
     a = topo.addr
     before = state(topo, "app")
     gate = start_gate([{**spec, "preserve_source": True} for spec in LISTENERS], netns=topo.ns["app"],
-                      capture=capture())
+                      capture=capture(backend))
     assert curl(topo, "server", url(a["app4"])).stdout.split()[2] == a["server4"]
     gate.proc.send_signal(signal.SIGKILL)
     gate.proc.wait()
