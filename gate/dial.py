@@ -19,6 +19,7 @@ from gate.addr import Endpoint, is_ip
 from gate.deadlines import Sweeper
 from gate.errors import UpstreamError, UpstreamRefused, UpstreamTimeout, UpstreamUnreachable
 from tproxy.sockopts import set_mark, set_transparent
+from tproxy.tuples import bind_apart
 
 __all__ = ["Connect", "SocketOptions", "literal_family", "open_tcp", "resolve"]
 
@@ -43,12 +44,18 @@ class SocketOptions:
 
     mark: int | None = None  # SO_MARK, so capture rules skip ugate's own traffic
     source: tuple[str, int] | None = None  # leave from the client's address (IP_TRANSPARENT bind)
+    # An app in this namespace (ingress): the source port is chosen so that no socket here already has
+    # the tuple the app's socket will get (see tproxy.tuples); ``source``'s port is then not used.
+    apart_from: tuple[str, int] | None = None
 
     def apply(self, sock: socket.socket) -> None:
         if self.mark is not None:
             set_mark(sock, self.mark)
         if self.source is not None:
             set_transparent(sock)
+            if self.apart_from is not None:
+                bind_apart(sock, self.source[0], self.apart_from)
+                return
             try:
                 sock.bind(self.source)  # the client's port too, where it is free here
             except OSError:

@@ -189,10 +189,12 @@ class Opener:
             return SocketOptions(self.ctx.mark)
         # An app in this namespace (ingress sidecar): the client's own port would give the app's socket
         # the 4-tuple of the one we accepted, which the kernel refuses as a duplicate. Only the address
-        # is the client's then (as Envoy's original_src does).
+        # is the client's then (as Envoy's original_src does), with a port no socket here pairs with
+        # the app's address (tproxy.tuples).
         target = decision.upstream or flow.dst
-        local = target is not None and literal_family(target.host) is not None and is_local_address(target.host)
-        return SocketOptions(self.ctx.mark, (flow.client.host, 0 if local else flow.client.port))
+        if target is not None and literal_family(target.host) is not None and is_local_address(target.host):
+            return SocketOptions(self.ctx.mark, (flow.client.host, 0), apart_from=(target.host, target.port))
+        return SocketOptions(self.ctx.mark, (flow.client.host, flow.client.port))
 
     def _header(self, decision: Decision, flow: Flow, sock: socket.socket) -> bytes:
         version = decision.route.proxy_protocol if decision.route is not None else None

@@ -183,3 +183,22 @@ def test_dead_gate_open_lets_clients_reach_the_app_directly(start_gate: Any,
     assert len(gate.wait_records(1)) == 1
     assert gate.stop() == 0
     assert state(topo, "app") == before
+
+
+def test_source_port_skips_a_tuple_in_use(start_gate: Any, sidecar: tuple[netns.Topology, App]) -> None:
+    """The port the gate dials the app from is not one whose tuple a socket here already has: with two
+    ephemeral ports and the client on the one the kernel's bind(0) picks first (odd), only the other
+    one works (tproxy.tuples; else the app's SYN lands on the gate's accepted socket)."""
+    topo, app = sidecar
+    a = topo.addr
+    topo.run("app", "sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40001")
+    gate = start_gate([{**spec, "preserve_source": True} for spec in LISTENERS], netns=topo.ns["app"],
+                      capture=capture())
+    for app_addr, client in ((a["app4"], a["server4"]), (a["app6"], a["server6"])):
+        # bound to its address: a wildcard bind would meet the IPv4 socket's TIME_WAIT on the port
+        got = curl(topo, "server", url(app_addr), "--interface", client, "--local-port", "40001")
+        assert got.returncode == 0, got.stderr + gate.stderr()[-2000:]
+        assert got.stdout.split()[2:] == [client, "40000"]
+    assert [p["port"] for p in app.peers()] == [40000, 40000]
+    assert [r["client"].rsplit(":", 1)[1] for r in gate.wait_records(2)] == ["40001", "40001"]
+    assert gate.stop() == 0
