@@ -110,9 +110,9 @@ def test_app_sees_the_client_and_answers_through_the_gate(start_gate: Any, sidec
         ("in6", f"[{a['server6']}]", f"[{a['app6']}]:{APP}", "direct", "eof")]
     assert records[1]["bytes_down"] > len(PAYLOAD) and records[3]["bytes_down"] > len(PAYLOAD)
     # the app's own traffic elsewhere is not captured and not re-routed: the server sees the app directly
-    for server in (a["server4"], f"[{a['server6']}]"):
+    for server, app_addr in ((a["server4"], a["app4"]), (f"[{a['server6']}]", a["app6"])):
         got = curl(topo, "app", f"http://{server}:{WEB}/")
-        assert got.returncode == 0, got.stderr
+        assert got.stdout == f"you are {app_addr}\n", got.stderr
     assert len(gate.records()) == 4
     assert gate.stop() == 0
     assert state(topo, "app") == before  # apply: auto cleared everything, the return routing included
