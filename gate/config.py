@@ -7,6 +7,7 @@ reads the rest (routes, mesh, peers, capture, log) and the checks that span sect
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -244,6 +245,21 @@ def _check_ingress_source(capture: CaptureSpec | None, listeners: list[ListenerS
                              "finds them by config.mark")
 
 
+def _check_loopback_upstreams(listeners: list[ListenerSpec], routes: list[Route], p: Problems) -> None:
+    """An upstream on a loopback address cannot be dialled from the client's address: the kernel refuses
+    to route its answers (from 127.0.0.0/8 or ::1 to another host) before any rule could steer them."""
+    for r in routes:
+        try:
+            if r.upstream is None or not ipaddress.ip_address(r.upstream.host).is_loopback:
+                continue
+        except ValueError:  # a name: what it resolves to is known only when dialling
+            continue
+        if r.preserve_source or any(s.preserve_source for s in listeners
+                                    if not r.match.listener or s.name in r.match.listener):
+            p.add(f"routes[{r.index}].upstream", f"{r.upstream} is a loopback address, which cannot answer a "
+                                                 "client's address (preserve_source): use an interface's address")
+
+
 def parse_config(raw: Any) -> GateConfig:
     """Validate a parsed YAML document; raise ConfigError listing every problem."""
     p = Problems()
@@ -281,6 +297,7 @@ def parse_config(raw: Any) -> GateConfig:
     if capture and mark_ == capture.route_mark:
         p.add("config.mark", f"must differ from capture.route_mark ({mark_:#x})")
     _check_ingress_source(capture, listeners, routes, mark_, p)
+    _check_loopback_upstreams(listeners, routes, p)
     if p.items:
         raise ConfigError(p.items)
     return GateConfig(listeners=tuple(listeners), routes=tuple(routes), timeouts=timeouts, log=log, workers=workers,

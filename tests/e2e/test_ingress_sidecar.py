@@ -202,3 +202,23 @@ def test_source_port_skips_a_tuple_in_use(start_gate: Any, sidecar: tuple[netns.
     assert [p["port"] for p in app.peers()] == [40000, 40000]
     assert [r["client"].rsplit(":", 1)[1] for r in gate.wait_records(2)] == ["40001", "40001"]
     assert gate.stop() == 0
+
+
+
+def test_a_route_preserving_the_source(start_gate: Any, sidecar: tuple[netns.Topology, App]) -> None:
+    """preserve_source on a route (the listeners keep theirs off), here with a fixed upstream: the return
+    routing covers it too, and flows the route does not match keep the gate's address."""
+    topo, app = sidecar
+    a = topo.addr
+    gate = start_gate(LISTENERS, netns=topo.ns["app"], capture=capture(),
+                      routes=[{"match": {"listener": "in4"}, "action": "upstream", "upstream": f"{a['app4']}:{APP}",
+                               "preserve_source": True},
+                              {"action": "direct"}])
+    assert "ingress_return" in topo.run("app", "nft", "list", "ruleset")
+    got = curl(topo, "server", url(a["app4"]))
+    assert got.returncode == 0, got.stderr + gate.stderr()[-2000:]
+    assert got.stdout.split()[2] == a["server4"]
+    assert curl(topo, "server", url(a["app6"])).stdout.split()[2] == a["app6"]  # the direct route
+    assert [r["action"] for r in gate.wait_records(2)] == ["upstream", "direct"]
+    assert [p["peer"] for p in app.peers()] == [a["server4"], a["app6"]]
+    assert gate.stop() == 0

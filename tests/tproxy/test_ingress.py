@@ -113,6 +113,26 @@ def test_config_says_what_an_ingress_preserving_the_source_lacks() -> None:
     parse_config({**redirect, "capture": {"mode": "redirect", "role": "router"}})
 
 
+def test_a_loopback_upstream_cannot_answer_a_preserved_source() -> None:
+    """Found in the namespaces: the app's SYN-ACK from 127.0.0.1 to the client is never routed (the kernel
+    refuses a loopback source off lo before OUTPUT), so the connect times out; the config says so."""
+    route = {"match": {"listener": "in4"}, "action": "upstream", "upstream": "127.0.0.1:8080"}
+    for listener, extra, expected in (({"preserve_source": True}, {}, True), ({}, {"preserve_source": True}, True),
+                                      ({}, {}, False)):
+        raw = _config(listener, routes=[{**route, **extra}, {"action": "direct"}])
+        if expected:
+            assert "routes[0].upstream: 127.0.0.1:8080 is a loopback address, which cannot answer a client's " \
+                   "address (preserve_source): use an interface's address" in problems(raw)
+        else:
+            parse_config(raw)
+    # another listener's preserve_source does not reach a route limited to this one
+    other = _config({}, routes=[{**route, "match": {"listener": "in4"}}])
+    other["listeners"] = [*other["listeners"], {"name": "p6", "kind": "tproxy", "listen": "[::]:15006",
+                                                 "preserve_source": True}]
+    parse_config(other)
+    parse_config(_config({"preserve_source": True}, routes=[{"action": "upstream", "upstream": "[::2]:80"}]))
+
+
 def test_ugate_check_reports_it(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"listeners": [{"name": "r", "kind": "redirect", "listen": "0.0.0.0:15001"}],
