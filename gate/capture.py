@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from gate.config import GateConfig
 from tproxy.rules import Capture, OwnedTable, RuleSet, apply, build, clear
 
-__all__ = ["applied", "capture_of", "preserves_source", "rules_of"]
+__all__ = ["applied", "capture_of", "rules_of"]
 
 log = logging.getLogger("ugate")
 
@@ -21,14 +21,10 @@ def capture_of(config: GateConfig) -> Capture | None:
     assert config.mark is not None  # the config gives capture a default bypass mark
     return Capture(mode=spec.mode, role=spec.role, port4=spec.port4, port6=spec.port6, bypass_mark=config.mark,
                    route_mark=spec.route_mark, table=spec.table, udp_port4=spec.udp_port4,
+                   # any upstream may leave from a client's address: an ingress needs return routing
+                   preserve_source=any(s.preserve_source for s in (*config.listeners, *config.routes)),
                    udp_port6=spec.udp_port6, backend=spec.backend, interfaces=spec.interfaces, ports=spec.ports,
-                   exclude=spec.exclude, sources=spec.sources, on_failure=spec.on_failure,
-                   preserve_source=preserves_source(config))
-
-
-def preserves_source(config: GateConfig) -> bool:
-    """Whether any upstream may leave from a client's address (a listener's or a route's preserve_source)."""
-    return any(spec.preserve_source for spec in config.listeners) or any(r.preserve_source for r in config.routes)
+                   exclude=spec.exclude, sources=spec.sources, on_failure=spec.on_failure)
 
 
 def rules_of(config: GateConfig) -> tuple[Capture, RuleSet] | None:

@@ -23,6 +23,9 @@ class Capture:
     bypass_mark: int  # ugate's own sockets carry it: never captured
     route_mark: int = 0x1
     table: int = 100
+    # Upstreams leave from the client's address (a tproxy listener's or a route's preserve_source); an
+    # ingress sidecar then needs return routing for the app's replies (tproxy.ingress).
+    preserve_source: bool = False
     udp_port4: int | None = None
     udp_port6: int | None = None
     backend: str = "nftables"  # or "iptables" (python-iptables, legacy x_tables)
@@ -33,6 +36,3 @@ class Capture:
     # While no gate serves: "closed" drops (TPROXY) or refuses (REDIRECT) captured traffic; "open" lets it
     # bypass the gate (nftables only: the table dies with the process that holds it). See tproxy.rules.
     on_failure: str = "closed"
-    # Upstreams leave from the client's address (a tproxy listener's or a route's preserve_source); an
-    # ingress sidecar then needs return routing for the app's replies (tproxy.ingress).
-    preserve_source: bool = False
