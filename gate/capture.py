@@ -22,7 +22,8 @@ def capture_of(config: GateConfig) -> Capture | None:
     return Capture(mode=spec.mode, role=spec.role, port4=spec.port4, port6=spec.port6, bypass_mark=config.mark,
                    route_mark=spec.route_mark, table=spec.table, udp_port4=spec.udp_port4,
                    # any upstream may leave from a client's address: an ingress needs return routing
-                   preserve_source=any(s.preserve_source for s in (*config.listeners, *config.routes)),
+                   preserve_source=any(s.preserve_source for s in config.listeners)
+                   or any(r.preserve_source for r in config.routes),
                    udp_port6=spec.udp_port6, backend=spec.backend, interfaces=spec.interfaces, ports=spec.ports,
                    exclude=spec.exclude, sources=spec.sources, on_failure=spec.on_failure)
 
