@@ -21,7 +21,7 @@ from __future__ import annotations
 from tproxy.capture import Capture
 from tproxy.iptables import IptRule
 
-__all__ = ["CHAIN", "needs_return_routing", "return_chain", "return_iptables"]
+__all__ = ["CHAIN", "needs_return_routing", "owned_rule", "return_chain", "return_iptables"]
 
 CHAIN = "ingress_return"  # the nft chain's name in ugate's table
 
@@ -29,6 +29,18 @@ CHAIN = "ingress_return"  # the nft chain's name in ugate's table
 def needs_return_routing(cap: Capture) -> bool:
     """Only a TPROXY ingress sidecar whose upstreams leave from the client's address needs it."""
     return cap.role == "ingress" and cap.mode == "tproxy" and cap.preserve_source
+
+
+def owned_rule(mark: str) -> str:
+    """The ingress form of "packets of a connection a transparent socket owns go to it": not for a bare
+    SYN. nft's ``socket`` lookup also finds the gate's accepted sockets in TIME_WAIT; a client reusing
+    such a connection's port would have its SYN accepted here, the TIME_WAIT socket would hand it to the
+    listener of the destination port, which in an ingress sidecar is the app's own, and the connection
+    would bypass the gate (with on_failure closed its next packets are dropped: it stalls). Measured
+    with ab against nginx, 2000 connections twice: the second run stalled in both modes; with this rule
+    both ran 4 x 2000. A bare SYN goes on to the ``tproxy`` rule, which hands TIME_WAIT over to the
+    gate's listener (nf_tproxy_handle_time_wait)."""
+    return f"meta l4proto tcp tcp flags & (syn | ack) != syn socket transparent 1 {mark} accept"
 
 
 def _statements(cap: Capture) -> list[str]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 from tproxy.capture import Capture
-from tproxy.ingress import return_chain, return_iptables
+from tproxy.ingress import owned_rule, return_chain, return_iptables
 from tproxy.iptables import build_iptables, clear_iptables
 
 P = ParamSpec("P")
@@ -160,6 +160,8 @@ def build(cap: Capture) -> RuleSet:
             steer = [f'iifname "lo" meta mark {cap.route_mark:#x} {s}' for s in _steer(cap, *tproxy)]
             pre = [owned]
         else:
+            if cap.role == "ingress":  # a bare SYN must reach the tproxy rule (see tproxy.ingress)
+                owned = owned_rule(mark)
             local = "fib daddr type local return" if cap.role == "router" else "fib daddr type != local return"
             steer = [f"{iif}{s}" for s in _steer(cap, *tproxy)]
             pre = [owned, skip_own, local, *filters]

@@ -222,3 +222,23 @@ def test_a_route_preserving_the_source(start_gate: Any, sidecar: tuple[netns.Top
     assert [r["action"] for r in gate.wait_records(2)] == ["upstream", "direct"]
     assert [p["peer"] for p in app.peers()] == [a["server4"], a["app6"]]
     assert gate.stop() == 0
+
+
+def test_a_client_reusing_its_port_is_still_captured(start_gate: Any, sidecar: tuple[netns.Topology, App]) -> None:
+    """The app closes (Connection: close), so the gate's accepted socket is left in TIME_WAIT; the client
+    connects again from the same port at once. Its SYN must reach the gate's listener, not the app's
+    through that TIME_WAIT socket (tproxy.ingress.owned_rule; before it, the second connection went to
+    the app behind the gate's back and, with on_failure closed, stalled). Without preserve_source: with
+    it, the client sometimes closes first and its own TIME_WAIT refuses curl the port (the rule is the
+    same; ab against nginx showed both modes fixed)."""
+    topo, app = sidecar
+    a = topo.addr
+    preserve = False
+    gate = start_gate(LISTENERS, netns=topo.ns["app"], capture=capture())
+    for _ in range(3):
+        got = curl(topo, "server", url(a["app4"]), "--interface", a["server4"], "--local-port", "41000",
+                   "-H", "Connection: close", "--max-time", "5")
+        assert got.returncode == 0, got.stderr
+    assert len(gate.wait_records(3)) == 3  # every one through the gate
+    assert [p["peer"] for p in app.peers()] == [a["server4"] if preserve else a["app4"]] * 3
+    assert gate.stop() == 0

@@ -27,7 +27,7 @@ def test_nft_rule_set_adds_the_return_chain_to_the_tproxy_one() -> None:
     assert rules.nft == """table inet ugate {
   chain prerouting {
     type filter hook prerouting priority mangle; policy accept;
-    meta l4proto tcp socket transparent 1 meta mark set 0x1 accept
+    meta l4proto tcp tcp flags & (syn | ack) != syn socket transparent 1 meta mark set 0x1 accept
     meta mark 0x2 return
     fib daddr type != local return
     meta nfproto ipv4 meta l4proto tcp tcp dport 8080 tproxy ip to :15001 meta mark set 0x1 accept
