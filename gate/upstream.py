@@ -200,10 +200,14 @@ class Opener:
         assert target is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout
-        addresses = await resolve(target, self.connect_timeout)
-        allowed = self._vet(addresses, decision, flow, target)
+        allowed = await self.addresses(decision, flow, target)
         sock = await open_tcp(target, max(deadline - loop.time(), 0.001), self._options(flow, decision), allowed)
         return Upstream(sock, self._header(decision, flow, sock))
+
+    async def addresses(self, decision: Decision, flow: Flow, target: Endpoint) -> list[tuple[int, Endpoint]]:
+        """``target``'s addresses that may be dialled, TCP or UDP alike: resolved (within the connect
+        timeout) and vetted (``_vet``); RejectedByRule, RefusedByPolicy or an UpstreamError otherwise."""
+        return self._vet(await resolve(target, self.connect_timeout), decision, flow, target)
 
     def _vet(self, addresses: list[tuple[int, Endpoint]], decision: Decision, flow: Flow,
              target: Endpoint) -> list[tuple[int, Endpoint]]:

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from gate.proto.socks_udp import HEADER_MAX, SocksDatagram, SocksUdpError, header, parse_datagram
 from tests.fuzzing import budget
 
-# Captured from PySocks 1.7.1 (socksocket(SOCK_DGRAM).sendto(b"hello", ("127.0.0.1", 5353))) and from
-# Dante 1.4.2's socksify running drill against 127.0.0.1:53 (the query cut to its first bytes).
+# As PySocks 1.7.1 writes them (socks.py: sendto and _write_SOCKS5_address; rdns=True, its default, sends
+# names as names): socksocket(SOCK_DGRAM).sendto(b"hello", ("127.0.0.1", 5353)) and ("localhost", 5353).
 PYSOCKS_V4 = b"\x00\x00\x00\x01\x7f\x00\x00\x01\x14\xe9hello"
 PYSOCKS_DOMAIN = b"\x00\x00\x00\x03\x09localhost\x14\xe9hello"
 IPV6 = b"\x00\x00\x00\x04" + bytes(15) + b"\x01" + b"\x00\x35" + b"q"
