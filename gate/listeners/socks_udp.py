@@ -54,7 +54,7 @@ class _Destination:
         self.key = key
         self.flow = flow
         self.sock = sock
-        self.header = wrap  # the SOCKS UDP header answers carry: the destination as the client named it
+        self.header = wrap  # the SOCKS UDP header answers carry
 
     @property
     def bytes_up(self) -> int:
@@ -306,7 +306,11 @@ class Association:
             self.ctx.finish(flow, self.closed, "association ended while opening")
             return
         flow.state = FlowState.RELAYING
-        session = _Destination(o.key, flow, sock, header(o.dst.host, o.dst.port))
+        # answers come from the remote's address, a name the client sent resolved (as Dante answers);
+        # through a route's fixed upstream, from the destination the client named (it never heard of it)
+        remote = flow.dst if flow.upstream is None else o.dst
+        assert remote is not None
+        session = _Destination(o.key, flow, sock, header(remote.host, remote.port))
         self.owner.sessions += 1
         self.destinations += 1
         late = self.table.opened(o.key, session, self.loop.time())
