@@ -462,3 +462,57 @@ def test_idle_destination_expires_while_the_association_lives(start_gate: Any, e
     c.close()
     assert wait_for(lambda: len(by_path(gate, "udp")) == 2)
     client.close()
+
+
+# -- the shared opener's policy, per destination --------------------------------------------------
+
+
+def test_fixed_upstream_answers_as_the_destination(start_gate: Any, echo: Echo) -> None:
+    gate = start(start_gate, routes=[{"match": {"dst": "192.0.2.0/24"}, "upstream": "{}:{}".format(*echo.addr)},
+                                     {"action": "direct"}])
+    s = pysocks(gate)
+    s.sendto(b"to a test-net address", ("192.0.2.1", 9))
+    assert s.recvfrom(100) == (b"to a test-net address", ("192.0.2.1", 9))  # never hears of the upstream
+    s.close()
+    (flow,) = wait_for(lambda: by_path(gate, "udp"))
+    assert flow["dst"] == "192.0.2.1:9" and flow["upstream"] == "{}:{}".format(*echo.addr)
+
+
+def test_via_is_refused_for_udp_until_the_mesh_carries_it(start_gate: Any, echo: Echo, tmp_path: Path) -> None:
+    """Until UDP over the mesh is built (another branch), a UDP destination routed via a peer is refused
+    with a clear reason, never relayed direct (which would contradict the route and its log)."""
+    from tests.e2e.test_mesh import keygen
+
+    keygen(tmp_path / "a")
+    peer_b = keygen(tmp_path / "b")
+    port = free_port()
+    gate = start_gate([{"name": "socks", "kind": "socks5", "listen": f"127.0.0.1:{port}"}],
+                      routes=[{"match": {"port": echo.addr[1]}, "via": "b"}, {"action": "direct"}],
+                      mesh={"identity": str(tmp_path / "a")},
+                      peers=[{"name": "b", "address": f"127.0.0.1:{free_port()}", "id": peer_b}])
+    gate.addr = ("127.0.0.1", port)
+    s = pysocks(gate)
+    s.sendto(b"over the mesh?", echo.addr)
+    s.close()
+    (flow,) = wait_for(lambda: by_path(gate, "udp"))
+    assert flow["close"] == "refused" and "UDP over the mesh" in flow["detail"]
+    assert echo.seen == 0
+
+
+def test_loop_guard_and_names_vetted_like_tcp(start_gate: Any) -> None:
+    """A destination that is the gate itself is refused; a name is resolved by the gate and each of its
+    addresses routed again, so a rule on 127.0.0.0/8 also stops "localhost"."""
+    gate = start(start_gate, routes=[{"name": "no-loopback-2", "match": {"dst": "127.0.0.2/32"}, "action": "reject"},
+                                     {"name": "no-lo", "match": {"dst": ["127.0.0.0/8", "::1/128"], "port": 9},
+                                      "action": "reject"},
+                                     {"action": "direct"}])
+    s = pysocks(gate)
+    s.sendto(b"loop", gate.addr)  # the SOCKS listener's own address
+    s.sendto(b"by name", ("localhost", 9))
+    flows = wait_for(lambda: len(by_path(gate, "udp")) == 2 and by_path(gate, "udp"))  # before the
+    s.close()  # association ends (a destination still opening would end with it)
+    loop = next(f for f in flows if f["dst"] == "{}:{}".format(*gate.addr))
+    named = next(f for f in flows if f["host"] == "localhost")
+    assert loop["close"] == "refused" and "loop" in loop["detail"]
+    assert named["close"] == "rejected" and "no-lo (localhost is " in named["detail"]
+    assert gate.alive()
