@@ -21,6 +21,7 @@ from gate.dial import literal_family
 from gate.errors import ClientProtocolError, GateError, RefusedByPolicy, UpstreamUnreachable
 from gate.flow import Close, Flow, FlowState
 from gate.proto import socks
+from gate.proto.socks import ATYP_DOMAIN, ATYP_IPV4, ATYP_IPV6
 from gate.proto.socks_udp import SocksUdpError, header, parse_datagram
 from gate.sniffing import apply_sniffed
 from gate.specs import SocksUdp
@@ -41,6 +42,7 @@ DATAGRAMS_PER_WAKEUP = 128  # fairness between sockets, and fewer wake-ups per d
 MAX_HELD_BYTES = 256 << 10
 MAX_UDP = 65507  # the largest IPv4 UDP payload: no wrapped answer may be longer
 
+_HEADER_SIZE = {ATYP_IPV4: 10, ATYP_IPV6: 22}  # RSV FRAG ATYP ADDR PORT; a domain's depends on its length
 _buffer = bytearray(65536)  # one read buffer for every socket (the loop is single-threaded)
 _view = memoryview(_buffer)
 
@@ -48,12 +50,13 @@ _view = memoryview(_buffer)
 class _Destination:
     """One destination's upstream socket (connected to it: only it can answer) and flow record."""
 
-    __slots__ = ("flow", "header", "key", "sock")
+    __slots__ = ("asked", "flow", "header", "key", "sock")
 
-    def __init__(self, key: Key, flow: Flow, sock: socket.socket, wrap: bytes) -> None:
+    def __init__(self, key: Key, flow: Flow, sock: socket.socket, asked: bytes, wrap: bytes) -> None:
         self.key = key
         self.flow = flow
         self.sock = sock
+        self.asked = asked  # the header of the client's datagrams to it, as it sends them (see _on_client)
         self.header = wrap  # the SOCKS UDP header answers carry
 
     @property
@@ -135,6 +138,7 @@ class Association:
             "symmetric", self.spec.session_timeout, owner.sniff, self.spec.max_destinations,
             max_held_bytes=MAX_HELD_BYTES, max_sessions_per_client=self.spec.max_destinations)
         self.sessions = self.table.sessions
+        self.by_header: dict[bytes, _Destination] = {}  # the open sessions again, by header (max_destinations)
         self.timer: asyncio.TimerHandle | None = None
         self.opening: set[asyncio.Task[None]] = set()
         self.dropped: collections.Counter[str] = collections.Counter()
@@ -177,7 +181,7 @@ class Association:
         self.owner.dropped[why] += 1
 
     def _on_client(self) -> None:
-        sock, active = self.sock, False
+        sock, by_header, limit, active = self.sock, self.by_header, self.spec.max_datagram, False
         for _ in range(DATAGRAMS_PER_WAKEUP):
             try:
                 n, peer = sock.recvfrom_into(_buffer)
@@ -192,6 +196,16 @@ class Association:
             if not self.client_port:  # the first datagram names the client's port from now on
                 self.client_port = peer[1]
                 self.client = Endpoint(self.client_host, peer[1])
+            # an open destination is found by the raw header bytes (RSV and FRAG zero included), without
+            # parsing: with a parse per datagram (address to text, an Endpoint) the relay delivered a
+            # third as many 1200-byte datagrams (12.7k vs 37.8k pps, scripts/bench_socks_udp.py smoke run)
+            atyp = _buffer[3] if n > 4 else 0
+            size = _HEADER_SIZE.get(atyp, 0) or (7 + _buffer[4] if atyp == ATYP_DOMAIN else 0)
+            known = by_header.get(_view[:size].tobytes()) if 0 < size <= n else None
+            if known is not None and n - size <= limit:
+                self._send_up(known, _view[size:n])
+                active = True
+                continue
             try:
                 d = parse_datagram(bytes(_view[:n]))
             except SocksUdpError as e:
@@ -218,7 +232,7 @@ class Association:
         if active:
             self.last_active = self.loop.time()
 
-    def _send_up(self, session: _Destination, data: bytes) -> None:
+    def _send_up(self, session: _Destination, data: bytes | memoryview) -> None:
         try:
             session.sock.send(data)
         except (BlockingIOError, InterruptedError):
@@ -310,7 +324,8 @@ class Association:
         # through a route's fixed upstream, from the destination the client named (it never heard of it)
         remote = flow.dst if flow.upstream is None else o.dst
         assert remote is not None
-        session = _Destination(o.key, flow, sock, header(remote.host, remote.port))
+        session = _Destination(o.key, flow, sock, header(o.dst.host, o.dst.port), header(remote.host, remote.port))
+        self.by_header[session.asked] = session
         self.owner.sessions += 1
         self.destinations += 1
         late = self.table.opened(o.key, session, self.loop.time())
@@ -346,6 +361,7 @@ class Association:
         """Close a destination that left the table, with its one access-log record."""
         self.loop.remove_reader(session.sock.fileno())
         session.sock.close()
+        self.by_header.pop(session.asked, None)
         self.owner.sessions -= 1
         self.bytes_up += session.flow.bytes_up
         self.bytes_down += session.flow.bytes_down
