@@ -131,7 +131,7 @@ class Association:
             raise
         # datagrams only from the control connection's address, and from the port the request named
         # (most clients name theirs) or, if it named none, the port of the first datagram
-        self.client_host = control.client.host
+        self.client_host = unmap(control.client.host)  # as recvfrom() on the relay socket will say it
         self.client_port = request.port
         self.client = Endpoint(self.client_host, self.client_port)
         self.table: SessionTable[_Destination] = SessionTable(

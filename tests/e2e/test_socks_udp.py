@@ -521,3 +521,40 @@ def test_loop_guard_and_names_vetted_like_tcp(start_gate: Any) -> None:
     assert loop["close"] == "refused" and "loop" in loop["detail"]
     assert named["close"] == "rejected" and "no-lo (localhost is " in named["detail"]
     assert gate.alive()
+
+
+def test_max_sessions_of_the_listener(start_gate: Any) -> None:
+    echoes = [Echo() for _ in range(3)]
+    gate = start(start_gate, udp={"max_sessions": 2})
+    clients = [udp_client(), udp_client()]
+    controls = []
+    for client, e in zip(clients, echoes[:2], strict=True):
+        c, relay, _ = associate(gate, client.getsockname()[1])
+        controls.append(c)
+        client.sendto(wrap(*e.addr, b"in"), relay)
+        assert client.recv(100).endswith(b"in")
+    client.sendto(wrap(*echoes[2].addr, b"a third socket"), relay)
+    (refused,) = wait_for(lambda: by_path(gate, "udp"))
+    assert refused["close"] == "refused" and "max_sessions (2)" in refused["detail"]
+    assert echoes[2].seen == 0
+    for c in controls:
+        c.close()
+    for s in (*clients, *(e.sock for e in echoes)):
+        s.close()
+
+
+def test_an_association_without_datagrams_ends_at_the_idle_timeout(start_gate: Any, echo: Echo) -> None:
+    port = free_port()
+    gate = start_gate([{"name": "socks", "kind": "socks5", "listen": f"127.0.0.1:{port}",
+                        "timeouts": {"idle": 1}}])
+    gate.addr = ("127.0.0.1", port)
+    client = udp_client()
+    c, relay, _ = associate(gate, client.getsockname()[1])
+    client.sendto(wrap(*echo.addr, b"once"), relay)
+    client.recv(100)
+    (control,) = wait_for(lambda: by_path(gate, "udp-associate"), timeout=5)
+    assert control["close"] == "idle timeout"
+    assert c.recv(10) == b""  # the control connection is closed with it
+    assert by_path(gate, "udp")[0]["close"] == "idle timeout"
+    c.close()
+    client.close()
