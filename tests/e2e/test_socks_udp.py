@@ -558,3 +558,42 @@ def test_an_association_without_datagrams_ends_at_the_idle_timeout(start_gate: A
     assert by_path(gate, "udp")[0]["close"] == "idle timeout"
     c.close()
     client.close()
+
+
+def test_fuzzed_datagrams_and_handshakes(start_gate: Any, echo: Echo) -> None:
+    """Mutated real datagrams (DNS, QUIC, to addresses and names) on the relay socket and mutated UDP
+    ASSOCIATE requests on the control connection: the gate keeps serving, logs no traceback, and its
+    descriptors return to baseline once the associations end."""
+    import random
+
+    from tests.e2e.test_fuzz import CASES, SEED, mutate
+
+    rng = random.Random(SEED)
+    gate = start(start_gate, udp={"session_timeout": 1})
+    c0, _, _ = associate(gate)
+    c0.close()
+    wait_for(lambda: by_path(gate, "udp-associate"))
+    time.sleep(0.2)
+    baseline = gate.fd_count()
+    payloads = [(FIXTURES / "dig_query.bin").read_bytes(), *quic_flight("chromium_quic_initial.bin")[:2]]
+    seeds = [wrap(*echo.addr, p) for p in payloads] + [b"\x00\x00\x00\x03\x09localhost" + struct.pack("!H", 9) + b"x"]
+    client = udp_client()
+    c, relay, _ = associate(gate, client.getsockname()[1])
+    for _ in range(CASES * 4):
+        client.sendto(mutate(rng, rng.choice(seeds)), relay)
+    request = b"\x05\x01\x00\x05\x03\x00\x01\x00\x00\x00\x00" + struct.pack("!H", client.getsockname()[1])
+    for _ in range(CASES // 4):
+        with socket.create_connection(gate.addr, timeout=5) as s:
+            s.sendall(mutate(rng, request))
+            s.settimeout(0.3)
+            try:
+                s.recv(100)
+            except OSError:
+                pass
+    client.sendto(wrap(*echo.addr, b"after the storm"), relay)
+    while client.recv(2000) != wrap(*echo.addr, b"after the storm"):
+        pass
+    c.close()
+    client.close()
+    assert wait_for(lambda: gate.fd_count() <= baseline, timeout=10), (gate.fd_count(), baseline)
+    assert gate.alive() and "Traceback" not in gate.stderr()
