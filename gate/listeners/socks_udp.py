@@ -28,7 +28,7 @@ from gate.specs import SocksUdp
 from gate.udp import Expired, Key, Open, Relay, SessionTable
 from gate.udp.sessions import Refuse
 from gate.upstream import Opener
-from tproxy.sockopts import unmap
+from tproxy.sockopts import set_big_buffers, unmap
 
 __all__ = ["MAX_HELD_BYTES", "Association", "UdpAssociations"]
 
@@ -125,6 +125,7 @@ class Association:
         family = socket.AF_INET6 if ":" in local else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         try:
+            set_big_buffers(self.sock)  # every destination's datagrams share this one socket's queues
             self.sock.bind((local, 0))  # the address the client reached, so the client can reach it
         except OSError:
             self.sock.close()
