@@ -191,7 +191,8 @@ class Association:
             except OSError as e:  # an ICMP error queued on the socket
                 log.debug("%s: relay recv: %s", self.owner.name, e)
                 continue
-            if unmap(peer[0]) != self.client_host or (self.client_port and peer[1] != self.client_port):
+            # (the relay socket has the client's family, bound to an unmapped address: no mapped peers)
+            if peer[0] != self.client_host or (self.client_port and peer[1] != self.client_port):
                 self._drop("foreign")
                 continue
             if not self.client_port:  # the first datagram names the client's port from now on
@@ -204,8 +205,15 @@ class Association:
             size = _HEADER_SIZE.get(atyp, 0) or (7 + _buffer[4] if atyp == ATYP_DOMAIN else 0)
             known = by_header.get(_view[:size].tobytes()) if 0 < size <= n else None
             if known is not None and n - size <= limit:
-                self._send_up(known, _view[size:n])
                 active = True
+                try:  # _send_up, inlined: this is the per-datagram path of a long flow
+                    known.sock.send(_view[size:n])
+                except (BlockingIOError, InterruptedError):
+                    self._drop("upstream_full")
+                    continue
+                except OSError:
+                    continue
+                known.flow.bytes_up += n - size
                 continue
             try:
                 d = parse_datagram(bytes(_view[:n]))

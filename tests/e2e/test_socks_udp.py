@@ -338,6 +338,8 @@ def test_port_learnt_from_the_first_datagram(start_gate: Any, echo: Echo) -> Non
     first.sendto(wrap(*echo.addr, b"one"), relay)
     assert first.recv(100).endswith(b"one")
     second.sendto(wrap(*echo.addr, b"two"), relay)  # same address, another port: not the client
+    first.sendto(wrap(*echo.addr, b"three"), relay)  # behind it in the relay's queue: once answered,
+    assert first.recv(100).endswith(b"three")  # the stranger's datagram was handled
     c.close()
     control = wait_for(lambda: by_path(gate, "udp-associate"))[0]
     assert dropped(control) == {"foreign": 1}
@@ -569,7 +571,7 @@ def test_fuzzed_datagrams_and_handshakes(start_gate: Any, echo: Echo) -> None:
     from tests.e2e.test_fuzz import CASES, SEED, mutate
 
     rng = random.Random(SEED)
-    gate = start(start_gate, udp={"session_timeout": 1})
+    gate = start(start_gate)
     c0, _, _ = associate(gate)
     c0.close()
     wait_for(lambda: by_path(gate, "udp-associate"))
@@ -579,6 +581,8 @@ def test_fuzzed_datagrams_and_handshakes(start_gate: Any, echo: Echo) -> None:
     seeds = [wrap(*echo.addr, p) for p in payloads] + [b"\x00\x00\x00\x03\x09localhost" + struct.pack("!H", 9) + b"x"]
     client = udp_client()
     c, relay, _ = associate(gate, client.getsockname()[1])
+    client.sendto(wrap(*echo.addr, b"before the storm"), relay)  # open before mutated destinations
+    assert client.recv(2000) == wrap(*echo.addr, b"before the storm")  # reach max_destinations
     for _ in range(CASES * 4):
         client.sendto(mutate(rng, rng.choice(seeds)), relay)
     request = b"\x05\x01\x00\x05\x03\x00\x01\x00\x00\x00\x00" + struct.pack("!H", client.getsockname()[1])
