@@ -165,25 +165,28 @@ def test_ipv6_listener_and_relay(start_gate: Any) -> None:
     client = udp_client("::1")
     c, relay, code = associate(gate, client.getsockname()[1])
     assert code == 0 and relay[0] == "::1"
-    data = os.urandom(1200)
-    client.sendto(wrap(*echo6.addr, data), relay)
-    assert client.recv(2000) == wrap(*echo6.addr, data)
+    for _ in range(3):
+        data = os.urandom(1200)
+        client.sendto(wrap(*echo6.addr, data), relay)
+        assert client.recv(2000) == wrap(*echo6.addr, data)
     c.close()
     client.close()
     echo6.close()
     (flow,) = wait_for(lambda: by_path(gate, "udp"))
-    assert flow["dst"] == f"[::1]:{echo6.addr[1]}" and flow["bytes_up"] == flow["bytes_down"] == 1200
+    assert flow["dst"] == f"[::1]:{echo6.addr[1]}" and flow["bytes_up"] == flow["bytes_down"] == 3 * 1200
 
 
 def test_a_name_is_resolved_by_the_gate(start_gate: Any, echo: Echo) -> None:
     gate = start(start_gate)
     s = pysocks(gate)  # rdns (PySocks' default): the name travels in the header
-    s.sendto(b"by name", ("localhost", echo.addr[1]))
-    got, frm = s.recvfrom(100)
-    assert got == b"by name" and frm == ("127.0.0.1", echo.addr[1])  # from the remote's address, as Dante
+    for i in range(3):  # the first opens the destination, the others take the path of open ones
+        s.sendto(b"by name %d" % i, ("localhost", echo.addr[1]))
+        got, frm = s.recvfrom(100)
+        assert got == b"by name %d" % i and frm == ("127.0.0.1", echo.addr[1])  # the remote's address, as Dante
     s.close()
     (flow,) = wait_for(lambda: by_path(gate, "udp"))
     assert flow["host"] == "localhost" and flow["dst"] == f"127.0.0.1:{echo.addr[1]}"
+    assert flow["bytes_up"] == flow["bytes_down"] == 3 * 9
 
 
 def test_many_destinations_one_flow_each(start_gate: Any) -> None:
