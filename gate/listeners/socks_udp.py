@@ -100,6 +100,7 @@ class UdpAssociations:
             bound = assoc.sock.getsockname()
             await asyncio.get_running_loop().sock_sendall(conn, socks.socks5_reply(socks.Reply.SUCCEEDED, *bound[:2]))
             flow.state = FlowState.RELAYING
+            self.opener.on_routed(flow)  # granted: no longer a pending handshake of its source
             close, detail = await assoc.watch(conn)
         except OSError as e:
             close, detail = Close.CLIENT_RESET, e.strerror

@@ -445,6 +445,16 @@ def test_max_associations_per_client(start_gate: Any) -> None:
         conn.close()
 
 
+def test_a_granted_association_is_not_a_pending_handshake(start_gate: Any) -> None:
+    """Associations, once granted, leave max_handshakes_per_source: a client may hold more of them than
+    it may hold unfinished handshakes."""
+    gate = start(start_gate, max_handshakes_per_source=2)
+    held = [associate(gate) for _ in range(4)]
+    assert [code for _, _, code in held] == [0] * 4
+    for c, _, _ in held:
+        c.close()
+
+
 def test_max_datagram(start_gate: Any, echo: Echo) -> None:
     gate = start(start_gate, udp={"max_datagram": 1000})
     client = udp_client()
