@@ -15,6 +15,7 @@ access log.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 
@@ -25,6 +26,7 @@ from gate.errors import GateError, RefusedByPolicy
 from gate.flow import Close, Flow, FlowState
 from gate.sniffing import apply_sniffed
 from gate.udp import Expired, Key, Open, Relay, SessionTable, reply_source
+from gate.udp.offload import UdpOffload
 from gate.udp.sessions import Refuse, RemoteVerdict
 from gate.upstream import Opener
 from splice import mmsg
@@ -99,6 +101,8 @@ class TproxyUdpListener:
         self.full_cone = self.table.mapping == "full-cone"
         self.timer: asyncio.TimerHandle | None = None  # calls the table's timer at its next_timer()
         self.opener = Opener(ctx, spec.name, spec.timeouts.connect)
+        # sessions handed to the kernel once routed (gate.udp.offload)
+        self.offload = UdpOffload(self.loop, 6 if self.family == socket.AF_INET6 else 4, spec.session_timeout)
 
     def start(self) -> None:
         sock = socket.socket(self.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
@@ -195,7 +199,7 @@ class TproxyUdpListener:
             decision = self.opener.decide(flow)
             if len(self.sessions) >= self.spec.max_flows:
                 raise RefusedByPolicy("max_flows reached")
-            upstream = self.opener.open_udp(decision, flow)
+            upstream = self.opener.open_udp(decision, flow, connect=not self.full_cone)
         except GateError as e:
             self.table.refused(o.key)
             self.ctx.finish(flow, e.close, str(e))  # one record per refused datagram: retries show as such
@@ -206,6 +210,14 @@ class TproxyUdpListener:
         self.loop.add_reader(upstream.sock.fileno(), self._on_upstream, session, o.key)
         for dst, payload in (*o.datagrams, *late):
             self._send_up(session, dst, payload)
+        self.offload.offer(decision, flow, functools.partial(self._end, o.key))
+
+    def _end(self, key: Key) -> None:
+        """The kernel fast path found the session's element expired: it ends as an idle one."""
+        session = self.table.end(key)
+        if session is not None:
+            self._close(session, Close.IDLE)
+        self._schedule()
 
     def _refuse(self, r: Refuse) -> None:
         """A client address at its session cap: one log line and one access-log record for the refusals
@@ -334,7 +346,8 @@ class TproxyUdpListener:
             self.loop.remove_reader(sock.fileno())
             sock.close()
         session.replies.clear()
-        self.ctx.finish(session.flow, reason)
+        detail = self.offload.forget(session.flow) if session.flow.path == "kernel" else None
+        self.ctx.finish(session.flow, reason, detail)
 
     def stop_accepting(self) -> None:
         if self.sock is not None:
@@ -347,4 +360,5 @@ class TproxyUdpListener:
         sessions not routed yet are dropped: their client retransmits to whoever serves next)."""
         for session in self.table.shutdown():
             self._close(session, Close.SHUTDOWN)
+        self.offload.close()
         self._schedule()
