@@ -15,7 +15,6 @@ access log.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import socket
 
@@ -102,7 +101,8 @@ class TproxyUdpListener:
         self.timer: asyncio.TimerHandle | None = None  # calls the table's timer at its next_timer()
         self.opener = Opener(ctx, spec.name, spec.timeouts.connect)
         # sessions handed to the kernel once routed (gate.udp.offload)
-        self.offload = UdpOffload(self.loop, 6 if self.family == socket.AF_INET6 else 4, spec.session_timeout)
+        self.offload = UdpOffload(self.loop, 6 if self.family == socket.AF_INET6 else 4, spec.session_timeout,
+                                  ctx.finish)
 
     def start(self) -> None:
         sock = socket.socket(self.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
@@ -199,7 +199,10 @@ class TproxyUdpListener:
             decision = self.opener.decide(flow)
             if len(self.sessions) >= self.spec.max_flows:
                 raise RefusedByPolicy("max_flows reached")
-            upstream = self.opener.open_udp(decision, flow, connect=not self.full_cone)
+            # a session the kernel takes over keeps its upstream unconnected: a connected UDP socket gets
+            # the first answer by early demux, however the fast path rule accepted it
+            offload = self.offload.wants(decision)
+            upstream = self.opener.open_udp(decision, flow, connect=not (self.full_cone or offload))
         except GateError as e:
             self.table.refused(o.key)
             self.ctx.finish(flow, e.close, str(e))  # one record per refused datagram: retries show as such
@@ -208,16 +211,15 @@ class TproxyUdpListener:
         session = _Session(o.key, flow, flow.upstream, upstream.sock)
         late = self.table.opened(o.key, session, self.loop.time())
         self.loop.add_reader(upstream.sock.fileno(), self._on_upstream, session, o.key)
+        # before the first datagrams go: the first answer may come back sooner than an nft commit takes
+        offloaded = offload and self.offload.offer(decision, flow)
         for dst, payload in (*o.datagrams, *late):
             self._send_up(session, dst, payload)
-        self.offload.offer(decision, flow, functools.partial(self._end, o.key))
-
-    def _end(self, key: Key) -> None:
-        """The kernel fast path found the session's element expired: it ends as an idle one."""
-        session = self.table.end(key)
-        if session is not None:
-            self._close(session, Close.IDLE)
-        self._schedule()
+        if offloaded:
+            # the kernel forwards the rest; our sockets must go, as the kernel would hand them (by their
+            # exact addresses) the packets it is to forward. The offload ends the flow and logs it.
+            self.table.end(o.key)
+            self._release(session)
 
     def _refuse(self, r: Refuse) -> None:
         """A client address at its session cap: one log line and one access-log record for the refusals
@@ -342,12 +344,14 @@ class TproxyUdpListener:
 
     def _close(self, session: _Session, reason: Close) -> None:
         """Close a session that has left the table, with its one access-log record."""
+        self._release(session)
+        self.ctx.finish(session.flow, reason)
+
+    def _release(self, session: _Session) -> None:
         for sock in (session.upstream, *session.replies.values()):
             self.loop.remove_reader(sock.fileno())
             sock.close()
         session.replies.clear()
-        detail = self.offload.forget(session.flow) if session.flow.path == "kernel" else None
-        self.ctx.finish(session.flow, reason, detail)
 
     def stop_accepting(self) -> None:
         if self.sock is not None:
@@ -360,5 +364,5 @@ class TproxyUdpListener:
         sessions not routed yet are dropped: their client retransmits to whoever serves next)."""
         for session in self.table.shutdown():
             self._close(session, Close.SHUTDOWN)
-        self.offload.close()
+        self.offload.shutdown()
         self._schedule()

@@ -3,13 +3,16 @@
 A ``tproxy_udp`` session whose route is offloadable (``direct`` from the client's own address, see
 ``Route.offloadable``) has nothing left for the gate to do on its bytes once it is routed, so its two
 5-tuples go into the capture table's fast path sets (tproxy.offload) and the kernel forwards the rest.
-The session stays in the listener's table, its sockets open (a straggler that still reaches user space
-is relayed as before), and this module:
-- polls the sets once per sweep interval and adds the element counters' progress to the flow's
-  bytes (so the table's idle check sees the client's traffic, and the record reports it);
-- ends the session when the client -> server element expired (the kernel's idle timeout is the
-  session_timeout, refreshed by each of the client's packets: the same rule as in user space),
-  re-adding a server -> client element that expired on its own while the client still sends.
+The session then leaves the listener's table and its sockets close: a UDP socket connected to one of the
+tuples would get the packets by early demux however the rules accept them (seen: the kernel delivered
+them to the gate's sockets, not forwarded). From then on the flow record is this module's:
+- it polls the sets once per sweep interval and adds the element counters' progress to the flow's
+  bytes (the record reports what the kernel forwarded, on top of what the gate relayed first);
+- the flow ends (idle timeout, one record) when the client -> server element expired (its timeout is
+  the session_timeout, refreshed by each of the client's packets: the same rule as in user space); a
+  server -> client element that expired on its own while the client still sends is added again.
+A datagram of the session that still reaches user space (after the element expired, before the poll
+saw it) opens a new session, as after any idle end.
 The sets exist only when the capture rules were built with them (router role, nftables; see
 gate.capture.fastpath_of): the first offload finds out, and without them the listener relays as before.
 """
@@ -23,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gate.deadlines import sweep_interval
-from gate.flow import Flow
+from gate.flow import Close, Flow
 from gate.router import Decision
 from tproxy.offload import Counts, FastpathNft, Tuple5, payload_bytes
 from tproxy.rules import NFT_TABLE
@@ -48,7 +51,6 @@ class Offloaded:
 
     flow: Flow
     up: Tuple5  # client -> server
-    end: Callable[[], None]  # the listener ends the session (its sockets, its record)
     up_counts: Counts = NO_COUNTS
     down_counts: Counts = NO_COUNTS
 
@@ -61,8 +63,10 @@ class UdpOffload:
     """One listener's offloaded sessions (one IP version: the listener's)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, version: int, session_timeout: float,
+                 finish: Callable[[Flow, Close, str | None], None],
                  nft_factory: Callable[[], FastpathNft] = lambda: FastpathNft(NFT_TABLE)) -> None:
         self.loop = loop
+        self.finish = finish  # Context.finish: the one place flows end
         self.version = version
         self.interval = sweep_interval(session_timeout)
         self._factory = nft_factory
@@ -82,8 +86,14 @@ class UdpOffload:
                 self.available = False
         return bool(self.available)
 
-    def offer(self, decision: Decision, flow: Flow, end: Callable[[], None]) -> bool:
-        """Offload the session of ``flow`` if its route allows and the sets exist; True if done."""
+    def wants(self, decision: Decision) -> bool:
+        """Whether a session routed so would be offered (the sets may still turn out missing)."""
+        route = decision.route
+        return route is not None and route.offloadable and self.available is not False
+
+    def offer(self, decision: Decision, flow: Flow) -> bool:
+        """Offload the session of ``flow`` if its route allows and the sets exist; True if done (the
+        caller then closes the session's sockets, and its flow is this module's to end)."""
         route, dst = decision.route, flow.dst
         if route is None or not route.offloadable or flow.upstream is not None or dst is None:
             return False
@@ -98,7 +108,7 @@ class UdpOffload:
         except OSError as e:  # the set is full (MAX_ELEMENTS), or the table went away: stays in user space
             log.warning("kernel fast path: cannot add %s: %s", flow.client, e)
             return False
-        self.sessions[up] = Offloaded(flow, up, end)
+        self.sessions[up] = Offloaded(flow, up)
         flow.path = "kernel"
         if self._timer is None:
             self._timer = self.loop.call_later(self.interval, self._poll)
@@ -120,7 +130,7 @@ class UdpOffload:
             elif item.down not in live:
                 self._readd(item.down)
         for item in ended:
-            item.end()  # comes back through forget()
+            self._end(item, Close.IDLE)
         if self.sessions:
             self._timer = self.loop.call_later(self.interval, self._poll)
 
@@ -149,30 +159,28 @@ class UdpOffload:
                 item.flow.bytes_down += delta
                 item.down_counts = now
 
-    def forget(self, flow: Flow) -> str | None:
-        """The session of ``flow`` ends (expired here, idle in the table, or shutdown): read its final
-        counts, remove its elements; returns the record's detail (the kernel's packet counts)."""
-        dst = flow.dst
-        if dst is None or self._nft is None:
-            return None
-        item = self.sessions.pop(_tuple(flow), None)
-        if item is None:
-            return None
-        try:
-            _, counts = self._nft.listing(self.version)
+    def _end(self, item: Offloaded, close: Close, counts: dict[Tuple5, Counts] | None = None) -> None:
+        """Remove the flow's elements, add their last counts, and end the flow with its one record."""
+        assert self._nft is not None
+        self.sessions.pop(item.up, None)
+        if counts is not None:
             self._count(item, counts)
-        except OSError:
-            pass  # the table is gone (rules cleared): the last poll's figures stand
         self._nft.delete([item.up, item.down])
-        if not self.sessions and self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        return (f"kernel fast path: {item.up_counts.packets} packets up, {item.down_counts.packets} down "
-                "forwarded by the kernel")
+        self.finish(item.flow, close, f"kernel fast path: {item.up_counts.packets} packets up, "
+                                      f"{item.down_counts.packets} down forwarded by the kernel")
 
-    def close(self) -> None:
+    def shutdown(self) -> None:
+        """The gate stops: every offloaded flow ends now, with what the kernel counted so far."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._nft is not None:
-            self._nft.close()
+        if self._nft is None:
+            return
+        try:
+            _, counts = self._nft.listing(self.version)
+        except OSError:
+            counts = {}  # the table is gone (rules cleared): the last poll's figures stand
+        for item in list(self.sessions.values()):
+            self._end(item, Close.SHUTDOWN, counts)
+        self._nft.close()
+        self._nft = None
