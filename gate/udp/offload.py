@@ -51,8 +51,10 @@ class Offloaded:
 
     flow: Flow
     up: Tuple5  # client -> server
-    up_counts: Counts = NO_COUNTS
+    up_counts: Counts = NO_COUNTS  # the elements' counters at the last poll (they restart when re-added)
     down_counts: Counts = NO_COUNTS
+    packets_up: int = 0  # what the kernel forwarded, in total
+    packets_down: int = 0
 
     @property
     def down(self) -> Tuple5:
@@ -128,19 +130,22 @@ class UdpOffload:
             if up not in live:
                 ended.append(item)
             elif item.down not in live:
-                self._readd(item.down)
+                self._readd(item)
         for item in ended:
             self._end(item, Close.IDLE)
         if self.sessions:
             self._timer = self.loop.call_later(self.interval, self._poll)
 
-    def _readd(self, t: Tuple5) -> None:
+    def _readd(self, item: Offloaded) -> None:
+        """The answers' element expired while the client still sends: add it again (its count element
+        goes with it, read just before, so the counters restart from zero)."""
         assert self._nft is not None
         try:
-            self._nft.delete([t])  # its count element stays until the session ends: delete and add both
-            self._nft.add([t])
+            self._nft.delete([item.down])
+            self._nft.add([item.down])
+            item.down_counts = NO_COUNTS
         except OSError as e:
-            log.debug("kernel fast path: re-adding %s: %s", t, e)
+            log.debug("kernel fast path: re-adding %s: %s", item.down, e)
 
     def _count(self, item: Offloaded, counts: dict[Tuple5, Counts]) -> None:
         """Add what the kernel forwarded since the last poll to the flow (counters only grow; one that
@@ -149,14 +154,15 @@ class UdpOffload:
             now = counts.get(t)
             if now is None:
                 continue
-            if now.packets < last.packets:
-                last = NO_COUNTS
-            delta = payload_bytes(t, Counts(now.packets - last.packets, now.bytes - last.bytes))
+            packets = now.packets - last.packets
+            delta = payload_bytes(t, Counts(packets, now.bytes - last.bytes))
             if attr == "up":
                 item.flow.bytes_up += delta
+                item.packets_up += packets
                 item.up_counts = now
             else:
                 item.flow.bytes_down += delta
+                item.packets_down += packets
                 item.down_counts = now
 
     def _end(self, item: Offloaded, close: Close, counts: dict[Tuple5, Counts] | None = None) -> None:
@@ -166,8 +172,8 @@ class UdpOffload:
         if counts is not None:
             self._count(item, counts)
         self._nft.delete([item.up, item.down])
-        self.finish(item.flow, close, f"kernel fast path: {item.up_counts.packets} packets up, "
-                                      f"{item.down_counts.packets} down forwarded by the kernel")
+        self.finish(item.flow, close, f"kernel fast path: {item.packets_up} packets up, {item.packets_down} down "
+                                      "forwarded by the kernel")
 
     def shutdown(self) -> None:
         """The gate stops: every offloaded flow ends now, with what the kernel counted so far."""
