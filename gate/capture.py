@@ -64,7 +64,9 @@ def capture_of(config: GateConfig) -> Capture | None:
                    exclude=spec.exclude, sources=spec.sources, on_failure=spec.on_failure,
                    fastpath=fastpath_of(config), bypass=bypass_of(config),
                    udp_owned=bool(spec.udp_port4 or spec.udp_port6) and spec.mode == "tproxy"
-                   and spec.role == "router" and any(r.preserve_source for r in config.routes))
+                   and spec.role == "router" and (any(r.preserve_source for r in config.routes)
+                                                  or any(s.preserve_source for s in config.listeners
+                                                         if isinstance(s, TproxyUdpSpec))))
 
 
 def rules_of(config: GateConfig) -> tuple[Capture, RuleSet] | None:

@@ -99,7 +99,7 @@ class TproxyUdpListener:
         self.sessions = self.table.sessions  # the open sessions, looked up per datagram
         self.full_cone = self.table.mapping == "full-cone"
         self.timer: asyncio.TimerHandle | None = None  # calls the table's timer at its next_timer()
-        self.opener = Opener(ctx, spec.name, spec.timeouts.connect)
+        self.opener = Opener(ctx, spec.name, spec.timeouts.connect, preserve_source=spec.preserve_source)
         # sessions handed to the kernel once routed (gate.udp.offload)
         self.offload = UdpOffload(self.loop, 6 if self.family == socket.AF_INET6 else 4, spec.session_timeout,
                                   ctx.finish)
