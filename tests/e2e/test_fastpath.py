@@ -170,9 +170,12 @@ def test_udp_session_is_handed_to_the_kernel_and_ends_when_its_element_expires(
     assert gate.stop() == 0
 
 
-def test_offload_off_keeps_the_session_in_user_space(start_gate: Any, router: netns.Topology) -> None:
+@pytest.mark.parametrize("mapping", ["symmetric", "full-cone"])
+def test_offload_off_keeps_the_session_in_user_space(start_gate: Any, router: netns.Topology, mapping: str) -> None:
+    """Source preservation for UDP in user space: the server answers the client's own address, and the
+    capture rules hand that answer to the gate's upstream socket (unconnected with full-cone)."""
     a = router.addr
-    gate = start_gate(listeners(), netns=router.ns["gateway"], capture=CAPTURE, routes=[
+    gate = start_gate(listeners(mapping), netns=router.ns["gateway"], capture=CAPTURE, routes=[
         {"match": {"port": [UDP_PORT]}, "action": "direct", "preserve_source": True, "offload": "off"},
         {"action": "direct", "preserve_source": True, "match": {"port": [1]}}])  # the sets exist
     proc = subprocess.Popen(router.cmd("client", sys.executable, "-c", UDP_CLIENT, a["server4"], str(UDP_PORT), "50",
