@@ -160,9 +160,10 @@ class Router:
                 return _decision(route, key)
         return Decision(Action.REJECT, None)
 
-    def explain(self, key: FlowKey, bypass: bool = False) -> list[str]:
+    def explain(self, key: FlowKey, bypass: bool = False, fastpath: bool = False) -> list[str]:
         """One line per route tried, ending with the decision; with ``bypass`` (the capture rules hold
-        the compiled routes, and the flow arrives through capture), says when the kernel forwards it."""
+        the compiled routes, and the flow arrives through capture) or ``fastpath`` (a tproxy_udp flow,
+        and the rules have the fast path sets), says when the kernel forwards it."""
         lines = []
         for route in self.routes:
             reason = why_not(route.match, key)
@@ -176,6 +177,9 @@ class Router:
                     lines.append("bypassed: the capture rules do not capture this flow (address-only route, "
                                  "direct with the client's source); the kernel forwards it and the gate never "
                                  "sees or logs it")
+                elif fastpath and route.offloadable:
+                    lines.append("kernel fast path: once routed, the session's later datagrams are forwarded by "
+                                 "the kernel; one record when it ends (path kernel)")
                 return lines
             lines.append(f"routes[{route.index}] {route.name}: no: {reason}")
         lines.append("no route matched: reject")

@@ -28,9 +28,10 @@ __all__ = ["Bypass", "Counts", "FastpathNft", "Tuple5", "bypass_statements", "el
            "fastpath_skip", "parse_counts", "parse_live", "payload_bytes"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-# Elements per set: one liveness and one count element per direction of an offloaded session, so the
-# sets need at most 2 x the sessions a listener may have open; this caps what a flood of sessions can
-# put into the kernel (an add beyond it fails, and that session simply stays in user space).
+# Elements per set: one per direction of an offloaded session, so at most 32,768 sessions per family are
+# in the kernel at once. An offloaded session has left its listener's table (and its max_flows), so this
+# is what bounds them, and the gate's record of each (a Flow); an add beyond it fails and that session
+# stays in user space, under the listener's own limits.
 MAX_ELEMENTS = 65536
 HEADER = {4: 28, 6: 48}  # IP + UDP header bytes the element counters include and flow byte counts do not
 
@@ -231,7 +232,10 @@ class FastpathNft:
         """The live tuples and the counts of one family's sets."""
         live = self.run(f"list set inet {self.table} fp{version}\n")
         counts = self.run(f"list set inet {self.table} fpc{version}\n")
-        return parse_live(live, f"fp{version}"), parse_counts(counts, f"fpc{version}")
+        try:
+            return parse_live(live, f"fp{version}"), parse_counts(counts, f"fpc{version}")
+        except (ValueError, TypeError, AttributeError) as e:  # nft's JSON not as 1.0.6 writes it
+            raise OSError(f"unexpected nft listing: {e}") from None
 
     def close(self) -> None:
         if self._ctx is not None:

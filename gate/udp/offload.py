@@ -75,6 +75,7 @@ class UdpOffload:
         self._nft: FastpathNft | None = None
         self.available: bool | None = None  # None: not tried yet
         self.sessions: dict[Tuple5, Offloaded] = {}
+        self.refused = 0  # sessions the sets had no room for (warned about once, then at debug level)
         self._timer: asyncio.TimerHandle | None = None
 
     def _ready(self) -> bool:
@@ -108,7 +109,10 @@ class UdpOffload:
         try:
             self._nft.add([up, up.reverse()])
         except OSError as e:  # the set is full (MAX_ELEMENTS), or the table went away: stays in user space
-            log.warning("kernel fast path: cannot add %s: %s", flow.client, e)
+            self.refused += 1
+            (log.debug if self.refused > 1 else log.warning)(
+                "kernel fast path: cannot add %s (%d refused so far; it stays in user space): %s",
+                flow.client, self.refused, e)
             return False
         self.sessions[up] = Offloaded(flow, up)
         flow.path = "kernel"
