@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gate.addr import Endpoint
 from gate.capture import bypass_of, fastpath_of, rules_of
@@ -22,6 +24,7 @@ from gate.router import Decision
 from gate.udp.offload import UdpOffload
 from gate.vocab import Action
 from tests.conftest import ROOT
+from tests.fuzzing import budget
 from tproxy.offload import (
     MAX_ELEMENTS,
     Bypass,
@@ -249,3 +252,25 @@ def test_rules_show_and_route_explain(tmp_path: Path) -> None:
     explained = ugate("route", "--listener", "udp4", "--dst", "10.8.1.1", "--port", "53").splitlines()
     assert explained[1] == "routes[1] dns: MATCH: direct"
     assert explained[-1].startswith("kernel fast path: once routed")  # not a bypass: the gate routes it first
+
+
+_ports = st.integers(0, 65535)
+_v4 = st.ip_addresses(v=4).map(str)
+_v6 = st.ip_addresses(v=6).map(str)
+_tuples = st.one_of(st.builds(Tuple5, _v4, _ports, _v4, _ports), st.builds(Tuple5, _v6, _ports, _v6, _ports))
+
+
+@budget(300)
+@given(st.dictionaries(_tuples, st.tuples(st.integers(0, 2**40), st.integers(0, 2**50)), max_size=20))
+def test_listings_round_trip(elements: dict[Tuple5, tuple[int, int]]) -> None:
+    """Whatever tuples and counters the sets hold, the parsers give them back as nft 1.0.6 lists them."""
+    def concat(t: Tuple5) -> dict[str, Any]:
+        return {"concat": [t.src, t.sport, t.dst, t.dport]}
+
+    live = {"nftables": [{"metainfo": {}}, {"set": {"name": "fp4", "elem": [
+        {"elem": {"val": concat(t), "expires": 1}} for t in elements]}}]}
+    counts = {"nftables": [{"set": {"name": "fpc4", "elem": [
+        {"elem": {"val": concat(t), "counter": {"packets": p, "bytes": b}}} for t, (p, b) in elements.items()]}}]}
+    assert parse_live(json.dumps(live), "fp4") == set(elements)
+    assert parse_counts(json.dumps(counts), "fpc4") == {t: Counts(p, b) for t, (p, b) in elements.items()}
+    assert parse_live(json.dumps(live), "fp6") == set()  # another set's name: nothing
