@@ -230,3 +230,32 @@ def test_rules_with_fast_path_and_bypass_clear_exactly(start_gate: Any, router: 
     assert "set fpc4" in during and "set fp6" in during and "bypass: route #0" in during
     assert gate.stop() == 0
     assert state(router) == before
+
+
+def test_egress_bypass_leaves_the_apps_own_flows_alone(start_gate: Any) -> None:
+    """Egress sidecar: the bypassed destination is reached by the app's own connection (never marked for
+    capture), the other one through the gate."""
+    prefix = f"{PREFIX}e"
+    netns.remove(prefix)
+    topo = netns.sidecar(prefix)
+    server = spawn(topo, "server", sys.executable, "-m", "tests.e2e.peer_server", str(WEB))
+    try:
+        wait_for("the web server", lambda: f":{WEB} " in topo.run("server", "ss", "-Hltn"))
+        a = topo.addr
+        gate = start_gate([{"name": "out4", "kind": "tproxy", "listen": "0.0.0.0:15001"},
+                           {"name": "out6", "kind": "tproxy", "listen": "[::]:15006"}], netns=topo.ns["app"],
+                          capture={"mode": "tproxy", "role": "egress", "ports": [WEB], "apply": "auto"},
+                          routes=[{"match": {"dst": [f"{a['server4']}/32"]}, "action": "direct",
+                                   "preserve_source": True, "name": "skip"}, {"action": "direct"}])
+        assert 'comment "bypass: route skip"' in topo.run("app", "nft", "list", "table", "inet", "ugate")
+        for server_address in (a["server4"], f"[{a['server6']}]"):
+            got = subprocess.run(topo.cmd("app", "curl", "-sS", "--max-time", "10",
+                                          f"http://{server_address}:{WEB}/"), capture_output=True, text=True)
+            assert got.stdout.startswith("you are "), got.stderr
+        records = gate.wait_records(1)
+        assert gate.stop() == 0
+        assert [r["dst"] for r in gate.records()] == [f"[{a['server6']}]:{WEB}"] == [r["dst"] for r in records]
+    finally:
+        server.terminate()
+        server.wait()
+        topo.remove()
