@@ -20,12 +20,14 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import json
+import re
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Bypass", "Counts", "FastpathNft", "Tuple5", "bypass_statements", "element_script", "fastpath_sets",
-           "fastpath_skip", "parse_counts", "parse_live", "payload_bytes"]
+__all__ = ["Bypass", "Counts", "FastpathNft", "Tuple5", "bypass_statements", "canonical", "element_script",
+           "fastpath_sets", "fastpath_skip", "parse_counts", "parse_counts_text", "parse_live", "payload_bytes"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Elements per set: one per direction of an offloaded session, so at most 32,768 sessions per family are
@@ -145,12 +147,22 @@ def _elements(listing: Any, name: str) -> list[dict[str, Any]]:
     return []
 
 
+def canonical(address: str) -> str:
+    """An address as nft lists it (inet_ntop's form); inet_pton/ntop, as ipaddress costs ~10x more
+    and a poll reads every element of the set."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        return socket.inet_ntop(family, socket.inet_pton(family, address))
+    except OSError:
+        raise ValueError(f"not an address: {address!r}") from None
+
+
 def _tuple(value: Any) -> Tuple5 | None:
     concat = value.get("concat") if isinstance(value, dict) else None
     if not isinstance(concat, list) or len(concat) != 4:
         return None
     src, sport, dst, dport = concat
-    return Tuple5(str(ipaddress.ip_address(src)), int(sport), str(ipaddress.ip_address(dst)), int(dport))
+    return Tuple5(canonical(str(src)), int(sport), canonical(str(dst)), int(dport))
 
 
 def parse_live(listing_json: str, name: str) -> set[Tuple5]:
@@ -176,6 +188,16 @@ def parse_counts(listing_json: str, name: str) -> dict[Tuple5, Counts]:
         if t is not None:
             out[t] = Counts(int(counter.get("packets", 0)), int(counter.get("bytes", 0)))
     return out
+
+
+_COUNTED = re.compile(r"([0-9a-fA-F.:]+) \. (\d+) \. ([0-9a-fA-F.:]+) \. (\d+) counter packets (\d+) bytes (\d+)")
+
+
+def parse_counts_text(text: str) -> dict[Tuple5, Counts]:
+    """The counters in ``nft get element`` output (nft 1.0.6 writes it as text even when asked for JSON):
+    ``elements = { 10.0.0.2 . 2 . 10.0.0.1 . 1 counter packets 0 bytes 0, ... }``."""
+    return {Tuple5(canonical(m[1]), int(m[2]), canonical(m[3]), int(m[4])): Counts(int(m[5]), int(m[6]))
+            for m in _COUNTED.finditer(text)}
 
 
 def payload_bytes(t: Tuple5, counts: Counts) -> int:
@@ -219,6 +241,10 @@ class FastpathNft:
     def add(self, tuples: Iterable[Tuple5]) -> None:
         self.run(element_script(self.table, tuples, add=True))
 
+    def revive(self, t: Tuple5) -> None:
+        """Add ``t``'s liveness element again (its count element never expires)."""
+        self.run(f"add element inet {self.table} fp{t.version} {{ {t.nft()} }}\n")
+
     def delete(self, tuples: Iterable[Tuple5]) -> None:
         """Delete elements one by one: one already gone (expired) must not keep the others."""
         for t in tuples:
@@ -228,13 +254,28 @@ class FastpathNft:
                 except OSError:
                     pass  # expired meanwhile: nothing to delete
 
-    def listing(self, version: int) -> tuple[set[Tuple5], dict[Tuple5, Counts]]:
-        """The live tuples and the counts of one family's sets."""
-        live = self.run(f"list set inet {self.table} fp{version}\n")
-        counts = self.run(f"list set inet {self.table} fpc{version}\n")
+    def live(self, version: int) -> set[Tuple5]:
+        """The tuples of one family's liveness set (what a poll reads: no counters, cheaper to list)."""
+        listed = self.run(f"list set inet {self.table} fp{version}\n")
         try:
-            return parse_live(live, f"fp{version}"), parse_counts(counts, f"fpc{version}")
+            return parse_live(listed, f"fp{version}")
         except (ValueError, TypeError, AttributeError) as e:  # nft's JSON not as 1.0.6 writes it
+            raise OSError(f"unexpected nft listing: {e}") from None
+
+    def counts(self, tuples: Iterable[Tuple5]) -> dict[Tuple5, Counts]:
+        """The count elements of ``tuples`` (one family), read in one command when their flows end."""
+        tuples = list(tuples)
+        if not tuples:
+            return {}
+        keys = ", ".join(t.nft() for t in tuples)
+        return parse_counts_text(self.run(f"get element inet {self.table} fpc{tuples[0].version} {{ {keys} }}\n"))
+
+    def all_counts(self, version: int) -> dict[Tuple5, Counts]:
+        """Every count element of one family (at shutdown)."""
+        listed = self.run(f"list set inet {self.table} fpc{version}\n")
+        try:
+            return parse_counts(listed, f"fpc{version}")
+        except (ValueError, TypeError, AttributeError) as e:
             raise OSError(f"unexpected nft listing: {e}") from None
 
     def close(self) -> None:

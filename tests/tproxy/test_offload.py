@@ -31,8 +31,10 @@ from tproxy.offload import (
     Counts,
     Tuple5,
     bypass_statements,
+    canonical,
     element_script,
     parse_counts,
+    parse_counts_text,
     parse_live,
     payload_bytes,
 )
@@ -131,24 +133,33 @@ class FakeNft:
 
     def __init__(self, capacity: int = MAX_ELEMENTS) -> None:
         self.capacity = capacity
-        self.live: set[Tuple5] = set()
-        self.counts: dict[Tuple5, Counts] = {}
+        self.live_set: set[Tuple5] = set()
+        self.count_set: dict[Tuple5, Counts] = {}
 
     def add(self, tuples: Any) -> None:
         tuples = list(tuples)
-        if len(self.live) + len(tuples) > self.capacity:
-            raise OSError("nft failed: Error: Could not process rule: Argument list too long")
+        if len(self.count_set) + len(tuples) > self.capacity:
+            raise OSError("nft failed: Error: Could not process rule: Too many open files in system")
         for t in tuples:
-            self.live.add(t)
-            self.counts[t] = Counts(0, 0)
+            self.live_set.add(t)
+            self.count_set[t] = Counts(0, 0)
+
+    def revive(self, t: Tuple5) -> None:
+        self.live_set.add(t)
 
     def delete(self, tuples: Any) -> None:
         for t in tuples:
-            self.live.discard(t)
-            self.counts.pop(t, None)
+            self.live_set.discard(t)
+            self.count_set.pop(t, None)
 
-    def listing(self, version: int) -> tuple[set[Tuple5], dict[Tuple5, Counts]]:
-        return set(self.live), dict(self.counts)
+    def live(self, version: int) -> set[Tuple5]:
+        return set(self.live_set)
+
+    def counts(self, tuples: Any) -> dict[Tuple5, Counts]:
+        return {t: self.count_set[t] for t in tuples}
+
+    def all_counts(self, version: int) -> dict[Tuple5, Counts]:
+        return dict(self.count_set)
 
     def close(self) -> None:
         pass
@@ -160,12 +171,13 @@ def _route(**route: Any) -> Any:
     return config.routes[0]
 
 
-def test_session_side_counts_ends_and_respects_the_set_bound() -> None:
+def test_session_side_ends_with_the_kernel_counts_and_respects_the_set_bound() -> None:
     async def scenario() -> None:
         nft = FakeNft(capacity=2)  # room for one session (two tuples)
         finished: list[tuple[Flow, Close, str | None]] = []
-        offload = UdpOffload(asyncio.get_running_loop(), 4, 0.2, lambda f, c, d: finished.append((f, c, d)),
+        offload = UdpOffload(asyncio.get_running_loop(), 4, 1.0, lambda f, c, d: finished.append((f, c, d)),
                              nft_factory=lambda: nft)  # type: ignore[arg-type,return-value]
+        assert offload.interval == 0.25  # a quarter of the session timeout
         route = _route(action="direct", preserve_source=True)
         decision = Decision(Action.DIRECT, route)
         assert offload.wants(decision)
@@ -176,24 +188,39 @@ def test_session_side_counts_ends_and_respects_the_set_bound() -> None:
         assert offload.offer(decision, first) and first.path == "kernel"
         second = Flow("u", Endpoint("10.0.0.1", 5001), Endpoint("10.0.0.2", 53))
         assert not offload.offer(decision, second)  # the set is full: this one stays in user space
+        assert offload.refused == 1
         up = Tuple5("10.0.0.1", 5000, "10.0.0.2", 53)
-        nft.counts[up] = Counts(3, 3 * 128)
-        nft.counts[up.reverse()] = Counts(2, 2 * 528)
-        await asyncio.sleep(0.15)  # one poll (sweep interval: 1 s at most, a quarter of the timeout)
-        assert (first.bytes_up, first.bytes_down) == (40 + 3 * 100, 2 * 500) and not finished
-        nft.live.discard(up.reverse())  # the answers' element expired on its own: added again
-        nft.counts[up] = Counts(4, 4 * 128)
-        await asyncio.sleep(0.1)
-        assert up.reverse() in nft.live and first.bytes_up == 40 + 4 * 100
-        nft.live.discard(up)  # the client went quiet: its element expired
-        await asyncio.sleep(0.1)
+        nft.live_set.discard(up.reverse())  # the answers' element expired on its own: added again
+        await asyncio.sleep(0.35)
+        assert up.reverse() in nft.live_set and not finished
+        nft.count_set[up] = Counts(4, 4 * 128)  # IPv4: 28 header bytes per packet
+        nft.count_set[up.reverse()] = Counts(2, 2 * 528)
+        nft.live_set.discard(up)  # the client went quiet: its element expired
+        await asyncio.sleep(0.3)
         assert finished == [(first, Close.IDLE, "kernel fast path: 4 packets up, 2 down forwarded by the kernel")]
-        assert nft.live == set() and nft.counts == {}
+        assert (first.bytes_up, first.bytes_down) == (40 + 4 * 100, 2 * 500)
+        assert nft.live_set == set() and nft.count_set == {}
         assert offload.offer(decision, second)  # room again
         offload.shutdown()
         assert [c for _, c, _ in finished] == [Close.IDLE, Close.SHUTDOWN]
 
     asyncio.run(scenario())
+
+
+# `nft get element` output of nft 1.0.6 (text even with -j)
+GOT = ("table inet ugate {\n\tset fpc4 {\n\t\ttype ipv4_addr . inet_service . ipv4_addr . inet_service\n"
+       "\t\tsize 65536\n\t\telements = { 10.0.0.2 . 2 . 10.0.0.1 . 1 counter packets 0 bytes 0,\n"
+       "\t\t\t     10.0.0.1 . 1 . 10.0.0.2 . 2 counter packets 17 bytes 2176 }\n\t}\n}\n")
+
+
+def test_parse_counts_text() -> None:
+    assert parse_counts_text(GOT) == {Tuple5("10.0.0.2", 2, "10.0.0.1", 1): Counts(0, 0),
+                                      Tuple5("10.0.0.1", 1, "10.0.0.2", 2): Counts(17, 2176)}
+    assert parse_counts_text(GOT.replace("10.0.0.", "fd00:0:0:0:0:0:0:")) == {
+        Tuple5("fd00::2", 2, "fd00::1", 1): Counts(0, 0), Tuple5("fd00::1", 1, "fd00::2", 2): Counts(17, 2176)}
+    assert canonical("fd00:0::1") == "fd00::1" and canonical("10.0.0.1") == "10.0.0.1"
+    with pytest.raises(ValueError):
+        canonical("10.0.0.256")
 
 
 CONFIG = """
@@ -255,8 +282,8 @@ def test_rules_show_and_route_explain(tmp_path: Path) -> None:
 
 
 _ports = st.integers(0, 65535)
-_v4 = st.ip_addresses(v=4).map(str)
-_v6 = st.ip_addresses(v=6).map(str)
+_v4 = st.ip_addresses(v=4).map(lambda a: canonical(str(a)))
+_v6 = st.ip_addresses(v=6).map(lambda a: canonical(str(a)))
 _tuples = st.one_of(st.builds(Tuple5, _v4, _ports, _v4, _ports), st.builds(Tuple5, _v6, _ports, _v6, _ports))
 
 
