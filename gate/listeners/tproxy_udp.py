@@ -25,6 +25,7 @@ from gate.errors import GateError, RefusedByPolicy
 from gate.flow import Close, Flow, FlowState
 from gate.sniffing import apply_sniffed
 from gate.udp import Expired, Key, Open, Relay, SessionTable, reply_source
+from gate.udp.offload import UdpOffload
 from gate.udp.sessions import Refuse, RemoteVerdict
 from gate.upstream import Opener
 from splice import mmsg
@@ -98,7 +99,10 @@ class TproxyUdpListener:
         self.sessions = self.table.sessions  # the open sessions, looked up per datagram
         self.full_cone = self.table.mapping == "full-cone"
         self.timer: asyncio.TimerHandle | None = None  # calls the table's timer at its next_timer()
-        self.opener = Opener(ctx, spec.name, spec.timeouts.connect)
+        self.opener = Opener(ctx, spec.name, spec.timeouts.connect, preserve_source=spec.preserve_source)
+        # sessions handed to the kernel once routed (gate.udp.offload)
+        self.offload = UdpOffload(self.loop, 6 if self.family == socket.AF_INET6 else 4, spec.session_timeout,
+                                  ctx.finish)
 
     def start(self) -> None:
         sock = socket.socket(self.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
@@ -195,7 +199,10 @@ class TproxyUdpListener:
             decision = self.opener.decide(flow)
             if len(self.sessions) >= self.spec.max_flows:
                 raise RefusedByPolicy("max_flows reached")
-            upstream = self.opener.open_udp(decision, flow)
+            # a session the kernel takes over keeps its upstream unconnected: a connected UDP socket gets
+            # the first answer by early demux, however the fast path rule accepted it
+            offload = self.offload.wants(decision)
+            upstream = self.opener.open_udp(decision, flow, connect=not (self.full_cone or offload))
         except GateError as e:
             self.table.refused(o.key)
             self.ctx.finish(flow, e.close, str(e))  # one record per refused datagram: retries show as such
@@ -204,8 +211,15 @@ class TproxyUdpListener:
         session = _Session(o.key, flow, flow.upstream, upstream.sock)
         late = self.table.opened(o.key, session, self.loop.time())
         self.loop.add_reader(upstream.sock.fileno(), self._on_upstream, session, o.key)
+        # before the first datagrams go: the first answer may come back sooner than an nft commit takes
+        offloaded = offload and self.offload.offer(decision, flow)
         for dst, payload in (*o.datagrams, *late):
             self._send_up(session, dst, payload)
+        if offloaded:
+            # the kernel forwards the rest; our sockets must go, as the kernel would hand them (by their
+            # exact addresses) the packets it is to forward. The offload ends the flow and logs it.
+            self.table.end(o.key)
+            self._release(session)
 
     def _refuse(self, r: Refuse) -> None:
         """A client address at its session cap: one log line and one access-log record for the refusals
@@ -334,11 +348,14 @@ class TproxyUdpListener:
 
     def _close(self, session: _Session, reason: Close) -> None:
         """Close a session that has left the table, with its one access-log record."""
+        self._release(session)
+        self.ctx.finish(session.flow, reason)
+
+    def _release(self, session: _Session) -> None:
         for sock in (session.upstream, *session.replies.values()):
             self.loop.remove_reader(sock.fileno())
             sock.close()
         session.replies.clear()
-        self.ctx.finish(session.flow, reason)
 
     def stop_accepting(self) -> None:
         if self.sock is not None:
@@ -351,4 +368,5 @@ class TproxyUdpListener:
         sessions not routed yet are dropped: their client retransmits to whoever serves next)."""
         for session in self.table.shutdown():
             self._close(session, Close.SHUTDOWN)
+        self.offload.shutdown()
         self._schedule()
