@@ -167,6 +167,7 @@ def test_dead_gate_open_lets_clients_reach_the_app_directly(start_gate: Any,
     gate = start_gate([{**spec, "preserve_source": True} for spec in LISTENERS], netns=topo.ns["app"],
                       capture=capture(on_failure="open"))
     assert curl(topo, "server", url(a["app6"])).stdout.split()[2] == a["server6"]
+    assert len(gate.wait_records(1)) == 1  # written before the kill (the flow may end just after curl)
     gate.proc.send_signal(signal.SIGKILL)
     gate.proc.wait()
     deadline = time.monotonic() + 5
