@@ -58,7 +58,7 @@ class ViaUdp:
         return False
 
     def _answer(self, dst: Endpoint, payload: bytes) -> None:
-        if self.on_datagram is not None:
+        if self.on_datagram is not None and not self.closed:  # answers in flight when it closed are dropped
             self.on_datagram(dst, payload)
 
     def _ended(self, dst: Endpoint, error: GateError | None) -> None:
