@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from gate.addr import Endpoint, parse_endpoint
-from gate.specs import ListenerSpec
 from gate.validate import IPNetwork, Problems, boolean, hosts, names, networks, one_of, ports, string
-from gate.vocab import PROTOCOLS, Action, Proto, ProxyProtocol, Transport
+from gate.vocab import PROTOCOLS, Action, Proto, ProxyProtocol
 
-__all__ = ["Match", "Route", "check_udp_via", "parse_match", "parse_route"]
+__all__ = ["Match", "Route", "parse_match", "parse_route"]
 
 
 @dataclass(frozen=True)
@@ -102,15 +101,3 @@ def parse_match(raw: Any, where: str, listeners: set[str], p: Problems) -> Match
         if name not in listeners:
             p.add(f"{w}.listener", f"no listener is named {name!r}")
     return match
-
-
-def check_udp_via(routes: list[Route], listeners: list[ListenerSpec], p: Problems) -> None:
-    """Refuse ``via`` routes that UDP flows can take: the mesh carries TCP streams only (so far)."""
-    udp = [spec.name for spec in listeners if spec.transport == Transport.UDP]
-    for route in routes:
-        if route.action != Action.VIA or not udp:
-            continue
-        hit = [name for name in udp if not route.match.listener or name in route.match.listener]
-        if hit:
-            p.add(f"routes[{route.index}].via", f"UDP flows (listener {', '.join(hit)}) cannot go through the mesh "
-                  "yet; add match.listener to limit this route to TCP listeners")
