@@ -17,6 +17,7 @@ import h2.errors
 
 from gate.mesh.bridge import Bridge, Tunnel
 from gate.mesh.capsules import CapsuleError, CapsuleReader, datagram_capsule
+from gate.mesh.h2_limits import MAX_PENDING
 
 __all__ = ["MAX_QUEUED_BYTES", "MAX_STREAM_PENDING", "Channel", "DatagramFlow"]
 
@@ -70,7 +71,8 @@ class Channel(Bridge):
         if self.closed or self.local_ended or self.eof_pending:
             return False
         capsule = datagram_capsule(payload)
-        if self.queued_bytes + len(self.pending) + len(capsule) > MAX_STREAM_PENDING:
+        if (self.queued_bytes + len(self.pending) + len(capsule) > MAX_STREAM_PENDING
+                or self.session.pending + len(capsule) > MAX_PENDING):  # the connection's read-ahead budget
             self.dropped += 1
             return False
         self.last_active = self.session.loop.time()
