@@ -42,6 +42,7 @@ class Channel(Bridge):
         self.queued_bytes = 0
         self.dropped = 0  # datagrams not sent: the stream's queue was full
         self._answered = False
+        self._drain_soon = False  # a drain is scheduled for the end of this loop iteration
 
     @property
     def answered(self) -> bool:
@@ -82,8 +83,15 @@ class Channel(Bridge):
             return True
         self.pending += capsule
         self.session.pending += len(capsule)
-        self.session.drain(self)
+        if not self._drain_soon:  # once per loop iteration: a wake-up's datagrams leave in one DATA frame
+            self._drain_soon = True
+            self.session.loop.call_soon(self._drain)
         return True
+
+    def _drain(self) -> None:
+        self._drain_soon = False
+        if not self.closed:
+            self.session.drain(self)
 
     def close(self) -> None:
         """End our side (END_STREAM after what is pending); the peer ends its side in turn."""
