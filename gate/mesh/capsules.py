@@ -112,8 +112,19 @@ class CapsuleReader:
             buf: bytes | bytearray = self.buffer
         else:
             buf = data
-        payloads, pos = [], 0
+        payloads: list[bytes] = []
+        pos, end = 0, len(buf)
         while True:
+            # the common capsule, read inline: type 0 (one byte), a 1- or 2-byte length, context id 0
+            if pos + 3 < end and buf[pos] == DATAGRAM and buf[pos + 1] < 0x80:
+                if buf[pos + 1] < 0x40:
+                    size, start = buf[pos + 1], pos + 2
+                else:
+                    size, start = ((buf[pos + 1] & 0x3F) << 8) | buf[pos + 2], pos + 3
+                if size and start + size <= end and buf[start] == 0:
+                    payloads.append(bytes(buf[start + 1:start + size]))
+                    pos = start + size
+                    continue
             found = pull_capsule(buf, pos)
             if isinstance(found, NeedMore):
                 break
