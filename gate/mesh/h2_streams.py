@@ -37,6 +37,7 @@ __all__ = ["ERROR_HEADER", "Abandon", "H2DatagramStream", "H2Stream", "Serve", "
 ERROR_HEADER = "ugate-error"
 MAX_ALPN = 16  # offers carried; a TLS client offers a handful
 UDP_PATH = "/.well-known/masque/udp/"  # RFC 9298's well-known URI template, before {host}/{port}/
+IDLE_LINGER = 5.0  # seconds a CONNECT-UDP stream ended for idleness waits for the peer's END_STREAM
 MAX_UDP_PATH = len(UDP_PATH) + 3 * 253 + 8  # the longest name, percent-encoded, a port and slashes
 
 
@@ -216,8 +217,21 @@ class H2DatagramStream:
         return None if channel.closed else channel
 
     def cancel(self, close: Close) -> None:
+        channel = self._channel
+        if close is Close.IDLE and channel is not None and not channel.closed:
+            # a quiet UDP stream ends cleanly: the dialling gate drops it and opens another on the next
+            # datagram, its session going on; a peer that does not end its side is cut after IDLE_LINGER
+            channel.error = str(close)
+            channel.close()
+            self.session.loop.call_later(IDLE_LINGER, self._cut, channel, close)
+            return
+        self._cut(channel, close)
+
+    def _cut(self, channel: Bridge | None, close: Close) -> None:
+        if channel is not None and channel.closed:
+            return
         self.session.reset(self.stream_id, h2.errors.ErrorCodes.CANCEL)
-        channel = self._channel or self.session.bridges.get(self.stream_id)
+        channel = channel or self.session.bridges.get(self.stream_id)
         if channel is not None:
             channel.abort(str(close))
         else:

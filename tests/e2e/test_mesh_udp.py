@@ -69,8 +69,7 @@ def echo() -> Iterator[UdpEcho]:
     server.close()
 
 
-@pytest.fixture
-def gate_b(start_gate: Any, tmp_path: Path, echo: UdpEcho) -> Target:
+def start_b(start_gate: Any, tmp_path: Path, echo: UdpEcho, **top: Any) -> Target:
     """Gate B: an h2 listener whose peer ``a`` may reach the echo server's port only."""
     keygen(tmp_path / "a")
     keygen(tmp_path / "b")
@@ -81,8 +80,14 @@ def gate_b(start_gate: Any, tmp_path: Path, echo: UdpEcho) -> Target:
         mesh={"identity": str(tmp_path / "b")},
         peers=[{"name": "a", "cert": str(tmp_path / "a" / "cert.pem"),
                 "allow": [{"dst": ["127.0.0.1/32"], "port": [echo.port]}]}],
+        **top,
     )
     return Target(gate, port, tmp_path / "a")
+
+
+@pytest.fixture
+def gate_b(start_gate: Any, tmp_path: Path, echo: UdpEcho) -> Target:
+    return start_b(start_gate, tmp_path, echo)
 
 
 def records(gate: Any) -> list[dict[str, Any]]:
@@ -177,6 +182,36 @@ def test_the_allow_list_refuses_a_destination_and_the_session_ends(gate_b: Targe
     assert wait_for(lambda: any(r["close"] == "rejected" for r in records(gate_b.gate)))
     (record,) = records(gate_b.gate)
     assert record["dst"] == str(dst) and "may not reach" in record["detail"] and record["path"] == "udp"
+
+
+def test_a_quiet_stream_ends_cleanly_and_the_next_datagram_opens_another(start_gate: Any, tmp_path: Path,
+                                                                        echo: UdpEcho) -> None:
+    b = start_b(start_gate, tmp_path, echo, timeouts={"handshake": 5, "connect": 5, "idle": 1, "drain": 2})
+    dst = Endpoint("127.0.0.1", echo.port)
+    answers: list[bytes] = []
+    ended: list[GateError | None] = []
+
+    async def scenario() -> None:
+        opener, mesh = gate_a(tmp_path, b.port)
+        flow = Flow(listener="u", client=Endpoint("127.0.0.1", 40000), dst=dst, path="udp")
+        via = opener.open_udp(opener.decide(flow), flow)
+        assert isinstance(via, ViaUdp)
+        via.on_datagram = lambda remote, payload: answers.append(payload)
+        via.on_end = ended.append
+        via.send(dst, b"one")
+        await until(lambda: answers == [b"echo:one"])
+        await until(lambda: not via.streams, timeout=4)  # B's idle timeout ended it, cleanly
+        assert via.send(dst, b"two")
+        await until(lambda: answers == [b"echo:one", b"echo:two"])
+        mesh.close()  # the tunnel goes: the open stream breaks, and the session with it
+        await until(lambda: bool(ended))
+
+    asyncio.run(scenario())
+    assert len(ended) == 1 and ended[0] is not None and "via b" in str(ended[0])
+    assert wait_for(lambda: len(records(b.gate)) == 2)
+    first, second = records(b.gate)
+    assert first["close"] == "idle timeout" and first["bytes_up"] == 3 and first["bytes_down"] == 8
+    assert second["close"] == "client reset" and second["bytes_up"] == 3
 
 
 def udp_connect(peer: Peer, port: int, host: str = "127.0.0.1") -> int:
