@@ -6,6 +6,8 @@ Two questions, whatever carries the bytes (HTTP/2 over mutual TLS today, WebRTC 
 - serving: "a stream arrived from peer P carrying this flow" (``gate.mesh.inbound.Inbound.serve``, given
   a ``Stream`` to refuse or to bridge to the upstream the gate opened; it returns what the transport
   calls if the stream ends before it is bridged, so nothing is dialled for a stream already gone).
+UDP asks the same two questions with datagrams (``Transport.open_datagrams``, ``DatagramStream``): one
+stream per destination, carrying whole datagrams rather than a byte stream.
 ``FlowMeta`` is what travels with each stream: every field routing may look at, so routes on the far
 gate match exactly as they would here, and a hop count that bounds loops through the mesh.
 """
