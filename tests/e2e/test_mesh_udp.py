@@ -8,12 +8,15 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import h2.config
+import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
@@ -23,7 +26,7 @@ from gate.accesslog import AccessLog
 from gate.addr import Endpoint
 from gate.config import parse_config
 from gate.context import Context
-from gate.errors import GateError, RejectedByRule
+from gate.errors import GateError, RejectedByRule, UpstreamUnreachable
 from gate.flow import Flow
 from gate.mesh.capsules import datagram_capsule, encode_varint
 from gate.mesh.datagrams import MAX_QUEUED_BYTES
@@ -271,3 +274,59 @@ def test_a_bad_capsule_resets_its_stream_and_b_serves_on(gate_b: Target, echo: U
     gate_b.gate.stop()
     assert "Traceback" not in gate_b.gate.stderr()
     assert any(r["path"] == "udp" and "bad capsule" in (r["detail"] or "") for r in records(gate_b.gate))
+
+
+class OldPeer:
+    """A real HTTP/2 server over TLS with gate b's certificate that does not announce extended CONNECT
+    (a gate from before CONNECT-UDP): it answers nothing and records the requests it gets."""
+
+    def __init__(self, certs: Path) -> None:
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        self.ctx.set_alpn_protocols(["h2"])
+        self.ctx.load_cert_chain(certs / "cert.pem", certs / "key.pem")
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.requests: list[Any] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        try:
+            raw, _ = self.listener.accept()
+            with self.ctx.wrap_socket(raw, server_side=True) as tls:
+                conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+                conn.initiate_connection()
+                tls.sendall(conn.data_to_send())
+                while data := tls.recv(65536):
+                    self.requests += [e for e in conn.receive_data(data) if isinstance(e, h2.events.RequestReceived)]
+                    tls.sendall(conn.data_to_send())
+        except (OSError, ssl.SSLError):
+            return
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_peer_that_does_not_announce_extended_connect_gets_no_connect_udp(tmp_path: Path) -> None:
+    keygen(tmp_path / "a")
+    keygen(tmp_path / "b")
+    old = OldPeer(tmp_path / "b")
+    ended: list[GateError | None] = []
+
+    async def scenario() -> None:
+        opener, mesh = gate_a(tmp_path, old.port)
+        dst = Endpoint("127.0.0.1", 9)
+        flow = Flow(listener="u", client=Endpoint("127.0.0.1", 40000), dst=dst, path="udp")
+        via = opener.open_udp(opener.decide(flow), flow)
+        assert isinstance(via, ViaUdp)
+        via.on_end = ended.append
+        via.send(dst, b"hello")
+        await until(lambda: bool(ended))
+        mesh.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        old.close()
+    assert isinstance(ended[0], UpstreamUnreachable) and "does not accept CONNECT-UDP" in str(ended[0])
+    assert old.requests == []  # h2 would have sent it anyway
