@@ -67,9 +67,10 @@ class AcceptLoop:
     ``active()`` counts the listener's open flows (for max_flows); whoever ends a flow calls
     ``ended(flow)``. Connections from ``spec.proxy_protocol_from`` count as open flows while their
     PROXY header is read, and ``on_refused`` gets those whose header is bad or late. With
-    ``per_source``, one client address may hold at most ``spec.source_limit`` open flows; past it its
-    new connections are reset at once (counted, and logged at most once a second), so the others are
-    still served.
+    ``per_source``, one client address may hold at most ``spec.source_limit`` open flows, of which at
+    most ``spec.max_handshakes_per_source`` not routed yet (whoever routes a flow calls ``routed(flow)``);
+    past either its new connections are reset at once (counted, and logged at most once a second), so
+    the others are still served.
     """
 
     def __init__(self, spec: ListenerSpec, *, on_flow: Callable[[socket.socket, Flow], None],
@@ -89,6 +90,7 @@ class AcceptLoop:
         self.headers: dict[ProxyHeaderReader, socket.socket] = {}  # PROXY headers being read
         self._per_source = per_source
         self._sources: dict[str, int] = {}  # client address -> its open flows (only when per_source)
+        self._pending: dict[str, int] = {}  # client address -> those of its flows not routed yet
         self.refused_per_source = 0
         self._warned_at = -1.0
         self._header_sweeper = Sweeper(self.loop, sweep_interval(spec.timeouts.handshake))
@@ -139,35 +141,42 @@ class AcceptLoop:
             flow = Flow(listener=self.spec.name, client=Endpoint(addr[0], addr[1]))
             if self.spec.proxy_protocol_from and self._from_load_balancer(flow):
                 self._read_proxy_header(conn, flow)
-            elif self._per_source and not self._count(addr[0], flow):
-                self._refuse_source(conn, addr[0])
+            elif self._per_source and (limit := self._count(addr[0], flow)):
+                self._refuse_source(conn, addr[0], limit)
             else:
                 self._on_flow(conn, flow)
             if self._active() >= self.spec.max_flows:
                 self._pause()
                 break
 
-    def _count(self, source: str, flow: Flow) -> bool:
-        """Count a new flow of ``source``; False when it holds its share of the listener already."""
+    def _count(self, source: str, flow: Flow) -> str | None:
+        """Count a new flow of ``source`` (and its pending handshake); else which limit it is at."""
         held = self._sources.get(source, 0)
         if held >= self.spec.source_limit:
-            return False
+            return f"{held} open flows (max_flows_per_source)"
+        pending = self._pending.get(source, 0)
+        if pending >= self.spec.max_handshakes_per_source:
+            return f"{pending} pending handshakes (max_handshakes_per_source)"
         self._sources[source] = held + 1
-        flow.counted_as = source
-        return True
+        self._pending[source] = pending + 1
+        flow.counted_as, flow.pending = source, True
+        return None
+
+    def routed(self, flow: Flow) -> None:
+        """``flow`` is past its handshake: it no longer counts among its source's pending ones."""
+        if flow.pending:
+            flow.pending = False
+            _uncount(self._pending, flow.counted_as)
 
     def ended(self, flow: Flow) -> None:
-        """A flow of this listener ended: its source's count drops, and accepting may resume."""
+        """A flow of this listener ended: its source's counts drop, and accepting may resume."""
+        self.routed(flow)
         source, flow.counted_as = flow.counted_as, None  # (None: never counted, or already uncounted)
         if source is not None:
-            held = self._sources[source] - 1
-            if held:
-                self._sources[source] = held
-            else:
-                del self._sources[source]
+            _uncount(self._sources, source)
         self.resume()
 
-    def _refuse_source(self, conn: socket.socket, source: str) -> None:
+    def _refuse_source(self, conn: socket.socket, source: str, limit: str) -> None:
         self.refused_per_source += 1
         try:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -177,8 +186,8 @@ class AcceptLoop:
         now = self.loop.time()
         if now - self._warned_at >= 1.0:
             self._warned_at = now
-            log.warning("%s: %s holds %d open flows (max_flows_per_source): new ones are reset (%d so far)",
-                        self.spec.name, source, self.spec.source_limit, self.refused_per_source)
+            log.warning("%s: %s holds %s: new ones are reset (%d so far)", self.spec.name, source, limit,
+                        self.refused_per_source)
 
     def _from_load_balancer(self, flow: Flow) -> bool:
         try:
@@ -220,3 +229,13 @@ class AcceptLoop:
         self.headers.clear()
         self._header_sweeper.close()
         return cut
+
+
+def _uncount(counts: dict[str, int], source: str | None) -> None:
+    """One less for ``source``; sources at zero leave the dict (it holds only active sources)."""
+    assert source is not None
+    held = counts[source] - 1
+    if held:
+        counts[source] = held
+    else:
+        del counts[source]

@@ -86,6 +86,7 @@ class Flow:
     detail: str | None = None  # the close reason's particulars (which rule, which error)
     relay: Relay | None = None  # set while a relay owns the sockets; its counters are live
     counted_as: str | None = None  # the client address its listener counts it under (max_flows_per_source)
+    pending: bool = False  # also counted among that address's pending handshakes, until routed or ended
     id: int = field(default_factory=_ids.__next__)
 
     def closing(self, close: Close, detail: str | None = None) -> None:

@@ -58,7 +58,8 @@ class Timeouts:
 
 
 TIMEOUT_KEYS = ("handshake", "connect", "idle", "drain", "sniff")
-COMMON_KEYS = ("name", "kind", "listen", "max_flows", "max_flows_per_source", "relay", "timeouts",
+COMMON_KEYS = ("name", "kind", "listen", "max_flows", "max_flows_per_source", "max_handshakes_per_source",
+               "relay", "timeouts",
                "preserve_source", "sniff", "sniff_skip_ports", "sniff_skip_dst", "proxy_protocol_from")
 _NO_USERS: Mapping[str, str] = MappingProxyType({})
 _NO_PORTS: tuple[tuple[int, int], ...] = ()
@@ -90,6 +91,11 @@ class ListenerSpec:
     # the others out (they keep an eighth), while a sidecar's single app still gets nearly all. Load
     # balancers in proxy_protocol_from are exempt.
     max_flows_per_source: int = 0
+    # Of those, connections one client address may hold before its flow is routed (handshakes, sniffing:
+    # the phase whose length the client decides). Far above what real clients need at once (a handshake
+    # takes milliseconds; a browser opens six per host), far below a listener's share: a source that
+    # holds slow handshakes open is cut off early, while its routed flows are not limited by this.
+    max_handshakes_per_source: int = 256
     relay: RelayMode = RelayMode.AUTO
     # Upstream connections leave from the client's own address (IP_TRANSPARENT), as uproxy does.
     preserve_source: bool = False
@@ -283,6 +289,8 @@ def parse_listener(raw: Any, where: str, base: Timeouts, p: Problems) -> Listene
         "timeouts": parse_timeouts(m.get("timeouts"), f"{where}.timeouts", base, p),
         "max_flows": p.get(m, "max_flows", where, positive_int, ListenerSpec.max_flows),
         "max_flows_per_source": p.get(m, "max_flows_per_source", where, positive_int, 0),
+        "max_handshakes_per_source": p.get(m, "max_handshakes_per_source", where, positive_int,
+                                           ListenerSpec.max_handshakes_per_source),
         "relay": p.get(m, "relay", where, one_of(RelayMode), RelayMode.AUTO),
         "preserve_source": p.get(m, "preserve_source", where, boolean, False),
         "sniff": p.get(m, "sniff", where, boolean, cls.SNIFF_DEFAULT),

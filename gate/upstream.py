@@ -121,6 +121,10 @@ def _check_hops(flow: Flow) -> None:
         raise RefusedByPolicy(_too_far(flow))
 
 
+def _ignore(flow: Flow) -> None:
+    pass
+
+
 class Opener:
     """Routes and opens upstreams for the flows of one listener (or one mesh inbound)."""
 
@@ -133,6 +137,8 @@ class Opener:
         self.own = OwnAddresses(ctx.own)
         loop = asyncio.get_running_loop()
         self._sweeper = sweeper if sweeper is not None else Sweeper(loop, sweep_interval(connect_timeout))
+        # told when a flow counted among its source's pending handshakes is routed (the accept loop)
+        self.on_routed: Callable[[Flow], None] = _ignore
 
     # -- routing ---------------------------------------------------------------------------------
 
@@ -155,6 +161,8 @@ class Opener:
         decision = self.ctx.router.decide(self.key(flow))
         flow.rule, flow.action, flow.upstream = decision.rule, decision.action, decision.upstream
         flow.state = FlowState.ROUTED
+        if flow.pending:
+            self.on_routed(flow)
         return decision
 
     def needs_sniff(self, flow: Flow) -> bool:

@@ -99,6 +99,8 @@ def parse_dtls_client_hello(data: bytes) -> ClientHello:
     length = int.from_bytes(data[11:13], "big")
     if 13 + length > len(data):
         raise NotThisProtocol("truncated DTLS record")
+    if length < 12:  # (an empty record was an IndexError, found by scripts/fuzz_parsers.py)
+        raise NotThisProtocol("DTLS record too short for a handshake header")
     body = data[13 : 13 + length]
     if body[0] != 1 or body[6:9] != b"\x00\x00\x00" or body[1:4] != body[9:12]:
         raise NotThisProtocol("not a whole (unfragmented) DTLS ClientHello")

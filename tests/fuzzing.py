@@ -1,5 +1,6 @@
-"""Hypothesis budgets for the parser fuzz tests, scaled by UGATE_FUZZ_SCALE (scripts/fuzz --long runs them
-with >= 1M inputs per test; CI runs the budgets as written)."""
+"""Hypothesis budgets for the parser property tests, scaled by UGATE_FUZZ_SCALE (scripts/fuzz --long runs
+them 20 times over; the volume, >= 1M inputs per parser, comes from tests/fuzz_targets.py under atheris;
+CI runs the budgets as written)."""
 
 from __future__ import annotations
 

@@ -44,6 +44,7 @@ class TcpListener:
                                    active=self._active, reuse_port=ctx.reuse_port, transparent=self.transparent,
                                    per_source=True)
         self.runner.on_end = self.acceptor.ended
+        self.runner.opener.on_routed = self.acceptor.routed
 
     def _active(self) -> int:
         return self.runner.active + len(self.acceptor.headers)

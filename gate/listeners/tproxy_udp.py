@@ -301,6 +301,10 @@ class TproxyUdpListener:
                     log.warning("%s: %d reply sockets open (max_reply_sockets): %d answer(s) from remotes "
                                 "without one dropped", self.spec.name, self.table.reply_sockets,
                                 self.table.reported())
+                elif verdict is RemoteVerdict.SHARE_FULL:
+                    log.warning("%s: %s holds %d reply sockets (its share of max_reply_sockets): %d answer(s) "
+                                "from remotes without one dropped", self.spec.name, session.client.host,
+                                self.table.reply_share, self.table.reported())
                 return None
             reply = self._reply_socket(session, source)
             if reply is None:

@@ -5,7 +5,7 @@ No sockets and no h2 objects here; gate.mesh.session applies these at its edges.
 
 from __future__ import annotations
 
-__all__ = ["ABUSE_LINGER", "MAX_HEADER_BLOCK", "MAX_HEADER_LIST", "MAX_PENDING", "MAX_STREAMS",
+__all__ = ["CLOSE_LINGER", "MAX_HEADER_BLOCK", "MAX_HEADER_LIST", "MAX_PENDING", "MAX_STREAMS",
            "MAX_UNREAD_CONTROL", "PENDING_HIGH", "HeaderBlockGuard", "ResetBudget"]
 
 PENDING_HIGH = 1 << 20  # bytes read from a socket and not yet sendable before we stop reading it
@@ -36,7 +36,7 @@ MAX_HEADER_BLOCK = 2 * MAX_HEADER_LIST
 # this bounds them at ~170 KiB. Past it: GOAWAY ENHANCE_YOUR_CALM (Envoy's max_outbound_control_frames
 # is 1000 for the same purpose).
 MAX_UNREAD_CONTROL = 10_000
-ABUSE_LINGER = 1.0  # seconds a GOAWAY for abuse gets to leave before the connection is cut
+CLOSE_LINGER = 1.0  # seconds a closing connection's last frames (its GOAWAY) get to leave before it is cut
 
 
 class ResetBudget:

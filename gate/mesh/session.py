@@ -44,7 +44,7 @@ from gate.config import MeshSpec, PeerSpec
 from gate.mesh.bridge import Bridge
 from gate.mesh.datagrams import Channel
 from gate.mesh.h2_limits import (
-    ABUSE_LINGER,
+    CLOSE_LINGER,
     MAX_HEADER_BLOCK,
     MAX_HEADER_LIST,
     MAX_PENDING,
@@ -384,15 +384,17 @@ class Session(asyncio.Protocol):
                 pass  # h2 already sent its GOAWAY (a protocol error of the peer)
             self.flush()
             self.transport.close()
+            # close() waits until every buffered byte is written; a peer that stops reading (or said
+            # GOAWAY and went quiet) would keep this connection, and its buffers, for ever
+            self.loop.call_later(CLOSE_LINGER, self.transport.abort)
 
     def abandon(self, code: h2.errors.ErrorCodes) -> None:
         """End the connection of a peer that broke a limit: GOAWAY, every stream aborted now, and the
-        connection cut if the GOAWAY cannot leave within ABUSE_LINGER (a peer that does not read)."""
-        transport = self.transport
-        if transport is None or self.closed:
+        connection cut if the GOAWAY cannot leave within CLOSE_LINGER (a peer that does not read; see
+        ``close``)."""
+        if self.transport is None or self.closed:
             return
         self.close(code)
         self.closed = True  # nothing more is sent or served; connection_lost finishes the rest
         for bridge in list(self.bridges.values()):
             bridge.abort("tunnel closed for abuse")
-        self.loop.call_later(ABUSE_LINGER, transport.abort)

@@ -154,6 +154,8 @@ class RemoteVerdict(enum.Enum):
     DROP = "drop"  # at a cap again: counted only
     BUDGET_FULL = "budget full"  # at the listener's max_reply_sockets: the shell logs it (at most once
     # per session_timeout; ``budget_refused`` says how many answers were dropped since the last report)
+    SHARE_FULL = "share full"  # the client address holds its share of max_reply_sockets (an eighth of the
+    # budget is kept for the others); reported like BUDGET_FULL
 
 
 class _Held:
@@ -184,10 +186,11 @@ class _Idle:
 class _Client:
     """One client address's sessions in the table (any state), and its refusals at the cap."""
 
-    __slots__ = ("next_report", "refused", "sessions")
+    __slots__ = ("next_report", "refused", "replies", "sessions")
 
     def __init__(self) -> None:
         self.sessions = 0
+        self.replies = 0  # reply sockets of its open sessions, at most the table's reply_share
         self.refused = 0  # datagrams dropped at the cap since the last Refuse
         self.next_report = 0.0  # no Refuse before then (0: the next refusal is reported)
 
@@ -220,6 +223,9 @@ class SessionTable(Generic[S]):
         self.max_remotes_per_session = max_remotes_per_session
         self.max_reply_sockets = max_reply_sockets
         self.reply_sockets = 0  # of the open sessions, at most max_reply_sockets
+        # of those, what one client address may hold: the rule of max_flows_per_source (the others keep
+        # an eighth), so one host's many sessions cannot take every reply socket
+        self.reply_share = max_reply_sockets - max_reply_sockets // 8
         self.budget_refused = 0  # answers dropped at max_reply_sockets since the last BUDGET_FULL
         self._next_budget_report = 0.0  # no BUDGET_FULL before then (0: the next drop is reported)
         # datagrams dropped at each cap, by the cap's config key (for the metrics)
@@ -309,7 +315,7 @@ class SessionTable(Generic[S]):
                 elif seen.last_active + self.session_timeout <= now:
                     idle.append(key)
             for key in idle:
-                self.reply_sockets -= self._idle.pop(key).replies
+                self._release(key, self._idle.pop(key).replies)
                 self._forget(key)
                 actions.append(Expired(key, self.sessions.pop(key)))
             self._next_sweep = now + self._interval if self.sessions else None
@@ -347,7 +353,8 @@ class SessionTable(Generic[S]):
         shell open one more? ``ADMIT`` counts it open (for the session and the listener) until the
         session leaves the table or the shell calls ``reply_closed``. At ``max_remotes_per_session`` the
         answer is dropped (counted; the session's first drop says so, for one log line per session); at
-        the listener's ``max_reply_sockets`` too (reported the first time, then once per timeout)."""
+        the listener's ``max_reply_sockets`` too (reported the first time, then once per timeout), and at
+        the client address's ``reply_share`` of it (reported in the same way)."""
         state = self._idle[key]
         if state.replies >= self.max_remotes_per_session:
             self.dropped["max_remotes_per_session"] += 1
@@ -355,14 +362,17 @@ class SessionTable(Generic[S]):
                 return RemoteVerdict.DROP
             state.capped = True
             return RemoteVerdict.DROP_FIRST
-        if self.reply_sockets >= self.max_reply_sockets:
-            self.dropped["max_reply_sockets"] += 1
+        counted = self._clients[key[0].host]
+        if self.reply_sockets >= self.max_reply_sockets or counted.replies >= self.reply_share:
+            full = self.reply_sockets >= self.max_reply_sockets
+            self.dropped["max_reply_sockets" if full else "reply_share"] += 1
             self.budget_refused += 1
             if now < self._next_budget_report:
                 return RemoteVerdict.DROP
             self._next_budget_report = now + self.session_timeout
-            return RemoteVerdict.BUDGET_FULL
+            return RemoteVerdict.BUDGET_FULL if full else RemoteVerdict.SHARE_FULL
         state.replies += 1
+        counted.replies += 1
         self.reply_sockets += 1
         return RemoteVerdict.ADMIT
 
@@ -378,14 +388,14 @@ class SessionTable(Generic[S]):
         state = self._idle.get(key)
         if state is not None and state.replies:
             state.replies -= 1
-            self.reply_sockets -= 1
+            self._release(key, 1)
 
     def end(self, key: Key) -> S | None:
         """The shell ends an open session itself (an error, say); returns it, or None if not open. Its
         reply sockets leave the budget: the shell closes them with it."""
         state = self._idle.pop(key, None)
         if state is not None:
-            self.reply_sockets -= state.replies
+            self._release(key, state.replies)
         session = self.sessions.pop(key, None)
         if session is not None:
             self._forget(key)
@@ -418,6 +428,11 @@ class SessionTable(Generic[S]):
             return None
         refused, counted.refused, counted.next_report = counted.refused, 0, now + self.session_timeout
         return Refuse(client, dst, refused)
+
+    def _release(self, key: Key, replies: int) -> None:
+        """``replies`` reply sockets of the open session ``key`` closed (before ``_forget``)."""
+        self.reply_sockets -= replies
+        self._clients[key[0].host].replies -= replies
 
     def _forget(self, key: Key) -> None:
         """``key`` left the table (expired, ended or refused): one session less for its client address."""

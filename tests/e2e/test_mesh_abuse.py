@@ -14,6 +14,7 @@ import random
 import socket
 import ssl
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -506,4 +507,25 @@ def test_read_ahead_across_a_tunnels_streams_is_bounded_and_nothing_stalls(gate_
         assert received[stream_id] == payload(tag, size), f"stream {stream_id} is not byte-exact"
     peer.close()
     assert wait_for(lambda: upstream.open == 0, 8)
+    serves_a_normal_flow(gate_b, upstream)
+
+
+def test_a_peer_that_says_goaway_and_never_reads_is_cut_after_the_linger(gate_b: Target, upstream: Upstream) -> None:
+    """A closing connection used to wait for ever to flush what it had queued for a peer that stopped
+    reading (held with its buffers until the peer read or died); now it is cut CLOSE_LINGER after the
+    close, whatever the peer does."""
+    peer = Peer(gate_b, rcvbuf=4096)
+    peer.wait(h2.events.RemoteSettingsChanged)
+    ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"12345678"
+    peer.tls.sendall(ping * 9000)  # ~150 KB of ACKs for B to queue: more than the kernel takes for a peer
+    peer.conn.close_connection()  # that reads nothing (and under MAX_UNREAD_CONTROL, so B does not end it)
+    peer.flush()
+
+    def served() -> int:
+        out = subprocess.run(["ss", "-Htn", "state", "established", f"( sport = :{gate_b.port} )"],
+                             capture_output=True, text=True, check=True).stdout
+        return len(out.splitlines())
+
+    assert wait_for(lambda: served() == 0, timeout=4), "B still holds the connection of a peer that said GOAWAY"
+    peer.close()
     serves_a_normal_flow(gate_b, upstream)

@@ -81,3 +81,11 @@ def test_arbitrary_datagrams(parse: Callable[[bytes], Any], data: bytes) -> None
         parse(data)
     except NotThisProtocol:
         pass
+
+
+@pytest.mark.parametrize("length", [0, 1, 11])
+def test_a_dtls_record_too_short_for_a_handshake_header_is_not_dtls(length: int) -> None:
+    """An empty handshake record raised IndexError (found by scripts/fuzz_parsers.py, 122 inputs in)."""
+    data = b"\x16\xfe\xff" + bytes(8) + length.to_bytes(2, "big") + bytes(length) + bytes(20)
+    with pytest.raises(NotThisProtocol):
+        parse_dtls_client_hello(data)

@@ -248,6 +248,24 @@ def test_reply_sockets_of_the_listener_are_budgeted_and_drops_reported_once_per_
     assert t.dropped == {"max_reply_sockets": 4, "max_remotes_per_session": 1} and t.reply_sockets == 3
 
 
+def test_one_client_address_holds_at_most_its_share_of_the_reply_sockets() -> None:
+    """Sessions of one host (any port) share one budget: seven eighths of the listener's, so one host
+    answering from many remotes cannot take every reply socket (the rule of max_flows_per_source)."""
+    t = table(max_remotes_per_session=10, max_reply_sockets=16)
+    other_port = Endpoint(A.host, 5001)
+    for client in (A, other_port, B):
+        open_session(t, client, DNS, 0.0)
+    assert t.reply_share == 14
+    admitted = [t.new_remote((client, None), 0.0) for client in (A, other_port) for _ in range(8)]
+    assert admitted == [RemoteVerdict.ADMIT] * 14 + [RemoteVerdict.SHARE_FULL, RemoteVerdict.DROP]
+    assert [t.new_remote((B, None), 0.0) for _ in range(2)] == [RemoteVerdict.ADMIT] * 2  # the others' eighth
+    assert t.dropped == {"reply_share": 2} and t.reply_sockets == 16
+    t.reply_closed((A, None))  # one of the host's sockets closes: room for one more, not two
+    assert t.new_remote((other_port, None), 0.0) is RemoteVerdict.ADMIT
+    assert t.end((other_port, None)) is not None  # its session's sockets leave the host's count with it
+    assert [t.new_remote((A, None), 0.0) for _ in range(3)] == [RemoteVerdict.ADMIT] * 3
+
+
 def test_reply_sockets_of_sessions_that_end_are_free_again() -> None:
     t = table(max_remotes_per_session=4, max_reply_sockets=4)
     a = open_session(t, A, DNS, 0.0)
@@ -341,7 +359,7 @@ def test_shutdown_drops_holds_and_returns_the_open_sessions() -> None:
 # -- properties ----------------------------------------------------------------------------------------
 
 PAYLOADS = [DNS_QUERY, CHROMIUM[0], CHROMIUM[1], CHROMIUM[2], AIOQUIC_SPLIT[0], b"\x00", b""]
-CLIENTS = [A, B, Endpoint("10.0.0.3", 7)]
+CLIENTS = [A, B, Endpoint("10.0.0.3", 7), Endpoint(A.host, 5001)]  # two ports of one host
 DSTS = [DNS, QUIC]
 step = st.one_of(
     st.tuples(st.just("datagram"), st.sampled_from(CLIENTS), st.sampled_from(DSTS), st.sampled_from(PAYLOADS)),
@@ -355,17 +373,19 @@ step = st.one_of(
 
 @budget(300)
 @given(mapping=st.sampled_from(["full-cone", "symmetric"]), max_flows=st.integers(1, 3),
-       max_held=st.sampled_from([1300, 2600, 1 << 20]), per_client=st.integers(1, 3),
-       reply_budget=st.integers(1, 4), steps=st.lists(step, max_size=40))
+       max_held=st.sampled_from([1300, 2600, 1 << 20]), per_client=st.integers(1, 4),
+       reply_budget=st.sampled_from([1, 2, 3, 4, 8, 9]), steps=st.lists(step, max_size=40))
 def test_held_bytes_stay_accounted(mapping: str, max_flows: int, max_held: int, per_client: int,
                                    reply_budget: int, steps: list[tuple]) -> None:
     """Whatever arrives and whenever: held bytes are exactly those of held and queued datagrams, within
     their bound; a key is in one state at most; every datagram is held, queued, relayed, opened or
     dropped only when the bytes (or the client address's sessions) are at their bound; each address has
     at most its cap of keys, and the table's count of them is exact; timers only fire when due; reply
-    sockets are admitted exactly while their session and the listener are below their caps, and the
-    listener's count is that of its open sessions."""
-    t: SessionTable[Session] = SessionTable(mapping, 4.0, SNIFF, max_flows, max_held, per_client, 2, reply_budget)
+    sockets are admitted exactly while their session, their client address and the listener are below
+    their caps, and the listener's count is that of its open sessions."""
+    remotes = 2 if reply_budget < 8 else 4  # with the larger budgets, one host can reach its share
+    t: SessionTable[Session] = SessionTable(mapping, 4.0, SNIFF, max_flows, max_held, per_client, remotes,
+                                            reply_budget)
     now, pending, replies = 0.0, [], collections.Counter[object]()
     for kind, *args in steps:
         actions: list[Open | Expired[Session] | Relay[Session] | Refuse | None] = []
@@ -398,7 +418,8 @@ def test_held_bytes_stay_accounted(mapping: str, max_flows: int, max_held: int, 
                 t.reply_closed(key)
                 replies[key] -= replies[key] > 0
             else:
-                room = replies[key] < 2 and replies.total() < reply_budget
+                host = sum(n for k, n in replies.items() if k[0].host == key[0].host)
+                room = replies[key] < remotes and replies.total() < reply_budget and host < t.reply_share
                 assert (t.new_remote(key, now) is RemoteVerdict.ADMIT) == room
                 replies[key] += room
         elif kind == "end":
