@@ -381,8 +381,8 @@ class TproxyUdpListener:
 
     def _relay_via(self, session: _Session, source: Endpoint, sock: socket.socket) -> None:
         """The client's next datagrams to ``source`` for a session routed via a peer: as capsules."""
-        via, total = session.via, 0
-        assert via is not None
+        assert session.via is not None
+        stream, total = session.via.stream(source), 0  # one destination: looked up once per wake-up
         for _ in range(DATAGRAMS_PER_WAKEUP):
             try:
                 n = sock.recv_into(_buffer)
@@ -390,7 +390,7 @@ class TproxyUdpListener:
                 break
             except OSError:
                 continue
-            if via.send(source, _view[:n]):
+            if stream is not None and stream.send(_view[:n]):
                 total += n
         session.flow.bytes_up += total
 

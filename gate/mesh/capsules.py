@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from sniff.result import NEED_MORE, NeedMore
 
 __all__ = ["DATAGRAM", "MAX_CAPSULE", "MAX_UDP_PAYLOAD", "Capsule", "CapsuleError", "CapsuleReader",
-           "datagram_capsule", "datagram_payload", "encode_varint", "pull_capsule", "pull_varint"]
+           "datagram_capsule", "datagram_header", "datagram_payload", "encode_varint", "pull_capsule", "pull_varint"]
 
 DATAGRAM = 0x00
 # The largest UDP payload (65535 - 8 byte UDP header; RFC 9298 section 5 bounds it the same way).
@@ -91,9 +91,14 @@ def datagram_payload(capsule: Capsule) -> bytes | None:
     return capsule.value[context[1]:]
 
 
+def datagram_header(size: int) -> bytes:
+    """What precedes a ``size``-byte payload in a DATAGRAM capsule with context id 0: type, length, context."""
+    return b"".join((b"\x00", encode_varint(size + 1), b"\x00"))
+
+
 def datagram_capsule(payload: bytes | memoryview) -> bytes:
     """A DATAGRAM capsule carrying ``payload`` with context id 0."""
-    return b"".join((b"\x00", encode_varint(len(payload) + 1), b"\x00", payload))
+    return datagram_header(len(payload)) + payload
 
 
 class CapsuleReader:

@@ -42,17 +42,22 @@ class ViaUdp:
         self.closed = False
         self.dropped = 0  # datagrams to a destination over max_destinations, or not queued
 
-    def send(self, dst: Endpoint, payload: bytes | memoryview) -> bool:
-        """Send one datagram to ``dst``; False when it was dropped."""
+    def stream(self, dst: Endpoint) -> Datagrams | None:
+        """The stream to ``dst``, opened now if there is none; None past ``max_destinations`` or closed.
+        A listener relaying a batch to one destination looks it up once for the batch."""
         stream = self.streams.get(dst)
         if stream is None:
             if self.closed or len(self.streams) >= self.max_destinations:
-                self.dropped += 1
-                return False
+                return None
             stream = self.streams[dst] = self.transport.open_datagrams(
                 self.peer, self.flow, dst, functools.partial(self._answer, dst),
                 functools.partial(self._ended, dst), self.timeout)
-        if stream.send(payload):
+        return stream
+
+    def send(self, dst: Endpoint, payload: bytes | memoryview) -> bool:
+        """Send one datagram to ``dst``; False when it was dropped."""
+        stream = self.stream(dst)
+        if stream is not None and stream.send(payload):
             return True
         self.dropped += 1
         return False
