@@ -6,10 +6,49 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
-from gate.config import GateConfig
+from gate.config import GateConfig, TproxyUdpSpec
+from gate.router import bypass_routes
+from tproxy.offload import Bypass
 from tproxy.rules import Capture, OwnedTable, RuleSet, apply, build, clear
 
-__all__ = ["applied", "capture_of", "rules_of"]
+__all__ = ["applied", "bypass_of", "capture_of", "fastpath_of", "rules_of"]
+
+_CAPTURED_KINDS = ("tproxy", "tproxy_udp")
+
+
+def _offload_possible(config: GateConfig) -> bool:
+    """The kernel can take flows over: TPROXY capture with nftables, as router or egress (ingress has
+    its own return routing), and no captured listener whose clients speak PROXY protocol first (the
+    kernel would forward the header to the server)."""
+    spec = config.capture
+    return (spec is not None and spec.mode == "tproxy" and spec.backend == "nftables"
+            and spec.role in ("router", "egress")
+            and not any(s.proxy_protocol_from for s in config.listeners if s.kind in _CAPTURED_KINDS))
+
+
+def bypass_of(config: GateConfig) -> tuple[Bypass, ...]:
+    """The routes compiled into the capture rules as "do not capture" (gate.router.bypass_routes)."""
+    if not _offload_possible(config):
+        return ()
+    return tuple(Bypass(r.name, r.match.dst, r.match.src, r.match.port) for r in bypass_routes(config.routes))
+
+
+def fastpath_of(config: GateConfig) -> tuple[tuple[int, float], ...]:
+    """(IP version, session_timeout) of the captured tproxy_udp listeners, when some route may offload
+    UDP sessions to the kernel (router role only: an egress client's own socket holds its address)."""
+    spec = config.capture
+    # on_failure open: the table belongs to the gate's owner socket, which alone may add elements
+    if not _offload_possible(config) or spec is None or spec.role != "router" or spec.on_failure != "closed":
+        return ()
+    if not any(route.offloadable for route in config.routes):
+        return ()
+    out = []
+    for version, port in ((4, spec.udp_port4), (6, spec.udp_port6)):
+        udp = [s for s in config.listeners if isinstance(s, TproxyUdpSpec) and s.listen.port == port
+               and (":" in s.listen.host) == (version == 6)]
+        if port is not None and udp:
+            out.append((version, udp[0].session_timeout))
+    return tuple(out)
 
 log = logging.getLogger("ugate")
 
@@ -22,7 +61,12 @@ def capture_of(config: GateConfig) -> Capture | None:
     return Capture(mode=spec.mode, role=spec.role, port4=spec.port4, port6=spec.port6, bypass_mark=config.mark,
                    route_mark=spec.route_mark, table=spec.table, udp_port4=spec.udp_port4,
                    udp_port6=spec.udp_port6, backend=spec.backend, interfaces=spec.interfaces, ports=spec.ports,
-                   exclude=spec.exclude, sources=spec.sources, on_failure=spec.on_failure)
+                   exclude=spec.exclude, sources=spec.sources, on_failure=spec.on_failure,
+                   fastpath=fastpath_of(config), bypass=bypass_of(config),
+                   udp_owned=bool(spec.udp_port4 or spec.udp_port6) and spec.mode == "tproxy"
+                   and spec.role == "router" and (any(r.preserve_source for r in config.routes)
+                                                  or any(s.preserve_source for s in config.listeners
+                                                         if isinstance(s, TproxyUdpSpec))))
 
 
 def rules_of(config: GateConfig) -> tuple[Capture, RuleSet] | None:

@@ -118,7 +118,12 @@ def _explain(config: GateConfig, args: argparse.Namespace) -> int:
         host = args.sni
     alpn = tuple(a for a in args.alpn.split(",") if a)
     key = FlowKey(args.listener, args.src, args.dst, args.port, host, args.protocol, args.sni, alpn)
-    for line in Router(config.routes).explain(key):
+    from gate.capture import bypass_of, fastpath_of
+
+    kind = next(spec.kind for spec in config.listeners if spec.name == args.listener)
+    bypass = kind in ("tproxy", "tproxy_udp") and bool(bypass_of(config))
+    fastpath = kind == "tproxy_udp" and bool(fastpath_of(config))
+    for line in Router(config.routes).explain(key, bypass=bypass, fastpath=fastpath):
         print(line)
     return 0
 

@@ -18,7 +18,7 @@ import yaml
 
 from gate.errors import ConfigError
 from gate.mesh_spec import MeshSpec, PeerSpec, parse_mesh, parse_peers
-from gate.route_spec import Match, Route, parse_route
+from gate.route_spec import Match, Route, check_offload, parse_route
 from gate.specs import (
     ForwardSpec,
     H2Spec,
@@ -256,6 +256,7 @@ def parse_config(raw: Any) -> GateConfig:
     if mesh is None and any(isinstance(spec, H2Spec) for spec in listeners):
         p.add("mesh", "missing: an h2 listener needs this gate's identity (mesh: {identity: DIR})")
     capture = _capture(top.get("capture"), listeners, p)
+    check_offload(routes, (str(capture.mode), str(capture.backend)) if capture else None, p)
     mark_ = p.get(top, "mark", "config", mark, 0x2 if capture else None)
     if capture and mark_ == capture.route_mark:
         p.add("config.mark", f"must differ from capture.route_mark ({mark_:#x})")

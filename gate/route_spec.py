@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from gate.addr import Endpoint, parse_endpoint
 from gate.validate import IPNetwork, Problems, boolean, hosts, names, networks, one_of, ports, string
 from gate.vocab import PROTOCOLS, Action, Proto, ProxyProtocol
 
-__all__ = ["Match", "Route", "parse_match", "parse_route"]
+__all__ = ["OFFLOADS", "Match", "Offload", "Route", "check_offload", "parse_match", "parse_route"]
+
+Offload = Literal["kernel", "off"]
+OFFLOADS: tuple[Offload, ...] = ("kernel", "off")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,15 @@ class Route:
     preserve_source: bool = False
     proxy_protocol: ProxyProtocol | None = None  # tell the upstream who the client is, first thing
     via: str | None = None  # action "via": the peer gate whose tunnel carries the flow
+    # "kernel": hand the route's flows to the kernel where semantics allow (address-only bypass, UDP fast
+    # path); "off": never; None (not given): the same as "kernel" (see gate.router.bypass_routes)
+    offload: Offload | None = None
+
+    @property
+    def offloadable(self) -> bool:
+        """Whether the kernel may forward this route's flows: it dials the original destination
+        (``direct``) from the client's own address, so the server sees the same either way."""
+        return self.action == Action.DIRECT and self.preserve_source and self.offload != "off"
 
 
 
@@ -51,7 +63,7 @@ def _protocols(value: Any) -> tuple[Proto, ...]:
 
 
 _MATCH_KEYS = ("listener", "dst", "port", "src", "host", "protocol", "sni", "alpn")
-_ROUTE_KEYS = ("name", "match", "action", "upstream", "preserve_source", "proxy_protocol", "via")
+_ROUTE_KEYS = ("name", "match", "action", "upstream", "preserve_source", "proxy_protocol", "via", "offload")
 
 
 def parse_route(raw: Any, index: int, listeners: set[str], peers: set[str], p: Problems) -> Route | None:
@@ -76,12 +88,23 @@ def parse_route(raw: Any, index: int, listeners: set[str], peers: set[str], p: P
         p.add(f"{where}.via", "missing (action via needs via: PEER)")
     elif action != Action.VIA and "via" in m:
         p.add(f"{where}.via", f"not allowed with action {action}")
+    offload = p.get(m, "offload", where, _offload, None)
+    if offload == "kernel" and not (action == Action.DIRECT and p.get(m, "preserve_source", where, boolean, False)):
+        p.add(f"{where}.offload", "kernel needs action direct and preserve_source: true (only then does the "
+              "server see the same whether the gate or the kernel forwards)")
     if via is not None and via not in peers:
         p.add(f"{where}.via", f"no peer is named {via!r}" + ("" if peers else " (peers: is empty)"))
     return Route(index=index, name=p.get(m, "name", where, string, f"#{index}"), match=match,
                  action=action or Action.REJECT, upstream=upstream,
                  preserve_source=p.get(m, "preserve_source", where, boolean, False),
-                 proxy_protocol=p.get(m, "proxy_protocol", where, one_of(ProxyProtocol), None), via=via)
+                 proxy_protocol=p.get(m, "proxy_protocol", where, one_of(ProxyProtocol), None), via=via,
+                 offload=offload)
+
+
+def _offload(value: Any) -> Offload:
+    if value not in OFFLOADS:
+        raise ValueError(f"{value!r} is not one of: {', '.join(OFFLOADS)}")
+    return cast(Offload, value)
 
 
 def parse_match(raw: Any, where: str, listeners: set[str], p: Problems) -> Match:
@@ -101,3 +124,19 @@ def parse_match(raw: Any, where: str, listeners: set[str], p: Problems) -> Match
         if name not in listeners:
             p.add(f"{w}.listener", f"no listener is named {name!r}")
     return match
+
+
+def check_offload(routes: list[Route], capture: tuple[str, str] | None, p: Problems) -> None:
+    """``offload: kernel`` asked for where it cannot be had: it needs capture in mode tproxy with the
+    nftables backend (``capture`` is (mode, backend)): the fast path's sets and the bypass rules exist
+    only there (iptables would need ipset; not built)."""
+    for route in routes:
+        if route.offload != "kernel":
+            continue
+        if capture is None or capture[1] != "nftables":
+            what = "no capture section" if capture is None else f"capture.backend {capture[1]}"
+            p.add(f"routes[{route.index}].offload", f"kernel is nftables-only ({what}); use offload: off or "
+                  "capture.backend: nftables")
+        elif capture[0] != "tproxy":
+            p.add(f"routes[{route.index}].offload", f"kernel needs capture.mode tproxy (not {capture[0]})")
+

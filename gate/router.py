@@ -7,9 +7,10 @@ from dataclasses import dataclass, replace
 
 from gate.addr import Endpoint
 from gate.config import Match, Route
+from gate.validate import IPNetwork
 from gate.vocab import Action
 
-__all__ = ["Decision", "FlowKey", "Router"]
+__all__ = ["Decision", "FlowKey", "Router", "bypass_routes", "may_meet"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,9 +102,41 @@ def _decision(route: Route, key: FlowKey) -> Decision:
     return Decision(route.action, route, route.upstream)
 
 
+def _nets_meet(a: tuple[IPNetwork, ...], b: tuple[IPNetwork, ...]) -> bool:
+    return not a or not b or any(x.version == y.version and x.overlaps(y) for x in a for y in b)
+
+
+def may_meet(a: Match, b: Match) -> bool:
+    """Whether some flow could match both on addresses and ports (other conditions count as "could")."""
+    ports = not a.port or not b.port or any(lo <= hi2 and lo2 <= hi for lo, hi in a.port for lo2, hi2 in b.port)
+    return ports and _nets_meet(a.dst, b.dst) and _nets_meet(a.src, b.src)
+
+
+def _address_only(match: Match) -> bool:
+    """Decides on what the first packet's headers hold: no listener, name or sniffed condition."""
+    return not (match.listener or match.host or match.protocol or match.sni or match.alpn)
+
+
+def bypass_routes(routes: tuple[Route, ...]) -> tuple[Route, ...]:
+    """The routes the capture rules may compile to "do not capture": address-only, offloadable (direct
+    with the client's source, offload not off), and first-match exact: no earlier route that is not
+    compiled itself could match any flow this one matches (it might decide differently). An earlier
+    route with a name or sniffed condition counts as matching wherever its addresses overlap."""
+    compiled: list[Route] = []
+    kept: list[Route] = []  # earlier routes left to user space
+    for route in routes:
+        if route.offloadable and _address_only(route.match) and not any(may_meet(k.match, route.match)
+                                                                         for k in kept):
+            compiled.append(route)
+        else:
+            kept.append(route)
+    return tuple(compiled)
+
+
 class Router:
     def __init__(self, routes: tuple[Route, ...]) -> None:
         self.routes = routes
+        self.bypass = bypass_routes(routes)
         # each route's match without the conditions sniffing fills in (for needs_sniff), with and
         # without its host condition (a host comes from sniffing only when no name was requested)
         self._unsniffed = [(route, replace(route.match, protocol=(), sni=(), alpn=()),
@@ -127,8 +160,10 @@ class Router:
                 return _decision(route, key)
         return Decision(Action.REJECT, None)
 
-    def explain(self, key: FlowKey) -> list[str]:
-        """One line per route tried, ending with the decision."""
+    def explain(self, key: FlowKey, bypass: bool = False, fastpath: bool = False) -> list[str]:
+        """One line per route tried, ending with the decision; with ``bypass`` (the capture rules hold
+        the compiled routes, and the flow arrives through capture) or ``fastpath`` (a tproxy_udp flow,
+        and the rules have the fast path sets), says when the kernel forwards it."""
         lines = []
         for route in self.routes:
             reason = why_not(route.match, key)
@@ -138,6 +173,13 @@ class Router:
                 if route.action == "resolve" and upstream is None:
                     target = " (no name known: the original destination)"
                 lines.append(f"routes[{route.index}] {route.name}: MATCH: {route.action}{target}")
+                if bypass and route in self.bypass:
+                    lines.append("bypassed: the capture rules do not capture this flow (address-only route, "
+                                 "direct with the client's source); the kernel forwards it and the gate never "
+                                 "sees or logs it")
+                elif fastpath and route.offloadable:
+                    lines.append("kernel fast path: once routed, the session's later datagrams are forwarded by "
+                                 "the kernel; one record when it ends (path kernel)")
                 return lines
             lines.append(f"routes[{route.index}] {route.name}: no: {reason}")
         lines.append("no route matched: reject")

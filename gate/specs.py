@@ -36,6 +36,7 @@ __all__ = [
     "RedirectSpec",
     "SniSpec",
     "Socks5Spec",
+    "SocksUdp",
     "Timeouts",
     "TproxySpec",
     "TproxyUdpSpec",
@@ -143,16 +144,68 @@ class ListenerSpec:
 
 
 @dataclass(frozen=True)
+class SocksUdp:
+    """SOCKS5 UDP ASSOCIATE on a ``socks5`` or ``mux`` listener (the ``udp:`` mapping) and its bounds."""
+
+    KEYS: ClassVar[tuple[str, ...]] = ("enabled", "session_timeout", "max_destinations",
+                                       "max_associations_per_client", "max_sessions", "max_datagram")
+    enabled: bool = True  # false: UDP ASSOCIATE is answered "command not supported"
+    # A destination's upstream socket closes after this long without a datagram from the client to it
+    # (answers do not keep it: RFC 4787 REQ-6, and so no remote can hold our sockets open).
+    session_timeout: float = 60.0
+    # Destinations (one upstream socket each) per association: a DNS resolver behind SOCKS talks to a
+    # few servers, a QUIC or WebRTC client to a handful; past it the client's datagrams to further
+    # destinations are dropped (counted) until one expires.
+    max_destinations: int = 64
+    # Associations (a control connection, a relay socket, up to max_destinations upstream sockets) one
+    # client address may hold: a client needs one per UDP socket it proxies; further ones are refused.
+    max_associations_per_client: int = 16
+    # Upstream sockets of all the listener's associations together: the bounds above are per client,
+    # and max_flows x max_destinations (262,144) would be far past the process's 20,000 descriptors.
+    # 4096 (max_flows' default) keeps the worst case under half of them, as tproxy_udp's reply budget.
+    max_sessions: int = 4096
+    # The largest payload relayed either way: 65,507 is the most an IPv4 datagram carries; answers
+    # whose wrapped form would not fit are dropped (counted), as are larger client datagrams.
+    max_datagram: int = 65507
+
+
+_UDP_DEFAULT = SocksUdp()
+
+
+def socks_udp(raw: Any, where: str, p: Problems) -> SocksUdp:
+    """The ``udp:`` mapping of a socks5 or mux listener."""
+    m = p.mapping(raw, where, SocksUdp.KEYS)
+    d = _UDP_DEFAULT
+    return SocksUdp(
+        enabled=p.get(m, "enabled", where, boolean, d.enabled),
+        session_timeout=p.get(m, "session_timeout", where, positive_number, d.session_timeout),
+        max_destinations=p.get(m, "max_destinations", where, positive_int, d.max_destinations),
+        max_associations_per_client=p.get(m, "max_associations_per_client", where, positive_int,
+                                          d.max_associations_per_client),
+        max_sessions=p.get(m, "max_sessions", where, positive_int, d.max_sessions),
+        max_datagram=p.get(m, "max_datagram", where, _datagram_size, d.max_datagram))
+
+
+def _datagram_size(value: Any) -> int:
+    size = positive_int(value)
+    if size > 65507:
+        raise ValueError(f"{size} is more than an IPv4 datagram carries (65507)")
+    return size
+
+
+@dataclass(frozen=True)
 class Socks5Spec(ListenerSpec):
     """SOCKS5 (and SOCKS4/4a, which has no authentication and is refused when users are set)."""
 
     kind: ClassVar[str] = "socks5"
-    KEYS: ClassVar[tuple[str, ...]] = ("users",)
+    KEYS: ClassVar[tuple[str, ...]] = ("users", "udp")
     users: Mapping[str, str] = field(default_factory=lambda: _NO_USERS)
+    udp: SocksUdp = _UDP_DEFAULT
 
     @classmethod
     def options(cls, m: Mapping[str, Any], where: str, p: Problems) -> dict[str, Any]:
-        return {"users": p.get(m, "users", where, users, _NO_USERS)}
+        return {"users": p.get(m, "users", where, users, _NO_USERS),
+                "udp": socks_udp(m.get("udp"), f"{where}.udp", p)}
 
 
 @dataclass(frozen=True)
@@ -245,14 +298,16 @@ class MuxSpec(HttpSpec):
     """One port for SOCKS5/4a, the HTTP proxy, TLS by SNI and SSH: whichever the client speaks."""
 
     kind: ClassVar[str] = "mux"
-    KEYS: ClassVar[tuple[str, ...]] = (*HttpSpec.KEYS, "tls_port", "ssh", "default")
+    KEYS: ClassVar[tuple[str, ...]] = (*HttpSpec.KEYS, "tls_port", "ssh", "default", "udp")
     tls_port: int = 443  # TLS goes to <SNI>:<tls_port> unless a route names an upstream
     ssh: Endpoint | None = None  # where SSH goes; None: SSH is closed
     default: Endpoint | None = None  # anything else (or TLS without SNI); None: closed
+    udp: SocksUdp = _UDP_DEFAULT  # SOCKS5 UDP ASSOCIATE, as on a socks5 listener
 
     @classmethod
     def options(cls, m: Mapping[str, Any], where: str, p: Problems) -> dict[str, Any]:
         return {**super().options(m, where, p),
+                "udp": socks_udp(m.get("udp"), f"{where}.udp", p),
                 "tls_port": p.get(m, "tls_port", where, port_number, 443),
                 "ssh": p.get(m, "ssh", where, parse_endpoint, None),
                 "default": p.get(m, "default", where, parse_endpoint, None)}

@@ -36,7 +36,7 @@ from gate.flow import MAX_HOPS, Flow, FlowState
 from gate.mesh.udp_via import MAX_DESTINATIONS, ViaUdp
 from gate.router import Decision, FlowKey
 from sniff import proxy_protocol
-from tproxy.sockopts import is_local_address, set_big_buffers, set_mark, unmap
+from tproxy.sockopts import is_local_address, set_big_buffers, set_mark, set_transparent, unmap
 
 if TYPE_CHECKING:
     from gate.context import Context
@@ -119,6 +119,18 @@ def _check_hops(flow: Flow) -> None:
     """A flow that crossed MAX_HOPS gates goes no further (it is most likely looping)."""
     if flow.hops >= MAX_HOPS:
         raise RefusedByPolicy(_too_far(flow))
+
+
+def _preserving(sock: socket.socket, client: Endpoint, dst: Endpoint | None) -> None:
+    """Bind a UDP upstream socket to the client's own address and port (IP_TRANSPARENT; SO_REUSEADDR:
+    a symmetric session per destination binds it again), connected to ``dst`` if given."""
+    if (":" in client.host) != (sock.family == socket.AF_INET6):
+        raise OSError(0, "the client's address family differs from the destination's")
+    set_transparent(sock)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((client.host, client.port))
+    if dst is not None:
+        sock.connect((dst.host, dst.port))
 
 
 def _ignore(flow: Flow) -> None:
@@ -209,10 +221,14 @@ class Opener:
         assert target is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout
-        addresses = await resolve(target, self.connect_timeout)
-        allowed = self._vet(addresses, decision, flow, target)
+        allowed = await self.addresses(decision, flow, target)
         sock = await open_tcp(target, max(deadline - loop.time(), 0.001), self._options(flow, decision), allowed)
         return Upstream(sock, self._header(decision, flow, sock))
+
+    async def addresses(self, decision: Decision, flow: Flow, target: Endpoint) -> list[tuple[int, Endpoint]]:
+        """``target``'s addresses that may be dialled, TCP or UDP alike: resolved (within the connect
+        timeout) and vetted (``_vet``); RejectedByRule, RefusedByPolicy or an UpstreamError otherwise."""
+        return self._vet(await resolve(target, self.connect_timeout), decision, flow, target)
 
     def _vet(self, addresses: list[tuple[int, Endpoint]], decision: Decision, flow: Flow,
              target: Endpoint) -> list[tuple[int, Endpoint]]:
@@ -251,13 +267,16 @@ class Opener:
                        functools.partial(self._connected, decision, flow, done), self._sweeper,
                        self._options(flow, decision))
 
-    def open_udp(self, decision: Decision, flow: Flow, max_destinations: int = MAX_DESTINATIONS) -> Upstream | ViaUdp:
+    def open_udp(self, decision: Decision, flow: Flow, connect: bool = False,
+                 max_destinations: int = MAX_DESTINATIONS) -> Upstream | ViaUdp:
         """A UDP session's upstream, for any UDP listener: the one place that decides direct or via.
 
         Direct (and upstream, resolve): a socket, marked, unconnected (a full-cone session sends to many
         destinations). The route's fixed upstream, if any, is recorded in ``flow.upstream``; without one
         each datagram goes to its own destination. ``resolve`` keeps the original destination: a session
-        opens on its first datagram, without waiting on DNS.
+        opens on its first datagram, without waiting on DNS. With ``preserve_source`` it leaves from the
+        client's address and port (``connect``: a session of one destination, so sessions of one client
+        port to several servers each get their answers).
         Via a peer: a ``ViaUdp``, usable at once, that opens one CONNECT-UDP stream per destination (at
         most ``max_destinations``); the caller sets its ``on_datagram`` and ``on_end``."""
         flow.state = FlowState.CONNECTING
@@ -281,7 +300,10 @@ class Opener:
             if self.ctx.mark is not None:
                 set_mark(sock, self.ctx.mark)
             set_big_buffers(sock)
-            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+            if decision.preserve_source or self.preserve_source:
+                _preserving(sock, flow.client, dst if connect else None)
+            else:
+                sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
         except OSError as e:
             sock.close()
             raise UpstreamUnreachable(f"no UDP socket: {e.strerror}") from None

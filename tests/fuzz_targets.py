@@ -19,6 +19,7 @@ from typing import Any
 from gate.mesh.capsules import MAX_CAPSULE, CapsuleError, CapsuleReader, datagram_capsule, encode_varint
 from gate.proto.http import TargetError, connect_authority, split_absolute_uri
 from gate.proto.socks import SocksError, parse_credentials, parse_first, parse_request
+from gate.proto.socks_udp import SocksUdpError, parse_datagram
 from sniff.classify import Sniffed, classify, classify_datagrams
 from sniff.http import parse_h2_preface, parse_http_request
 from sniff.proxy_protocol import build_v1, build_v2, parse_proxy_header
@@ -145,6 +146,10 @@ TARGETS: dict[str, Target] = {
                             _given(b"\x05\x01\x00\x03\x0cexample.test\x01\xbb",
                                    b"\x05\x01\x00\x04" + bytes(15) + b"\x01\x00\x50")),
     "socks-credentials": Target(_message(parse_credentials, SocksError), _given(b"\x01\x04user\x06secret")),
+    "socks-udp": Target(_verdict(parse_datagram, SocksUdpError),
+                        _given(b"\x00\x00\x00\x01\x7f\x00\x00\x01\x14\xe9hello",
+                               b"\x00\x00\x00\x03\x09localhost\x00\x35q",
+                               b"\x00\x00\x00\x04" + bytes(15) + b"\x01\x00\x35")),
     "http-authority": Target(_verdict(connect_authority, TargetError), _given(b"example.test:443", b"[::1]:8443")),
     "capsules": Target(_capsules, _given(datagram_capsule(b"\x00" * 40) + encode_varint(0x2A) + b"\x03xyz"
                                          + datagram_capsule(bytes(range(200))))),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from tproxy.offload import Bypass
+
 __all__ = ["Capture"]
 
 
@@ -33,3 +35,9 @@ class Capture:
     # While no gate serves: "closed" drops (TPROXY) or refuses (REDIRECT) captured traffic; "open" lets it
     # bypass the gate (nftables only: the table dies with the process that holds it). See tproxy.rules.
     on_failure: str = "closed"
+    # Router role, nftables: the kernel fast path sets, as (IP version, the UDP listener's session_timeout)
+    # per family with one (see tproxy.offload); ``udp_owned``: the server's answers to a UDP upstream
+    # socket bound to the client's address go to that socket (source-preserving UDP sessions).
+    fastpath: tuple[tuple[int, float], ...] = ()
+    udp_owned: bool = False
+    bypass: tuple[Bypass, ...] = ()  # routes compiled to "do not capture" (tproxy mode, router/egress)

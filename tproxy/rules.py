@@ -31,6 +31,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from tproxy.capture import Capture
 from tproxy.iptables import build_iptables, clear_iptables
+from tproxy.offload import bypass_statements, fastpath_sets, fastpath_skip
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -154,7 +155,8 @@ def build(cap: Capture) -> RuleSet:
             # Locally generated: mark in OUTPUT so the policy route sends it over lo, where PREROUTING
             # hands it to the listener.
             udp = [f"{_match(cap, 'udp')} {mark}"] if cap.udp_port4 or cap.udp_port6 else []
-            out = [skip_own, "fib daddr type local return", *filters, f"{_match(cap)} {mark}", *udp]
+            out = [skip_own, "fib daddr type local return", *filters, *bypass_statements(cap.bypass),
+                   f"{_match(cap)} {mark}", *udp]
             chains.append(_chain("output", "route", "output", "mangle", out))
             steer = [f'iifname "lo" meta mark {cap.route_mark:#x} {s}' for s in _steer(cap, *tproxy)]
             pre = [owned]
@@ -162,6 +164,11 @@ def build(cap: Capture) -> RuleSet:
             local = "fib daddr type local return" if cap.role == "router" else "fib daddr type != local return"
             steer = [f"{iif}{s}" for s in _steer(cap, *tproxy)]
             pre = [owned, skip_own, local, *filters]
+            if cap.role == "router":
+                # first: an offloaded session's packets would otherwise reach its still-open sockets
+                fast = [fastpath_skip(version) for version, _ in cap.fastpath]
+                udp_owned = [owned.replace("l4proto tcp", "l4proto udp")] if cap.udp_owned else []
+                pre = [*fast, owned, *udp_owned, skip_own, local, *filters, *bypass_statements(cap.bypass)]
         pre += steer
         if cap.on_failure == "closed":
             pre += [_drop(s) for s in steer]
@@ -181,12 +188,15 @@ def build(cap: Capture) -> RuleSet:
             chains.append(_chain("prerouting", "nat", "prerouting", "dstnat", pre))
         rules, routes = (), ()
     if cap.backend == "iptables":
+        if cap.fastpath or cap.bypass:
+            raise ValueError("the kernel fast path and address-only bypass are nftables-only")
         if cap.on_failure == "open":
             raise ValueError("on_failure open needs the nftables backend")  # the config refuses it
         return RuleSet(nft="", ip_rules=rules, routes=routes, iptables=build_iptables(cap))
     held = cap.on_failure == "open"
     owner = ["  flags owner"] if held else []
-    nft = f"table inet {NFT_TABLE} {{\n" + "\n".join([*owner, *chains]) + "\n}\n"
+    sets = fastpath_sets(dict(cap.fastpath)) if cap.mode == "tproxy" and cap.role == "router" else []
+    nft = f"table inet {NFT_TABLE} {{\n" + "\n".join([*owner, *sets, *chains]) + "\n}\n"
     return RuleSet(nft=nft, ip_rules=rules, routes=routes, held=held)
 
 

@@ -1,4 +1,5 @@
-"""SOCKS listener: SOCKS5 (RFC 1928, username/password per RFC 1929) and SOCKS4/4a CONNECT.
+"""SOCKS listener: SOCKS5 (RFC 1928, username/password per RFC 1929) CONNECT and UDP ASSOCIATE (served by
+``gate.listeners.socks_udp``), and SOCKS4/4a CONNECT.
 
 The wire format is parsed by the pure ``gate.proto.socks``; this module reads bytes, applies
 authentication, and maps each failure to the reply code clients show their users.
@@ -25,6 +26,7 @@ from gate.errors import (
     UpstreamUnreachable,
 )
 from gate.flow import Flow
+from gate.listeners.socks_udp import UdpAssociations
 from gate.listeners.tcp import TcpListener
 from gate.proto import socks
 from gate.proto.socks import NeedMore, Reply, SocksError
@@ -59,6 +61,8 @@ class Socks:
         self.spec = spec
         self.runner = runner
         self.loop = runner.loop
+        self.udp = UdpAssociations(spec.name, spec.udp, runner.ctx, runner.opener, spec.timeouts.idle,
+                                   spec.timeouts.sniff)
 
     async def serve(self, conn: socket.socket, flow: Flow) -> None:
         buf = bytearray(flow.preread)  # bytes a mux listener read while sniffing
@@ -75,6 +79,9 @@ class Socks:
                 request = await self._read(conn, buf, socks.parse_request)
                 host, port, success, failure = request.host, request.port, None, socks5_code
         flow.dst = Endpoint(host, port)
+        if isinstance(first, socks.Greeting) and request.command == socks.UDP_ASSOCIATE:
+            await self._associate(conn, flow, buf, request)
+            return
         flow.host = None if is_ip(host) else host.lower()
         flow.preread = bytes(buf)  # an optimistic client may send data before our reply
         if self.runner.sniffs_in_tunnel(flow):
@@ -97,6 +104,16 @@ class Socks:
             upstream.sock.close()
             raise
         await self.runner.relay(conn, flow, upstream)
+
+    async def _associate(self, conn: socket.socket, flow: Flow, buf: bytearray, request: socks.Socks5Request) -> None:
+        """UDP ASSOCIATE (granted only after authentication): the control connection carries no bytes
+        of its own; the association lives as long as it does."""
+        if not self.spec.udp.enabled:
+            await self.loop.sock_sendall(conn, socks.socks5_reply(Reply.COMMAND_NOT_SUPPORTED))
+            raise ClientProtocolError("UDP ASSOCIATE is disabled on this listener (udp.enabled: false)")
+        flow.path = "udp-associate"
+        flow.preread = bytes(buf)
+        await self.udp.serve(conn, flow, request)
 
     async def _connect_after_sniffing(self, conn: socket.socket, flow: Flow, success: bytes) -> None:
         """A route depends on what the client says inside the tunnel, and it says nothing before our

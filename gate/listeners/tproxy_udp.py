@@ -27,6 +27,7 @@ from gate.flow import Close, Flow, FlowState
 from gate.mesh.udp_via import ViaUdp
 from gate.sniffing import apply_sniffed
 from gate.udp import Expired, Key, Open, Relay, SessionTable, reply_source
+from gate.udp.offload import UdpOffload
 from gate.udp.sessions import Refuse, RemoteVerdict
 from gate.upstream import Opener
 from splice import mmsg
@@ -102,7 +103,10 @@ class TproxyUdpListener:
         self.sessions = self.table.sessions  # the open sessions, looked up per datagram
         self.full_cone = self.table.mapping == "full-cone"
         self.timer: asyncio.TimerHandle | None = None  # calls the table's timer at its next_timer()
-        self.opener = Opener(ctx, spec.name, spec.timeouts.connect)
+        self.opener = Opener(ctx, spec.name, spec.timeouts.connect, preserve_source=spec.preserve_source)
+        # sessions handed to the kernel once routed (gate.udp.offload)
+        self.offload = UdpOffload(self.loop, 6 if self.family == socket.AF_INET6 else 4, spec.session_timeout,
+                                  ctx.finish)
 
     def start(self) -> None:
         sock = socket.socket(self.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
@@ -204,7 +208,10 @@ class TproxyUdpListener:
             decision = self.opener.decide(flow)
             if len(self.sessions) >= self.spec.max_flows:
                 raise RefusedByPolicy("max_flows reached")
-            upstream = self.opener.open_udp(decision, flow)
+            # a session the kernel takes over keeps its upstream unconnected: a connected UDP socket gets
+            # the first answer by early demux, however the fast path rule accepted it
+            offload = self.offload.wants(decision)
+            upstream = self.opener.open_udp(decision, flow, connect=not (self.full_cone or offload))
         except GateError as e:
             self.table.refused(o.key)
             self.ctx.finish(flow, e.close, str(e))  # one record per refused datagram: retries show as such
@@ -216,8 +223,15 @@ class TproxyUdpListener:
         session = _Session(o.key, flow, flow.upstream, upstream.sock)
         late = self.table.opened(o.key, session, self.loop.time())
         self.loop.add_reader(upstream.sock.fileno(), self._on_upstream, session, o.key)
+        # before the first datagrams go: the first answer may come back sooner than an nft commit takes
+        offloaded = offload and self.offload.offer(decision, flow)
         for dst, payload in (*o.datagrams, *late):
             self._send_up(session, dst, payload)
+        if offloaded:
+            # the kernel forwards the rest; our sockets must go, as the kernel would hand them (by their
+            # exact addresses) the packets it is to forward. The offload ends the flow and logs it.
+            self.table.end(o.key)
+            self._release(session)
 
     def _open_via(self, o: Open, flow: Flow, via: ViaUdp) -> None:
         """A session routed via a mesh peer: one CONNECT-UDP stream per destination (as many as it may
@@ -398,6 +412,10 @@ class TproxyUdpListener:
 
     def _close(self, session: _Session, reason: Close, detail: str | None = None) -> None:
         """Close a session that has left the table, with its one access-log record."""
+        self._release(session)
+        self.ctx.finish(session.flow, reason, detail)
+
+    def _release(self, session: _Session) -> None:
         if session.via is not None:
             session.via.close()
         for sock in (session.upstream, *session.replies.values()):
@@ -405,7 +423,6 @@ class TproxyUdpListener:
                 self.loop.remove_reader(sock.fileno())
                 sock.close()
         session.replies.clear()
-        self.ctx.finish(session.flow, reason, detail)
 
     def stop_accepting(self) -> None:
         if self.sock is not None:
@@ -418,4 +435,5 @@ class TproxyUdpListener:
         sessions not routed yet are dropped: their client retransmits to whoever serves next)."""
         for session in self.table.shutdown():
             self._close(session, Close.SHUTDOWN)
+        self.offload.shutdown()
         self._schedule()

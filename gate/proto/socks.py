@@ -1,4 +1,5 @@
-"""SOCKS5 (RFC 1928, RFC 1929 username/password) and SOCKS4/4a CONNECT, server side, sans-IO.
+"""SOCKS5 (RFC 1928, RFC 1929 username/password: CONNECT and UDP ASSOCIATE) and SOCKS4/4a CONNECT, server side,
+sans-IO.
 
 Each parser takes the bytes received so far and returns a frozen message (with ``consumed``), NEED_MORE,
 or raises SocksError carrying the reply to send before closing. Nothing else escapes on any input.
@@ -14,10 +15,15 @@ from enum import IntEnum
 from sniff.result import NEED_MORE, NeedMore  # the same "read more" outcome every sans-IO parser shares
 
 __all__ = [
+    "ATYP_DOMAIN",
+    "ATYP_IPV4",
+    "ATYP_IPV6",
+    "CONNECT",
     "MAX_NAME",
     "NEED_MORE",
     "NO_ACCEPTABLE",
     "NO_AUTH",
+    "UDP_ASSOCIATE",
     "USERPASS",
     "Credentials",
     "Greeting",
@@ -28,6 +34,7 @@ __all__ = [
     "SocksError",
     "auth_reply",
     "method_reply",
+    "parse_address",
     "parse_credentials",
     "parse_first",
     "parse_request",
@@ -43,6 +50,7 @@ NO_AUTH = 0x00
 USERPASS = 0x02
 NO_ACCEPTABLE = 0xFF
 CONNECT = 0x01
+UDP_ASSOCIATE = 0x03
 ATYP_IPV4, ATYP_DOMAIN, ATYP_IPV6 = 0x01, 0x03, 0x04
 
 
@@ -205,35 +213,48 @@ def parse_credentials(buf: bytes) -> Credentials | NeedMore:
     return Credentials(user, password, end)
 
 
+def parse_address(buf: bytes, start: int, reply: bytes | None) -> tuple[str, int, int, int] | NeedMore:
+    """ATYP DST.ADDR DST.PORT at ``start`` (requests and UDP headers share it): (host, port, address
+    type, end), NEED_MORE, or SocksError carrying ``reply`` (or the address-type reply)."""
+    if len(buf) <= start:
+        return NEED_MORE
+    atyp = buf[start]
+    pos = start + 1
+    if atyp == ATYP_IPV4:
+        end = pos + 4
+        if len(buf) < end + 2:
+            return NEED_MORE
+        host = str(ipaddress.IPv4Address(buf[pos:end]))
+    elif atyp == ATYP_IPV6:
+        end = pos + 16
+        if len(buf) < end + 2:
+            return NEED_MORE
+        host = str(ipaddress.IPv6Address(buf[pos:end]))
+    elif atyp == ATYP_DOMAIN:
+        if len(buf) <= pos:
+            return NEED_MORE
+        end = pos + 1 + buf[pos]
+        if len(buf) < end + 2:
+            return NEED_MORE
+        if buf[pos] == 0:
+            raise SocksError("SOCKS5 empty domain", reply)
+        host = _text(buf[pos + 1 : end], "SOCKS5 domain", reply)
+    else:
+        raise SocksError(f"SOCKS5 address type {atyp}",
+                         reply and socks5_reply(Reply.ADDRESS_TYPE_NOT_SUPPORTED))
+    return host, int.from_bytes(buf[end : end + 2], "big"), atyp, end + 2
+
+
 def parse_request(buf: bytes) -> Socks5Request | NeedMore:
-    """VER CMD RSV ATYP DST.ADDR DST.PORT; only CONNECT is supported."""
+    """VER CMD RSV ATYP DST.ADDR DST.PORT; CONNECT and UDP ASSOCIATE are supported (BIND is not)."""
     if len(buf) < 4:
         return NEED_MORE
     if buf[0] != 5:
         raise SocksError(f"SOCKS5 request version {buf[0]}", socks5_reply(Reply.GENERAL_FAILURE))
-    if buf[1] != CONNECT:
+    if buf[1] not in (CONNECT, UDP_ASSOCIATE):
         raise SocksError(f"SOCKS5 command {buf[1]} not supported", socks5_reply(Reply.COMMAND_NOT_SUPPORTED))
-    atyp = buf[3]
-    if atyp == ATYP_IPV4:
-        end = 4 + 4
-        if len(buf) < end + 2:
-            return NEED_MORE
-        host = str(ipaddress.IPv4Address(buf[4:end]))
-    elif atyp == ATYP_IPV6:
-        end = 4 + 16
-        if len(buf) < end + 2:
-            return NEED_MORE
-        host = str(ipaddress.IPv6Address(buf[4:end]))
-    elif atyp == ATYP_DOMAIN:
-        if len(buf) < 5:
-            return NEED_MORE
-        end = 5 + buf[4]
-        if len(buf) < end + 2:
-            return NEED_MORE
-        if buf[4] == 0:
-            raise SocksError("SOCKS5 empty domain", socks5_reply(Reply.GENERAL_FAILURE))
-        host = _text(buf[5:end], "SOCKS5 domain", socks5_reply(Reply.GENERAL_FAILURE))
-    else:
-        raise SocksError(f"SOCKS5 address type {atyp}", socks5_reply(Reply.ADDRESS_TYPE_NOT_SUPPORTED))
-    port = int.from_bytes(buf[end : end + 2], "big")
-    return Socks5Request(buf[1], host, port, atyp, end + 2)
+    address = parse_address(buf, 3, socks5_reply(Reply.GENERAL_FAILURE))
+    if isinstance(address, NeedMore):
+        return NEED_MORE
+    host, port, atyp, end = address
+    return Socks5Request(buf[1], host, port, atyp, end)

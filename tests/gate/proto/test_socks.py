@@ -82,7 +82,7 @@ def test_suffix_does_not_change_the_message(parse: Parser, data: bytes, expected
         (parse_first, b"\x04\x01\x00\x50\x00\x00\x00\x01\x00\x00", socks4_reply(False)),  # empty 4a name
         (parse_first, b"\x04\x01\x00\x50\x01\x02\x03\x04\xff\x00", socks4_reply(False)),  # user not UTF-8
         (parse_request, b"\x05\x02\x00\x01\x7f\x00\x00\x01\x00\x50", socks5_reply(Reply.COMMAND_NOT_SUPPORTED)),
-        (parse_request, b"\x05\x03\x00\x01\x7f\x00\x00\x01\x00\x50", socks5_reply(Reply.COMMAND_NOT_SUPPORTED)),
+        (parse_request, b"\x05\x04\x00\x01\x7f\x00\x00\x01\x00\x50", socks5_reply(Reply.COMMAND_NOT_SUPPORTED)),
         (parse_request, b"\x05\x01\x00\x09", socks5_reply(Reply.ADDRESS_TYPE_NOT_SUPPORTED)),
         (parse_request, b"\x04\x01\x00\x01", socks5_reply(Reply.GENERAL_FAILURE)),
         (parse_request, b"\x05\x01\x00\x03\x00\x00\x50", socks5_reply(Reply.GENERAL_FAILURE)),  # empty name
