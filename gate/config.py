@@ -19,7 +19,7 @@ import yaml
 
 from gate.errors import ConfigError
 from gate.mesh_spec import MeshSpec, PeerSpec, parse_mesh, parse_peers
-from gate.route_spec import Match, Route, check_offload, check_udp_via, parse_route
+from gate.route_spec import Match, Route, check_offload, parse_route
 from gate.specs import (
     ForwardSpec,
     H2Spec,
@@ -289,7 +289,6 @@ def parse_config(raw: Any) -> GateConfig:
     peer_names = {peer.name for peer in peers}
     names_ |= {peer.name for peer in peers if peer.reverse}  # their flows' listener, for route matches
     routes = [r for i, item in enumerate(raw_routes) if (r := parse_route(item, i, names_, peer_names, p)) is not None]
-    check_udp_via(routes, listeners, p)
     if mesh is None and any(isinstance(spec, H2Spec) for spec in listeners):
         p.add("mesh", "missing: an h2 listener needs this gate's identity (mesh: {identity: DIR})")
     capture = _capture(top.get("capture"), listeners, p)

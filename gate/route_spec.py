@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from gate.addr import Endpoint, parse_endpoint
-from gate.specs import ListenerSpec
 from gate.validate import IPNetwork, Problems, boolean, hosts, names, networks, one_of, ports, string
-from gate.vocab import PROTOCOLS, Action, Proto, ProxyProtocol, Transport
+from gate.vocab import PROTOCOLS, Action, Proto, ProxyProtocol
 
-__all__ = ["OFFLOADS", "Match", "Offload", "Route", "check_offload", "check_udp_via", "parse_match", "parse_route"]
+__all__ = ["OFFLOADS", "Match", "Offload", "Route", "check_offload", "parse_match", "parse_route"]
 
 Offload = Literal["kernel", "off"]
 OFFLOADS: tuple[Offload, ...] = ("kernel", "off")
@@ -141,14 +140,3 @@ def check_offload(routes: list[Route], capture: tuple[str, str] | None, p: Probl
         elif capture[0] != "tproxy":
             p.add(f"routes[{route.index}].offload", f"kernel needs capture.mode tproxy (not {capture[0]})")
 
-
-def check_udp_via(routes: list[Route], listeners: list[ListenerSpec], p: Problems) -> None:
-    """Refuse ``via`` routes that UDP flows can take: the mesh carries TCP streams only (so far)."""
-    udp = [spec.name for spec in listeners if spec.transport == Transport.UDP]
-    for route in routes:
-        if route.action != Action.VIA or not udp:
-            continue
-        hit = [name for name in udp if not route.match.listener or name in route.match.listener]
-        if hit:
-            p.add(f"routes[{route.index}].via", f"UDP flows (listener {', '.join(hit)}) cannot go through the mesh "
-                  "yet; add match.listener to limit this route to TCP listeners")

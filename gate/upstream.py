@@ -33,6 +33,7 @@ from gate.deadlines import Sweeper, sweep_interval
 from gate.dial import Connect, SocketOptions, literal_family, open_tcp, resolve
 from gate.errors import GateError, RefusedByPolicy, RejectedByRule, UpstreamError, UpstreamUnreachable
 from gate.flow import MAX_HOPS, Flow, FlowState
+from gate.mesh.udp_via import MAX_DESTINATIONS, ViaUdp
 from gate.router import Decision, FlowKey
 from sniff import proxy_protocol
 from tproxy.sockopts import is_local_address, set_big_buffers, set_mark, set_transparent, unmap
@@ -275,19 +276,27 @@ class Opener:
                        functools.partial(self._connected, decision, flow, done), self._sweeper,
                        self._options(flow, decision))
 
-    def open_udp(self, decision: Decision, flow: Flow, connect: bool = False) -> Upstream:
-        """A UDP session's upstream socket (marked, unconnected: a full-cone session sends to many
+    def open_udp(self, decision: Decision, flow: Flow, connect: bool = False,
+                 max_destinations: int = MAX_DESTINATIONS) -> Upstream | ViaUdp:
+        """A UDP session's upstream, for any UDP listener: the one place that decides direct or via.
+
+        Direct (and upstream, resolve): a socket, marked, unconnected (a full-cone session sends to many
         destinations). The route's fixed upstream, if any, is recorded in ``flow.upstream``; without one
         each datagram goes to its own destination. ``resolve`` keeps the original destination: a session
         opens on its first datagram, without waiting on DNS. With ``preserve_source`` it leaves from the
         client's address and port (``connect``: a session of one destination, so sessions of one client
-        port to several servers each get their answers)."""
+        port to several servers each get their answers).
+        Via a peer: a ``ViaUdp``, usable at once, that opens one CONNECT-UDP stream per destination (at
+        most ``max_destinations``); the caller sets its ``on_datagram`` and ``on_end``."""
         flow.state = FlowState.CONNECTING
         if decision.action == "reject":
             raise RejectedByRule(f"rejected by {decision.rule}")
-        if decision.action == "via":  # relaying it direct would contradict the route (and its log)
-            raise RefusedByPolicy(f"via {decision.via} is TCP-only (UDP over the mesh is not built yet)")
         _check_hops(flow)
+        if decision.action == "via":
+            if self.ctx.mesh is None or decision.via is None:
+                raise UpstreamUnreachable("via: this gate has no mesh section")
+            flow.peer = decision.via
+            return ViaUdp(self.ctx.mesh, decision.via, flow, self.connect_timeout, max_destinations)
         target = decision.upstream if decision.action == "upstream" else None
         flow.upstream = target
         dst = target or flow.dst

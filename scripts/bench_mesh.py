@@ -4,11 +4,16 @@ Rows: direct; ugate's tunnel (A's forward listener routed ``via`` B); a stunnel4
 server mode, TLS 1.3, the plain TLS tunnel peer), one stream and four. Also the setup latency of a new
 flow on a warm tunnel: connect through A, one byte echoed by a server behind B, close (median ms),
 against the same exchange direct. Rounds are interleaved; medians.
+
+UDP over the mesh (root only: capture needs namespaces): delivered packets/s of 1200-byte iperf3 -u
+datagrams from a client namespace, captured by gate A's tproxy_udp and carried as CONNECT-UDP capsules
+to gate B in the server namespace, against plain kernel forwarding on the same path.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -20,6 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests import netns  # noqa: E402
+
 IPERF, ECHO = 15301, 15302
 H2, A_IPERF, A_ECHO = 16108, 16101, 16102
 STUNNEL_CLIENT, STUNNEL_SERVER = 16201, 16202
@@ -160,4 +169,87 @@ def run(seconds: int, repeat: int, report: Callable[[str], None],
                 except subprocess.TimeoutExpired:
                     proc.kill()
             echo.close()
+    if os.geteuid() == 0:
+        samples.update(run_udp(seconds, repeat, report, ugate_cmd))
+    return samples
+
+
+def _udp_pps(topo: netns.Topology, target: str, seconds: int) -> float | None:
+    """Delivered packets/s of 1200-byte datagrams sent as fast as iperf3 can from the client namespace."""
+    argv = ["iperf3", "-c", target, "-p", str(IPERF), "-t", str(seconds), "-u", "-l", "1200", "-b", "2G", "-J"]
+    done = subprocess.run(topo.cmd("client", *argv), capture_output=True, text=True, timeout=seconds + 30)
+    try:
+        s = json.loads(done.stdout)["end"]["sum"]
+        return float(s["packets"] - s["lost_packets"]) / float(s["seconds"])
+    except (ValueError, KeyError):
+        return None
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run_udp(seconds: int, repeat: int, report: Callable[[str], None],
+            ugate_cmd: list[str] | None = None) -> dict[str, list[float]]:
+    """The UDP rows: kernel forwarding, then gate A (tproxy_udp, via B) started and stopped each round."""
+    py = sys.executable
+    gate_cmd = ugate_cmd or [py, "-m", "gate"]
+    samples: dict[str, list[float]] = {"udp kernel pps": [], "udp mesh pps": []}
+    netns.remove("ugbm")
+    topo = netns.router("ugbm")
+    server4 = topo.addr["server4"]
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="ugate-bench-mesh-udp-") as tmp:
+        d = Path(tmp)
+        try:
+            def keygen(name: str) -> str:
+                out = subprocess.run([py, "-m", "gate", "keygen", "--dir", str(d / name)], cwd=ROOT, check=True,
+                                     capture_output=True, text=True).stdout
+                return out.split()[1]
+
+            keygen("a")
+            id_b = keygen("b")
+            quiet = {"level": "warning", "access": "off"}
+            b = {"log": quiet, "mesh": {"identity": str(d / "b")},
+                 "peers": [{"name": "a", "cert": str(d / "a" / "cert.pem"), "allow": [{"port": [IPERF]}]}],
+                 "listeners": [{"name": "mesh", "kind": "h2", "listen": f"{server4}:{H2}"}],
+                 "routes": [{"action": "direct"}]}
+            a = {"log": quiet, "mesh": {"identity": str(d / "a")},
+                 "peers": [{"name": "b", "address": f"{server4}:{H2}", "id": id_b}],
+                 "listeners": [{"name": "t4", "kind": "tproxy", "listen": "0.0.0.0:15001"},
+                               {"name": "u4", "kind": "tproxy_udp", "listen": "0.0.0.0:15002"}],
+                 "capture": {"mode": "tproxy", "role": "router", "interfaces": ["lan0"], "apply": "auto"},
+                 "routes": [{"via": "b"}]}
+            (d / "a.yaml").write_text(json.dumps(a))
+            (d / "b.yaml").write_text(json.dumps(b))
+
+            def start(role: str, argv: list[str], port: int) -> subprocess.Popen[bytes]:
+                proc = subprocess.Popen(topo.cmd(role, *argv), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+                procs.append(proc)
+                deadline = time.monotonic() + 15
+                while f":{port} " not in topo.run(role, "ss", "-Hltn"):
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"{argv!r} did not start listening on {port}")
+                    time.sleep(0.05)
+                return proc
+
+            start("server", ["iperf3", "-s", "-p", str(IPERF)], IPERF)
+            start("server", [*gate_cmd, "--config", str(d / "b.yaml")], H2)
+            for r in range(repeat):
+                samples["udp kernel pps"].append(_udp_pps(topo, server4, seconds) or 0)
+                gate_a = start("gateway", [*gate_cmd, "--config", str(d / "a.yaml")], 15001)
+                time.sleep(0.3)  # the capture rules are applied once the gate is ready
+                samples["udp mesh pps"].append(_udp_pps(topo, server4, seconds) or 0)
+                _stop(gate_a)
+                report(f"  mesh udp round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in samples.items()))
+        finally:
+            for proc in procs:
+                _stop(proc)
+            topo.remove()
     return samples

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gate.mesh.capsules import MAX_CAPSULE, CapsuleError, CapsuleReader, datagram_capsule, encode_varint
 from gate.proto.http import TargetError, connect_authority, split_absolute_uri
 from gate.proto.socks import SocksError, parse_credentials, parse_first, parse_request
 from gate.proto.socks_udp import SocksUdpError, parse_datagram
@@ -105,6 +106,16 @@ def _classify_datagrams(data: bytes) -> None:
     assert result is NEED_MORE or isinstance(result, Sniffed), result
 
 
+def _capsules(data: bytes) -> None:
+    """A CONNECT-UDP stream's DATA: whole payloads and one partial capsule held at most, or CapsuleError."""
+    reader = CapsuleReader()
+    try:
+        payloads = reader.feed(data)
+    except CapsuleError:
+        return
+    assert all(isinstance(p, bytes) for p in payloads) and len(reader.buffer) <= MAX_CAPSULE + 16
+
+
 QUIC_FLIGHTS = ("chromium_quic_initial.bin", "aioquic_initial.bin", "aioquic_initial_split.bin",
                 "aioquic_initial_v2.bin")
 
@@ -140,6 +151,8 @@ TARGETS: dict[str, Target] = {
                                b"\x00\x00\x00\x03\x09localhost\x00\x35q",
                                b"\x00\x00\x00\x04" + bytes(15) + b"\x01\x00\x35")),
     "http-authority": Target(_verdict(connect_authority, TargetError), _given(b"example.test:443", b"[::1]:8443")),
+    "capsules": Target(_capsules, _given(datagram_capsule(b"\x00" * 40) + encode_varint(0x2A) + b"\x03xyz"
+                                         + datagram_capsule(bytes(range(200))))),
     "http-absolute-uri": Target(_verdict(split_absolute_uri, TargetError),
                                 _given(b"http://example.test:8080/path?q=1", b"http://[2001:db8::1]/")),
 }

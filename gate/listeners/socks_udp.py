@@ -27,7 +27,7 @@ from gate.sniffing import apply_sniffed
 from gate.specs import SocksUdp
 from gate.udp import Expired, Key, Open, Relay, SessionTable
 from gate.udp.sessions import Refuse
-from gate.upstream import Opener
+from gate.upstream import Opener, Upstream
 from tproxy.sockopts import set_big_buffers, unmap
 
 __all__ = ["MAX_HELD_BYTES", "Association", "UdpAssociations"]
@@ -307,8 +307,12 @@ class Association:
                     address = (await opener.addresses(decision, flow, target))[0][1]
                     if decision.action != "upstream":
                         flow.dst = address
-            # rejects, loops and via (UDP over the mesh: not built yet) are refused here
-            sock = opener.open_udp(decision, flow).sock
+            # rejects and loops are refused here; via a peer gives a ViaUdp, not wired to associations yet
+            upstream = opener.open_udp(decision, flow)
+            if not isinstance(upstream, Upstream):
+                upstream.close()
+                raise RefusedByPolicy(f"via {decision.via}: UDP over the mesh is not wired to UDP ASSOCIATE yet")
+            sock = upstream.sock
             to = flow.upstream or flow.dst
             assert to is not None
             try:

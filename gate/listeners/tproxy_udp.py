@@ -15,6 +15,7 @@ access log.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 
@@ -23,6 +24,7 @@ from gate.config import TproxyUdpSpec
 from gate.context import Context
 from gate.errors import GateError, RefusedByPolicy
 from gate.flow import Close, Flow, FlowState
+from gate.mesh.udp_via import ViaUdp
 from gate.sniffing import apply_sniffed
 from gate.udp import Expired, Key, Open, Relay, SessionTable, reply_source
 from gate.udp.offload import UdpOffload
@@ -60,16 +62,18 @@ def _addr(e: Endpoint) -> tuple[str, int]:
 class _Session:
     """One client's (or client and destination's) sockets and flow record; the table keeps its state."""
 
-    __slots__ = ("by_remote", "client", "dst", "flow", "key", "replies", "sockaddrs", "target", "upstream")
+    __slots__ = ("by_remote", "client", "dst", "flow", "key", "replies", "sockaddrs", "target", "upstream", "via")
 
-    def __init__(self, key: Key, flow: Flow, target: Endpoint | None, upstream: socket.socket):
+    def __init__(self, key: Key, flow: Flow, target: Endpoint | None, upstream: socket.socket | None,
+                 via: ViaUdp | None = None):
         self.key = key
         self.flow = flow
         assert flow.dst is not None
         self.client = flow.client
         self.dst = flow.dst
         self.target = target  # a fixed upstream from the route, else None: each datagram's own destination
-        self.upstream = upstream
+        self.upstream = upstream  # None for a session routed via a mesh peer, which has ``via`` instead
+        self.via = via
         self.replies: dict[Endpoint, socket.socket] = {}  # remote the client sees -> socket answering as it
         # the same, by raw recvfrom() address: a cache, filled up to max_remotes_per_session entries (a
         # fixed upstream answers through one socket, but from as many addresses as write to its port)
@@ -149,6 +153,11 @@ class TproxyUdpListener:
         self._schedule()
 
     def _send_up(self, session: _Session, dst: Endpoint, data: bytes | memoryview) -> None:
+        if session.via is not None:
+            if session.via.send(dst, data):
+                session.flow.bytes_up += len(data)
+            return
+        assert session.upstream is not None
         target = session.target or dst
         try:
             session.upstream.sendto(data, _addr(target))
@@ -208,6 +217,9 @@ class TproxyUdpListener:
             self.ctx.finish(flow, e.close, str(e))  # one record per refused datagram: retries show as such
             return
         flow.state = FlowState.RELAYING
+        if isinstance(upstream, ViaUdp):
+            self._open_via(o, flow, upstream)
+            return
         session = _Session(o.key, flow, flow.upstream, upstream.sock)
         late = self.table.opened(o.key, session, self.loop.time())
         self.loop.add_reader(upstream.sock.fileno(), self._on_upstream, session, o.key)
@@ -220,6 +232,17 @@ class TproxyUdpListener:
             # exact addresses) the packets it is to forward. The offload ends the flow and logs it.
             self.table.end(o.key)
             self._release(session)
+
+    def _open_via(self, o: Open, flow: Flow, via: ViaUdp) -> None:
+        """A session routed via a mesh peer: one CONNECT-UDP stream per destination (as many as it may
+        have remotes), answers to the client through the same reply sockets as a direct session's."""
+        session = _Session(o.key, flow, None, None, via)
+        via.max_destinations = self.table.max_remotes_per_session
+        via.on_datagram = functools.partial(self._from_tunnel, session)
+        via.on_end = functools.partial(self._via_ended, session)
+        late = self.table.opened(o.key, session, self.loop.time())
+        for dst, payload in (*o.datagrams, *late):
+            self._send_up(session, dst, payload)
 
     def _refuse(self, r: Refuse) -> None:
         """A client address at its session cap: one log line and one access-log record for the refusals
@@ -236,6 +259,7 @@ class TproxyUdpListener:
     def _on_upstream(self, session: _Session, key: Key) -> None:
         """Answers for the client; the hot loop knows each remote's reply socket by its raw address."""
         upstream, by_remote, total = session.upstream, session.by_remote, 0
+        assert upstream is not None  # read only for direct sessions
         for _ in range(DATAGRAMS_PER_WAKEUP):
             try:
                 n, remote = upstream.recvfrom_into(_buffer)
@@ -254,6 +278,26 @@ class TproxyUdpListener:
                 continue
             total += n
         session.flow.bytes_down += total
+
+    def _from_tunnel(self, session: _Session, remote: Endpoint, payload: bytes) -> None:
+        """An answer from ``remote`` through the mesh (session routed via a peer)."""
+        addr = (remote.host, remote.port)
+        reply = session.by_remote.get(addr) or self._reply_for(session, session.key, addr)
+        if reply is None:
+            return
+        try:
+            reply.send(payload)
+        except OSError as e:
+            log.debug("%s: reply to %s: %s", self.spec.name, session.client, e)
+            return
+        session.flow.bytes_down += len(payload)
+
+    def _via_ended(self, session: _Session, error: GateError) -> None:
+        """A stream of a session routed via a peer failed (refused there, tunnel lost): the session
+        ends, and the client's next datagram is routed afresh."""
+        if self.table.end(session.key) is session:
+            self._close(session, error.close, str(error))
+            self._schedule()
 
     def _reply_for(self, session: _Session, key: Key, remote: tuple[str, int]) -> socket.socket | None:
         source = reply_source(key, session.dst, session.target is not None, Endpoint(unmap(remote[0]), remote[1]))
@@ -307,12 +351,16 @@ class TproxyUdpListener:
     def _on_reply(self, session: _Session, source: Endpoint, sock: socket.socket) -> None:
         """The client's next datagrams to ``source`` arrive on the connected reply socket: relay them
         straight to the upstream, in batches (the hot path of a long UDP flow)."""
+        if session.via is not None:
+            self._relay_via(session, source, sock)
+            return
         batch = _batch()
         if batch is None:
             self._relay_one_by_one(session, source, sock)
             return
         target = session.target or source
         dest = session.sockaddrs.get(target) or session.sockaddrs.setdefault(target, mmsg.sockaddr(*_addr(target)))
+        assert session.upstream is not None
         src_fd, dst_fd, total = sock.fileno(), session.upstream.fileno(), 0
         for _ in range(BATCHES_PER_WAKEUP):
             try:
@@ -330,6 +378,7 @@ class TproxyUdpListener:
 
     def _relay_one_by_one(self, session: _Session, source: Endpoint, sock: socket.socket) -> None:
         upstream, to, total = session.upstream, _addr(session.target or source), 0
+        assert upstream is not None
         for _ in range(DATAGRAMS_PER_WAKEUP):
             try:
                 n = sock.recv_into(_buffer)
@@ -344,17 +393,35 @@ class TproxyUdpListener:
             total += n
         session.flow.bytes_up += total
 
+    def _relay_via(self, session: _Session, source: Endpoint, sock: socket.socket) -> None:
+        """The client's next datagrams to ``source`` for a session routed via a peer: as capsules."""
+        assert session.via is not None
+        stream, total = session.via.stream(source), 0  # one destination: looked up once per wake-up
+        for _ in range(DATAGRAMS_PER_WAKEUP):
+            try:
+                n = sock.recv_into(_buffer)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                continue
+            if stream is not None and stream.send(_view[:n]):
+                total += n
+        session.flow.bytes_up += total
+
     # -- ending ----------------------------------------------------------------------------------
 
-    def _close(self, session: _Session, reason: Close) -> None:
+    def _close(self, session: _Session, reason: Close, detail: str | None = None) -> None:
         """Close a session that has left the table, with its one access-log record."""
         self._release(session)
-        self.ctx.finish(session.flow, reason)
+        self.ctx.finish(session.flow, reason, detail)
 
     def _release(self, session: _Session) -> None:
+        if session.via is not None:
+            session.via.close()
         for sock in (session.upstream, *session.replies.values()):
-            self.loop.remove_reader(sock.fileno())
-            sock.close()
+            if sock is not None:
+                self.loop.remove_reader(sock.fileno())
+                sock.close()
         session.replies.clear()
 
     def stop_accepting(self) -> None:

@@ -61,6 +61,11 @@ class Bridge(asyncio.Protocol):
         self.on_closed = on_closed
         self.on_abort: Callable[[], None] | None = None  # makes the socket's far end see a reset
 
+    @property
+    def answered(self) -> bool:
+        """The stream was answered and bridged (a reset after this is not a rapid reset)."""
+        return self.transport is not None
+
     # -- asyncio.Protocol (the socket) ----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

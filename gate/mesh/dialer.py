@@ -16,12 +16,14 @@ import socket
 import ssl
 from collections.abc import Callable
 
+from gate.addr import Endpoint
 from gate.config import PeerSpec
 from gate.dial import SocketOptions, open_tcp
 from gate.errors import GateError, UpstreamTimeout, UpstreamUnreachable
 from gate.flow import Flow
-from gate.mesh.h2_streams import ERROR_HEADER, Serve, error_for_status, meta_headers, request_handler
-from gate.mesh.session import Session
+from gate.mesh.datagrams import DatagramFlow
+from gate.mesh.h2_streams import ERROR_HEADER, Serve, error_for_status, meta_headers, request_handler, udp_headers
+from gate.mesh.session import Bridge, Channel, Session
 from gate.mesh.transport import FlowMeta
 from gate.mesh.trust import Trust
 
@@ -68,6 +70,7 @@ class Mesh:
         self.mark = mark
         self.peers = {p.name: _Peer(p) for p in trust.peers}
         self._reverse_tasks: list[asyncio.Task[None]] = []
+        self._udp_setups: set[asyncio.Task[None]] = set()  # CONNECT-UDP streams being set up
         self._closing = False
 
     async def open_stream(self, peer_name: str, flow: Flow, timeout: float) -> socket.socket:
@@ -112,6 +115,73 @@ class Mesh:
             session.discard(stream_id)
             raise
         return ours
+
+    def open_datagrams(self, peer_name: str, flow: Flow, dst: Endpoint, on_datagram: Callable[[bytes], None],
+                       on_end: Callable[[GateError | None], None], timeout: float) -> DatagramFlow:
+        """Datagrams of ``flow`` to ``dst`` through ``peer_name`` on a CONNECT-UDP stream, usable at once:
+        they queue (bounded) while the stream is set up in a task (see ``Transport.open_datagrams``)."""
+        handle = DatagramFlow()
+        task = asyncio.get_running_loop().create_task(
+            self._open_datagrams(handle, peer_name, FlowMeta.of(flow, dst), on_datagram, on_end, timeout))
+        self._udp_setups.add(task)
+        task.add_done_callback(self._udp_setups.discard)
+        handle.setup(task.cancel)
+        return handle
+
+    async def _open_datagrams(self, handle: DatagramFlow, peer_name: str, meta: FlowMeta,
+                              on_datagram: Callable[[bytes], None], on_end: Callable[[GateError | None], None],
+                              timeout: float) -> None:
+        try:
+            channel = await self._datagram_stream(peer_name, meta, timeout)
+        except GateError as e:
+            if not handle.closed:
+                handle.closed = True
+                on_end(e)
+            return
+        if handle.closed:  # given up on while the stream was set up
+            channel.close()
+            return
+
+        def ended(c: Bridge) -> None:
+            if not handle.closed:
+                handle.closed = True
+                on_end(None if c.error is None else UpstreamUnreachable(f"via {peer_name}: {c.error}"))
+
+        channel.on_closed = ended
+        channel.open(on_datagram)
+        handle.attach(channel)
+
+    async def _datagram_stream(self, peer_name: str, meta: FlowMeta, timeout: float) -> Channel:
+        peer = self.peers.get(peer_name)
+        if peer is None:
+            raise UpstreamUnreachable(f"no peer is named {peer_name}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        session = await self._session(peer, deadline)
+        if not session.extended_connect():  # h2 would send it anyway
+            raise UpstreamUnreachable(f"via {peer_name}: the peer does not accept CONNECT-UDP")
+        try:
+            stream_id, answer = session.open_stream(peer_name, udp_headers(peer_name, meta), Channel)
+        except Exception as e:  # h2 refuses (e.g. too many streams) or the connection just closed
+            raise UpstreamUnreachable(f"via {peer_name}: {e}") from None
+        try:
+            async with asyncio.timeout_at(deadline):
+                response = await answer
+        except TimeoutError:
+            session.discard(stream_id)
+            raise UpstreamTimeout(f"via {peer_name}: no answer within {timeout:g}s") from None
+        except (ConnectionError, OSError) as e:
+            session.discard(stream_id)
+            raise UpstreamUnreachable(f"via {peer_name}: {e}") from None
+        except BaseException:
+            session.discard(stream_id)
+            raise
+        status = response.get(":status", "")
+        channel = session.bridges.get(stream_id)
+        if status != "200" or not isinstance(channel, Channel) or channel.closed:
+            session.discard(stream_id)
+            raise error_for_status(peer_name, status, response.get(ERROR_HEADER, ""))
+        return channel
 
     async def _session(self, peer: _Peer, deadline: float) -> Session:
         loop = asyncio.get_running_loop()
@@ -255,7 +325,7 @@ class Mesh:
 
     def close(self) -> None:
         self._closing = True
-        for task in self._reverse_tasks:
+        for task in [*self._reverse_tasks, *self._udp_setups]:
             task.cancel()
         for peer in self.peers.values():
             if peer.session is not None:

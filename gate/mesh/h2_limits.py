@@ -21,6 +21,8 @@ MAX_HEADER_LIST = 16 << 10
 # MAX_STREAMS would allow ~1 GiB a tunnel. 64 MiB lets 64 streams whose windows are closed keep a full
 # read-ahead (a flowing stream holds next to nothing: its bytes leave as they come). Past it, streams that
 # cannot send stop being read until the total is below half; streams that can send are left alone.
+# CONNECT-UDP streams have no socket to stop reading: each holds at most MAX_STREAM_PENDING
+# (gate.mesh.datagrams), and past MAX_PENDING their datagrams are dropped instead.
 MAX_PENDING = 64 << 20
 # The encoded bytes of one header block (HEADERS or PUSH_PROMISE and its CONTINUATIONs) we receive. h2
 # buffers up to 64 CONTINUATION frames of max_frame (16 MiB) before it decodes, and MAX_HEADER_LIST is

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import functools
 import socket
+import urllib.parse
 from collections.abc import Callable
 
 import h2.errors
 
-from gate.addr import parse_endpoint
+from gate.addr import Endpoint, parse_endpoint
 from gate.config import PeerSpec
 from gate.errors import (
     ClientProtocolError,
@@ -25,16 +26,19 @@ from gate.errors import (
     UpstreamUnreachable,
 )
 from gate.flow import Close
-from gate.mesh.session import Bridge, RequestHandler, Session
-from gate.mesh.transport import FlowMeta, StreamEnd
+from gate.mesh.session import CONNECT_UDP, Bridge, Channel, RequestHandler, Session
+from gate.mesh.transport import Datagrams, FlowMeta, StreamEnd
 from gate.mesh.trust import Trust
 
-__all__ = ["ERROR_HEADER", "Abandon", "H2Stream", "Serve", "answer_for", "error_for_status", "meta_headers", "meta_of",
-           "request_handler"]
+__all__ = ["ERROR_HEADER", "Abandon", "H2DatagramStream", "H2Stream", "Serve", "answer_for", "error_for_status",
+           "meta_headers", "meta_of", "request_handler", "udp_headers", "udp_path", "udp_target"]
 
 # The peer's reason for a failed CONNECT, in a response header, so the client's answer is exact
 ERROR_HEADER = "ugate-error"
 MAX_ALPN = 16  # offers carried; a TLS client offers a handful
+UDP_PATH = "/.well-known/masque/udp/"  # RFC 9298's well-known URI template, before {host}/{port}/
+IDLE_LINGER = 5.0  # seconds a CONNECT-UDP stream ended for idleness waits for the peer's END_STREAM
+MAX_UDP_PATH = len(UDP_PATH) + 3 * 253 + 8  # the longest name, percent-encoded, a port and slashes
 
 
 def meta_headers(meta: FlowMeta) -> list[tuple[str, str]]:
@@ -50,14 +54,47 @@ def meta_headers(meta: FlowMeta) -> list[tuple[str, str]]:
     return headers
 
 
+def udp_path(dst: Endpoint) -> str:
+    """RFC 9298's default URI template path for ``dst`` (an IPv6 address's colons percent-encoded)."""
+    return f"{UDP_PATH}{urllib.parse.quote(dst.host, safe='.-_')}/{dst.port}/"
+
+
+def udp_target(path: str) -> Endpoint:
+    """The destination in a CONNECT-UDP request's path; ClientProtocolError if it is not one."""
+    if not path.startswith(UDP_PATH) or len(path) > MAX_UDP_PATH:
+        raise ClientProtocolError(f"not a CONNECT-UDP path: {path[:64]!r}")
+    parts = path[len(UDP_PATH):].split("/")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2]):
+        raise ClientProtocolError(f"not a CONNECT-UDP path: {path[:64]!r}")
+    host = urllib.parse.unquote(parts[0])
+    try:
+        return parse_endpoint(f"[{host}]:{parts[1]}" if ":" in host else f"{host}:{parts[1]}")
+    except ValueError as e:
+        raise ClientProtocolError(f"bad CONNECT-UDP target: {e}") from None
+
+
+def udp_headers(authority: str, meta: FlowMeta) -> list[tuple[str, str]]:
+    """An extended CONNECT's headers for ``meta``'s datagrams (RFC 9298: the target is in the path;
+    ``authority``, the caller's, names the peer)."""
+    return [(":scheme", "https"), (":path", udp_path(meta.dst)), (":protocol", CONNECT_UDP),
+            ("capsule-protocol", "?1"), *meta_headers(meta)]
+
+
 def meta_of(headers: dict[str, str]) -> FlowMeta:
-    """The flow a CONNECT request carries; ClientProtocolError when it is not one we serve."""
+    """The flow a CONNECT request carries (for CONNECT-UDP the destination is in the path);
+    ClientProtocolError when it is not one we serve."""
     if headers.get(":method") != "CONNECT":
         raise ClientProtocolError("only CONNECT is served")
-    try:
-        dst = parse_endpoint(headers.get(":authority", ""))
-    except ValueError as e:
-        raise ClientProtocolError(f"bad authority: {e}") from None
+    protocol = headers.get(":protocol")
+    if protocol is not None and protocol != CONNECT_UDP:
+        raise ClientProtocolError(f"extended CONNECT for {protocol[:32]!r} is not served")
+    if protocol is not None:
+        dst = udp_target(headers.get(":path", ""))
+    else:
+        try:
+            dst = parse_endpoint(headers.get(":authority", ""))
+        except ValueError as e:
+            raise ClientProtocolError(f"bad authority: {e}") from None
     try:
         client = parse_endpoint(headers.get("ugate-client", ""))
     except ValueError:
@@ -147,11 +184,65 @@ class H2Stream:
             self.session.discard(self.stream_id)
 
 
+class H2DatagramStream:
+    """One CONNECT-UDP stream of a session where we are the HTTP/2 server (``transport.DatagramStream``)."""
+
+    __slots__ = ("_channel", "session", "stream_id")
+
+    def __init__(self, session: Session, stream_id: int) -> None:
+        self.session = session
+        self.stream_id = stream_id
+        self._channel: Channel | None = None
+
+    @property
+    def last_active(self) -> float:
+        return self._channel.last_active if self._channel is not None else self.session.loop.time()
+
+    def refuse(self, error: GateError) -> None:
+        status, reason = answer_for(error)
+        self.session.respond(self.stream_id, status, [(ERROR_HEADER, reason)], end=True)
+        self.session.discard(self.stream_id)
+
+    def accept_datagrams(self, on_datagram: Callable[[bytes], None],
+                         on_end: Callable[[StreamEnd], None]) -> Datagrams | None:
+        channel = self.session.bridges.get(self.stream_id)
+        if not isinstance(channel, Channel) or channel.closed:
+            on_end(StreamEnd(Close.CLIENT_RESET, "stream reset before it was answered", 0, 0))
+            return None
+        channel.on_abort = None  # from here the channel's end ends the flow (on_closed)
+        channel.on_closed = lambda c: on_end(_end_of(c))
+        self.session.respond(self.stream_id, 200, [("capsule-protocol", "?1")])
+        self._channel = channel
+        channel.open(on_datagram)
+        return None if channel.closed else channel
+
+    def cancel(self, close: Close) -> None:
+        channel = self._channel
+        if close is Close.IDLE and channel is not None and not channel.closed:
+            # a quiet UDP stream ends cleanly: the dialling gate drops it and opens another on the next
+            # datagram, its session going on; a peer that does not end its side is cut after IDLE_LINGER
+            channel.error = str(close)
+            channel.close()
+            self.session.loop.call_later(IDLE_LINGER, self._cut, channel, close)
+            return
+        self._cut(channel, close)
+
+    def _cut(self, channel: Bridge | None, close: Close) -> None:
+        if channel is not None and channel.closed:
+            return
+        self.session.reset(self.stream_id, h2.errors.ErrorCodes.CANCEL)
+        channel = channel or self.session.bridges.get(self.stream_id)
+        if channel is not None:
+            channel.abort(str(close))
+        else:
+            self.session.discard(self.stream_id)
+
+
 # Serves a stream (who sent it, its peer entry, the flow or why it cannot be read, the stream) and
 # returns how to give up on it: called with the reason when the stream is reset or its tunnel lost
 # before it was bridged, so no upstream is dialled (or kept) for a stream nobody waits for.
 Abandon = Callable[[str], None]
-Serve = Callable[[str, PeerSpec | None, FlowMeta | GateError, H2Stream], Abandon]
+Serve = Callable[[str, PeerSpec | None, FlowMeta | GateError, H2Stream | H2DatagramStream], Abandon]
 
 
 def _abandoned(bridge: Bridge, abandon: Abandon) -> None:
@@ -171,7 +262,9 @@ def request_handler(trust: Trust, serve: Serve) -> RequestHandler:
             meta = meta_of(headers)
         except ClientProtocolError as e:
             meta = e
-        abandon = serve(ident, peer, meta, H2Stream(session, stream_id))
+        stream = H2DatagramStream(session, stream_id) if headers.get(":protocol") == CONNECT_UDP \
+            else H2Stream(session, stream_id)
+        abandon = serve(ident, peer, meta, stream)
         bridge = session.bridges.get(stream_id)
         if bridge is not None:
             bridge.on_abort = functools.partial(_abandoned, bridge, abandon)

@@ -21,7 +21,8 @@ from gate.config import PeerSpec
 from gate.deadlines import Sweeper, sweep_interval
 from gate.errors import GateError, RejectedByRule, UpstreamError
 from gate.flow import Close, Flow, FlowState
-from gate.mesh.transport import FlowMeta, Stream, StreamEnd
+from gate.mesh.transport import DatagramStream, FlowMeta, Stream, StreamEnd
+from gate.mesh.udp_relay import UdpRelay
 from gate.router import why_not
 from gate.upstream import Opener, Upstream
 
@@ -44,14 +45,16 @@ class Inbound:
         self.opener = Opener(ctx, name, connect_timeout)
         self.sweeper = Sweeper(asyncio.get_running_loop(), sweep_interval(idle_timeout))
         self.tasks: set[asyncio.Task[None]] = set()
-        self.flows: dict[Stream, Flow] = {}  # bridged streams, until they end
-        self.idle: dict[Stream, _IdleWatch] = {}
+        self.flows: dict[Stream | DatagramStream, Flow] = {}  # bridged streams, until they end
+        self.idle: dict[Stream | DatagramStream, _IdleWatch] = {}
 
     def serve(self, ident: str, peer: PeerSpec | None, meta: FlowMeta | GateError,
-              stream: Stream) -> Callable[[str], None]:
+              stream: Stream | DatagramStream) -> Callable[[str], None]:
         """A stream arrived from the gate with ID ``ident`` (``peer``: its configured entry, if any).
         Returns what the transport calls (with the reason) when the stream ends before it is bridged:
         its setup is cancelled, before the dial if it has not started, closing the upstream if it has."""
+        if isinstance(stream, DatagramStream):
+            return functools.partial(_abandon, self._spawn(self._serve_udp(ident, peer, meta, stream)))
         return functools.partial(_abandon, self._spawn(self._serve(ident, peer, meta, stream)))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -60,6 +63,14 @@ class Inbound:
         task.add_done_callback(self.tasks.discard)
         return task
 
+    def _admit(self, ident: str, peer: PeerSpec | None, flow: Flow) -> None:
+        """The trust rules for any served flow: a configured peer whose allow list admits it."""
+        if peer is None:
+            raise RejectedByRule(f"gate {ident} is not a configured peer")
+        key = self.opener.key(flow)
+        if not any(why_not(allowed, key) is None for allowed in peer.allow):
+            raise RejectedByRule(f"peer {peer.name} may not reach {flow.dst}")
+
     async def _serve(self, ident: str, peer: PeerSpec | None, meta: FlowMeta | GateError, stream: Stream) -> None:
         if isinstance(meta, GateError):  # a request the transport could not read a flow from
             self._refuse(stream, self.ctx.begin(Flow(listener=self.name, client=NOBODY)), meta)
@@ -67,11 +78,7 @@ class Inbound:
         flow = self.ctx.begin(meta.flow(self.name))
         upstream: Upstream | None = None
         try:
-            if peer is None:
-                raise RejectedByRule(f"gate {ident} is not a configured peer")
-            key = self.opener.key(flow)
-            if not any(why_not(allowed, key) is None for allowed in peer.allow):
-                raise RejectedByRule(f"peer {peer.name} may not reach {flow.dst}")
+            self._admit(ident, peer, flow)
             upstream = await self.opener.open(self.opener.decide(flow), flow)
             if upstream.header:
                 try:
@@ -99,7 +106,45 @@ class Inbound:
             watch = self.idle[stream] = _IdleWatch(stream, self.idle_timeout)
             self.sweeper.add(watch)
 
-    def _refuse(self, stream: Stream, flow: Flow, error: GateError) -> None:
+    async def _serve_udp(self, ident: str, peer: PeerSpec | None, meta: FlowMeta | GateError,
+                         stream: DatagramStream) -> None:
+        """A CONNECT-UDP stream: the same trust rules, routes, loop guard and hop limit as a TCP flow,
+        then a UDP socket connected to the destination, datagrams relayed both ways (UdpRelay)."""
+        if isinstance(meta, GateError):
+            self._refuse(stream, self.ctx.begin(Flow(listener=self.name, client=NOBODY)), meta)
+            return
+        flow = self.ctx.begin(meta.flow(self.name))
+        flow.path = "udp"
+        relay: UdpRelay | None = None
+        try:
+            self._admit(ident, peer, flow)
+            relay = await UdpRelay.open(self.opener, flow)
+        except GateError as e:
+            self._refuse(stream, flow, e)
+            return
+        except asyncio.CancelledError as e:
+            stream.cancel(Close.CLIENT_RESET if e.args else Close.SHUTDOWN)
+            self.ctx.finish(flow, Close.CLIENT_RESET if e.args else Close.SHUTDOWN, str(e.args[0]) if e.args else None)
+            raise
+        flow.state = FlowState.RELAYING
+        self.flows[stream] = flow
+        tunnel = stream.accept_datagrams(relay.to_upstream, lambda end: self._ended_udp(stream, flow, relay, end))
+        if tunnel is None:
+            return
+        relay.start(tunnel)
+        if stream in self.flows:
+            watch = self.idle[stream] = _IdleWatch(stream, self.idle_timeout)
+            self.sweeper.add(watch)
+
+    def _ended_udp(self, stream: DatagramStream, flow: Flow, relay: UdpRelay, end: StreamEnd) -> None:
+        relay.close()
+        self.flows.pop(stream, None)
+        watch = self.idle.pop(stream, None)
+        if watch is not None:
+            self.sweeper.discard(watch)
+        self.ctx.finish(flow, end.close, end.detail)
+
+    def _refuse(self, stream: Stream | DatagramStream, flow: Flow, error: GateError) -> None:
         stream.refuse(error)
         self.ctx.finish(flow, error.close, str(error))
 
@@ -140,7 +185,7 @@ class _IdleWatch:
 
     __slots__ = ("stream", "timeout")
 
-    def __init__(self, stream: Stream, timeout: float) -> None:
+    def __init__(self, stream: Stream | DatagramStream, timeout: float) -> None:
         self.stream = stream
         self.timeout = timeout
 

@@ -42,6 +42,7 @@ import hyperframe.frame
 
 from gate.config import MeshSpec, PeerSpec
 from gate.mesh.bridge import Bridge
+from gate.mesh.datagrams import Channel
 from gate.mesh.h2_limits import (
     CLOSE_LINGER,
     MAX_HEADER_BLOCK,
@@ -54,13 +55,14 @@ from gate.mesh.h2_limits import (
     ResetBudget,
 )
 
-__all__ = ["ALPN_H2", "ALPN_REVERSE", "Bridge", "RequestHandler", "Session"]
+__all__ = ["ALPN_H2", "ALPN_REVERSE", "CONNECT_UDP", "Bridge", "Channel", "RequestHandler", "Session"]
 
 log = logging.getLogger("ugate")
 
 H2_MAX_DATA_CHUNK = 1 << 20  # DATA frames we send are cut at this size (frames are copied by h2)
 RequestHandler = Callable[["Session", int, dict[str, str]], None]
 CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+CONNECT_UDP = "connect-udp"  # the :protocol of an extended CONNECT carrying UDP (RFC 9298)
 ALPN_H2, ALPN_REVERSE = "h2", "ugate-reverse"  # reverse: the TLS client serves the HTTP/2 streams
 
 
@@ -124,6 +126,8 @@ class Session(asyncio.Protocol):
             h2.settings.SettingCodes.MAX_FRAME_SIZE: self.spec.max_frame,
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+            # RFC 8441: the serving side accepts extended CONNECT (CONNECT-UDP streams)
+            h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: int(not self.client_side),
         })  # in force at once (h2 treats initial values as acknowledged): the peer learns them below
         self.conn.max_inbound_frame_size = self.spec.max_frame  # h2 read these from the defaults at __init__
         self.conn.decoder.max_header_list_size = MAX_HEADER_LIST
@@ -211,7 +215,7 @@ class Session(asyncio.Protocol):
                 future.set_exception(ConnectionResetError(f"stream reset by peer ({event.error_code!r})"))
             bridge = self.bridges.get(event.stream_id)
             if bridge is not None:
-                early = self._on_request is not None and bridge.transport is None  # not answered yet
+                early = self._on_request is not None and not bridge.answered
                 bridge.abort(f"reset by peer ({getattr(event.error_code, 'name', event.error_code)})")
                 if early and self.resets.reset_early(self.loop.time()):
                     log.warning("mesh: peer reset %d of %d streams before they were answered (rapid reset)",
@@ -226,8 +230,10 @@ class Session(asyncio.Protocol):
                 self.reset(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             else:
                 self.resets.open(self.loop.time())
-                self.bridges[event.stream_id] = Bridge(self, event.stream_id)
-                self._on_request(self, event.stream_id, _headers(event.headers))
+                headers = _headers(event.headers)
+                kind = Channel if headers.get(":protocol") == CONNECT_UDP else Bridge
+                self.bridges[event.stream_id] = kind(self, event.stream_id)
+                self._on_request(self, event.stream_id, headers)
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.close()
 
@@ -238,15 +244,21 @@ class Session(asyncio.Protocol):
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
-    def open_stream(self, authority: str, headers: list[tuple[str, str]]) -> tuple[int, asyncio.Future[dict[str, str]]]:
-        """Client side: send a CONNECT for ``authority``; the future gets the response headers."""
+    def open_stream(self, authority: str, headers: list[tuple[str, str]],
+                    kind: type[Bridge] = Bridge) -> tuple[int, asyncio.Future[dict[str, str]]]:
+        """Client side: send a CONNECT for ``authority``; the future gets the response headers. ``kind``
+        Channel: an extended CONNECT (``headers`` carry its pseudo-headers) for CONNECT-UDP."""
         stream_id = self.conn.get_next_available_stream_id()
         self.conn.send_headers(stream_id, [(":method", "CONNECT"), (":authority", authority), *headers])
         future: asyncio.Future[dict[str, str]] = self.loop.create_future()
         self.responses[stream_id] = future
-        self.bridges[stream_id] = Bridge(self, stream_id)  # DATA may follow the answer at once
+        self.bridges[stream_id] = kind(self, stream_id)  # DATA may follow the answer at once
         self.flush()
         return stream_id, future
+
+    def extended_connect(self) -> bool:
+        """The peer announced SETTINGS_ENABLE_CONNECT_PROTOCOL (h2 does not check it before sending)."""
+        return bool(self.conn.remote_settings.enable_connect_protocol)
 
     def respond(self, stream_id: int, status: int, headers: Sequence[tuple[str, str]] = (), end: bool = False) -> None:
         """Server side: answer a CONNECT (200 opens the tunnel; anything else ends the stream)."""

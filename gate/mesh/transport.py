@@ -6,6 +6,8 @@ Two questions, whatever carries the bytes (HTTP/2 over mutual TLS today, WebRTC 
 - serving: "a stream arrived from peer P carrying this flow" (``gate.mesh.inbound.Inbound.serve``, given
   a ``Stream`` to refuse or to bridge to the upstream the gate opened; it returns what the transport
   calls if the stream ends before it is bridged, so nothing is dialled for a stream already gone).
+UDP asks the same two questions with datagrams (``Transport.open_datagrams``, ``DatagramStream``): one
+stream per destination, carrying whole datagrams rather than a byte stream.
 ``FlowMeta`` is what travels with each stream: every field routing may look at, so routes on the far
 gate match exactly as they would here, and a hop count that bounds loops through the mesh.
 """
@@ -15,14 +17,13 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from gate.addr import Endpoint, is_ip
 from gate.errors import GateError
 from gate.flow import MAX_HOPS, Close, Flow
 
-__all__ = ["MAX_HOPS", "FlowMeta", "Stream", "StreamEnd", "Transport"]
-
+__all__ = ["MAX_HOPS", "DatagramStream", "Datagrams", "FlowMeta", "Stream", "StreamEnd", "Transport"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,9 +40,11 @@ class FlowMeta:
     hops: int = 1  # gates this flow crossed, counting the one it is arriving at
 
     @classmethod
-    def of(cls, flow: Flow) -> FlowMeta:
-        assert flow.dst is not None
-        return cls(flow.dst, flow.client, flow.host, flow.protocol, flow.sni, flow.alpn, flow.ech, flow.hops + 1)
+    def of(cls, flow: Flow, dst: Endpoint | None = None) -> FlowMeta:
+        """``dst``: one destination of a UDP session that sends to many (full-cone), else the flow's."""
+        dst = dst or flow.dst
+        assert dst is not None
+        return cls(dst, flow.client, flow.host, flow.protocol, flow.sni, flow.alpn, flow.ech, flow.hops + 1)
 
     def flow(self, listener: str) -> Flow:
         """The flow as it starts on the serving gate (arriving on ``listener``)."""
@@ -83,8 +86,46 @@ class Stream(Protocol):
         ...
 
 
+class Datagrams(Protocol):
+    """One destination's datagrams through a tunnel (CONNECT-UDP), either side."""
+
+    def send(self, payload: bytes | memoryview) -> bool:
+        """Send one datagram; False when it was dropped (queue full, or the stream ended)."""
+        ...
+
+    def close(self) -> None:
+        """End it cleanly; the far side ends in turn."""
+        ...
+
+
+@runtime_checkable
+class DatagramStream(Protocol):
+    """A UDP stream a peer opened to us (CONNECT-UDP), as the serving side sees it."""
+
+    @property
+    def last_active(self) -> float: ...
+
+    def refuse(self, error: GateError) -> None: ...
+
+    def accept_datagrams(self, on_datagram: Callable[[bytes], None],
+                         on_end: Callable[[StreamEnd], None]) -> Datagrams | None:
+        """Tell the peer the flow is connected; its datagrams go to ``on_datagram`` from now on and
+        ``on_end`` is called once when the stream ends. None if the stream was gone already (``on_end``
+        was called)."""
+        ...
+
+    def cancel(self, close: Close) -> None: ...
+
+
 class Transport(Protocol):
     """The dialling side of the mesh for one process."""
+
+    def open_datagrams(self, peer: str, flow: Flow, dst: Endpoint, on_datagram: Callable[[bytes], None],
+                       on_end: Callable[[GateError | None], None], timeout: float) -> Datagrams:
+        """Datagrams of ``flow`` to ``dst`` through ``peer``, usable at once (queued, bounded, while the
+        stream is set up); answers go to ``on_datagram``; ``on_end`` is called once when the stream ends
+        or cannot be opened (None: the peer ended it cleanly; never called after ``close``)."""
+        ...
 
     async def open_stream(self, peer: str, flow: Flow, timeout: float) -> socket.socket:
         """A socket carrying ``flow`` to its destination through ``peer``; a GateError if not."""

@@ -100,8 +100,8 @@ def test_held_bytes_are_bounded_and_released(tmp_path: Path) -> None:
         (str(B), None, "shutdown"), (str(A), "www.example.test", "shutdown")]
 
 
-def test_a_via_route_is_refused_not_relayed_direct(tmp_path: Path) -> None:
-    """Until UDP crosses the mesh, a session routed via a peer must not quietly go direct."""
+def test_a_via_route_without_a_mesh_is_refused_not_relayed_direct(tmp_path: Path) -> None:
+    """A session routed via a peer this gate has no tunnel for must not quietly go direct."""
     via = Route(index=0, name="to-b", match=Match(), action="via", via="b")
 
     async def scenario() -> None:
@@ -112,9 +112,9 @@ def test_a_via_route_is_refused_not_relayed_direct(tmp_path: Path) -> None:
         await gate.drain(0)
 
     asyncio.run(scenario())
-    detail = "via b is TCP-only (UDP over the mesh is not built yet)"
+    detail = "via: this gate has no mesh section"
     assert [(r["rule"], r["action"], r["upstream"], r["bytes_up"], r["close"], r["detail"])
-            for r in records(tmp_path / "log")] == [("to-b", "via", None, 0, "refused", detail)] * 2
+            for r in records(tmp_path / "log")] == [("to-b", "via", None, 0, "upstream error", detail)] * 2
 
 
 def test_a_direct_session_relays_and_answers_are_looked_up_by_the_table_rule(tmp_path: Path) -> None:
