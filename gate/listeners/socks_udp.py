@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import socket
 
@@ -20,6 +21,7 @@ from gate.context import Context
 from gate.dial import literal_family
 from gate.errors import ClientProtocolError, GateError, RefusedByPolicy, UpstreamUnreachable
 from gate.flow import Close, Flow, FlowState
+from gate.mesh.udp_via import ViaUdp
 from gate.proto import socks
 from gate.proto.socks import ATYP_DOMAIN, ATYP_IPV4, ATYP_IPV6
 from gate.proto.socks_udp import SocksUdpError, header, parse_datagram
@@ -48,14 +50,18 @@ _view = memoryview(_buffer)
 
 
 class _Destination:
-    """One destination's upstream socket (connected to it: only it can answer) and flow record."""
+    """One destination's upstream (a socket connected to it, so only it can answer; or, routed via a
+    mesh peer, a CONNECT-UDP stream to it) and flow record."""
 
-    __slots__ = ("asked", "flow", "header", "key", "sock")
+    __slots__ = ("asked", "flow", "header", "key", "sock", "target", "via")
 
-    def __init__(self, key: Key, flow: Flow, sock: socket.socket, asked: bytes, wrap: bytes) -> None:
+    def __init__(self, key: Key, flow: Flow, sock: socket.socket | None, asked: bytes, wrap: bytes,
+                 via: ViaUdp | None = None, target: Endpoint | None = None) -> None:
         self.key = key
         self.flow = flow
         self.sock = sock
+        self.via = via
+        self.target = target  # where ``via`` sends (the destination as the client named it)
         self.asked = asked  # the header of the client's datagrams to it, as it sends them (see _on_client)
         self.header = wrap  # the SOCKS UDP header answers carry
 
@@ -205,7 +211,7 @@ class Association:
             atyp = _buffer[3] if n > 4 else 0
             size = _HEADER_SIZE.get(atyp, 0) or (7 + _buffer[4] if atyp == ATYP_DOMAIN else 0)
             known = by_header.get(_view[:size].tobytes()) if 0 < size <= n else None
-            if known is not None and n - size <= limit:
+            if known is not None and n - size <= limit and known.sock is not None:
                 active = True
                 try:  # _send_up, inlined: this is the per-datagram path of a long flow
                     known.sock.send(_view[size:n])
@@ -215,6 +221,10 @@ class Association:
                 except OSError:
                     continue
                 known.flow.bytes_up += n - size
+                continue
+            if known is not None and n - size <= limit:  # routed via a peer
+                active = True
+                self._send_up(known, _view[size:n])
                 continue
             try:
                 d = parse_datagram(bytes(_view[:n]))
@@ -243,6 +253,13 @@ class Association:
             self.last_active = self.loop.time()
 
     def _send_up(self, session: _Destination, data: bytes | memoryview) -> None:
+        if session.sock is None:
+            assert session.via is not None and session.target is not None
+            if session.via.send(session.target, data):
+                session.flow.bytes_up += len(data)
+            else:
+                self._drop("upstream_full")  # the stream's queue is full (or it is ending)
+            return
         try:
             session.sock.send(data)
         except (BlockingIOError, InterruptedError):
@@ -307,11 +324,10 @@ class Association:
                     address = (await opener.addresses(decision, flow, target))[0][1]
                     if decision.action != "upstream":
                         flow.dst = address
-            # rejects and loops are refused here; via a peer gives a ViaUdp, not wired to associations yet
-            upstream = opener.open_udp(decision, flow)
-            if not isinstance(upstream, Upstream):
-                upstream.close()
-                raise RefusedByPolicy(f"via {decision.via}: UDP over the mesh is not wired to UDP ASSOCIATE yet")
+            upstream = opener.open_udp(decision, flow)  # rejects and loops are refused here
+            if not isinstance(upstream, Upstream):  # via a peer: the far gate resolves and dials
+                self._open_via(o, flow, upstream)
+                return
             sock = upstream.sock
             to = flow.upstream or flow.dst
             assert to is not None
@@ -348,10 +364,50 @@ class Association:
         for _, payload in (*o.datagrams, *late):
             self._send_up(session, payload)
 
+    def _open_via(self, o: Open, flow: Flow, via: ViaUdp) -> None:
+        """A destination routed via a mesh peer: one CONNECT-UDP stream, answers wrapped as they come."""
+        if self.closed is not None:  # the association ended while the route was decided
+            via.close()
+            self.ctx.finish(flow, self.closed, "association ended while opening")
+            return
+        flow.state = FlowState.RELAYING
+        wrap = header(o.dst.host, o.dst.port)
+        session = _Destination(o.key, flow, None, wrap, wrap, via, o.dst)
+        via.max_destinations = 1
+        via.on_datagram = functools.partial(self._from_tunnel, session)
+        via.on_end = functools.partial(self._via_ended, session)
+        self.by_header[session.asked] = session
+        self.owner.sessions += 1
+        self.destinations += 1
+        late = self.table.opened(o.key, session, self.loop.time())
+        self._schedule()
+        for _, payload in (*o.datagrams, *late):
+            self._send_up(session, payload)
+
+    def _from_tunnel(self, session: _Destination, remote: Endpoint, payload: bytes) -> None:
+        """An answer through the mesh, wrapped and sent to the client from the relay socket."""
+        if len(payload) > self.spec.max_datagram or len(payload) + len(session.header) > MAX_UDP:
+            self._drop("too_big")
+            return
+        try:
+            self.sock.sendto(session.header + payload, (self.client.host, self.client.port))
+        except OSError as e:
+            log.debug("%s: answer to %s: %s", self.owner.name, self.client, e)
+            return
+        session.flow.bytes_down += len(payload)
+
+    def _via_ended(self, session: _Destination, error: GateError) -> None:
+        """The stream failed (refused by the far gate, tunnel lost): the destination ends, and the
+        client's next datagram to it is routed afresh."""
+        if self.table.end(session.key) is session:
+            self._end(session, error.close, str(error))
+            self._schedule()
+
     def _on_upstream(self, session: _Destination) -> None:
         """Answers from one destination, wrapped and sent to the client from the relay socket."""
         up, relay, wrap, limit, total = session.sock, self.sock, session.header, self.spec.max_datagram, 0
         to = (self.client.host, self.client.port)
+        assert up is not None  # (only direct destinations have a reader)
         for _ in range(DATAGRAMS_PER_WAKEUP):
             try:
                 n = up.recv_into(_buffer)
@@ -373,8 +429,11 @@ class Association:
 
     def _end(self, session: _Destination, close: Close, detail: str | None) -> None:
         """Close a destination that left the table, with its one access-log record."""
-        self.loop.remove_reader(session.sock.fileno())
-        session.sock.close()
+        if session.sock is not None:
+            self.loop.remove_reader(session.sock.fileno())
+            session.sock.close()
+        if session.via is not None:
+            session.via.close()
         self.by_header.pop(session.asked, None)
         self.owner.sessions -= 1
         self.bytes_up += session.flow.bytes_up

@@ -498,25 +498,42 @@ def test_fixed_upstream_answers_as_the_destination(start_gate: Any, echo: Echo) 
     assert flow["dst"] == "192.0.2.1:9" and flow["upstream"] == "{}:{}".format(*echo.addr)
 
 
-def test_via_is_refused_for_udp_until_the_mesh_carries_it(start_gate: Any, echo: Echo, tmp_path: Path) -> None:
-    """Until UDP over the mesh is built (another branch), a UDP destination routed via a peer is refused
-    with a clear reason, never relayed direct (which would contradict the route and its log)."""
+def test_a_destination_routed_via_a_peer_crosses_the_mesh(start_gate: Any, echo: Echo, tmp_path: Path) -> None:
+    """A destination routed via a peer goes as a CONNECT-UDP stream; gate B dials it and logs the inner
+    flow; answers come back wrapped with the destination's address. One B's allow list refuses is
+    ended with the refusal, and never relayed direct."""
     from tests.e2e.test_mesh import keygen
 
     keygen(tmp_path / "a")
-    peer_b = keygen(tmp_path / "b")
+    keygen(tmp_path / "b")
+    b_port = free_port()
+    b = start_gate([{"name": "mesh", "kind": "h2", "listen": f"127.0.0.1:{b_port}"}],
+                   routes=[{"action": "direct"}], mesh={"identity": str(tmp_path / "b")},
+                   peers=[{"name": "a", "cert": str(tmp_path / "a" / "cert.pem"),
+                           "allow": [{"dst": ["127.0.0.1/32"], "port": [echo.addr[1]]}]}])
     port = free_port()
     gate = start_gate([{"name": "socks", "kind": "socks5", "listen": f"127.0.0.1:{port}"}],
-                      routes=[{"match": {"port": echo.addr[1]}, "via": "b"}, {"action": "direct"}],
-                      mesh={"identity": str(tmp_path / "a")},
-                      peers=[{"name": "b", "address": f"127.0.0.1:{free_port()}", "id": peer_b}])
+                      routes=[{"via": "b", "name": "to-b"}], mesh={"identity": str(tmp_path / "a")},
+                      peers=[{"name": "b", "address": f"127.0.0.1:{b_port}", "cert": str(tmp_path / "b" / "cert.pem")}])
     gate.addr = ("127.0.0.1", port)
     s = pysocks(gate)
-    s.sendto(b"over the mesh?", echo.addr)
+    for i in range(5):
+        s.sendto(b"over the mesh %d" % i, echo.addr)
+        data, source = s.recvfrom(2048)
+        assert data == b"over the mesh %d" % i and source == echo.addr
+    s.sendto(b"not allowed", ("127.0.0.1", echo.addr[1] + 1))  # B's allow list names the echo port only
+    refused = wait_for(lambda: [r for r in by_path(gate, "udp") if r["dst"].endswith(f":{echo.addr[1] + 1}")])
+    assert refused and refused[0]["close"] == "rejected", refused  # ended at once, the association lives on
+    s.sendto(b"still served", echo.addr)
+    assert s.recvfrom(2048)[0] == b"still served"
     s.close()
-    (flow,) = wait_for(lambda: by_path(gate, "udp"))
-    assert flow["close"] == "refused" and "UDP over the mesh" in flow["detail"]
-    assert echo.seen == 0
+    (inner,) = wait_for(lambda: [r for r in by_path(b, "udp") if r["close"] != "rejected"])
+    assert inner["dst"] == f"127.0.0.1:{echo.addr[1]}" and inner["bytes_up"] == 5 * 15 + len(b"still served")
+    flows = wait_for(lambda: len(by_path(gate, "udp")) == 2 and by_path(gate, "udp"))
+    by_dst = {r["dst"]: r for r in flows}
+    assert by_dst[f"127.0.0.1:{echo.addr[1]}"]["peer"] == "b"
+    assert by_dst[f"127.0.0.1:{echo.addr[1] + 1}"]["close"] == "rejected"
+    assert echo.seen == 6
 
 
 def test_loop_guard_and_names_vetted_like_tcp(start_gate: Any) -> None:
