@@ -20,9 +20,10 @@ from gate.config import PeerSpec
 from gate.dial import SocketOptions, open_tcp
 from gate.errors import GateError, UpstreamTimeout, UpstreamUnreachable
 from gate.flow import Flow
+from gate.mesh.h2_exchange import request
 from gate.mesh.h2_streams import ERROR_HEADER, Serve, error_for_status, meta_headers, request_handler
 from gate.mesh.session import Session
-from gate.mesh.transport import FlowMeta
+from gate.mesh.transport import Alternative, Exchange, FlowMeta, ServeStream
 from gate.mesh.trust import Trust
 
 __all__ = ["Mesh"]
@@ -69,6 +70,7 @@ class Mesh:
         self.peers = {p.name: _Peer(p) for p in trust.peers}
         self._reverse_tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        self.alternative: Alternative | None = None  # WebRTC (gate.mesh.webrtc), tried first where configured
 
     async def open_stream(self, peer_name: str, flow: Flow, timeout: float) -> socket.socket:
         """A socket carrying ``flow`` to its destination through ``peer_name``; GateError if not."""
@@ -77,6 +79,10 @@ class Mesh:
             raise UpstreamUnreachable(f"no peer is named {peer_name}")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        if self.alternative is not None:
+            sock = await self.alternative.open_stream(peer_name, flow, deadline)
+            if sock is not None:
+                return sock
         session = await self._session(peer, deadline)
         meta = FlowMeta.of(flow)
         try:
@@ -112,6 +118,17 @@ class Mesh:
             session.discard(stream_id)
             raise
         return ours
+
+    async def exchange(self, peer_name: str, kind: str, body: bytes, deadline: float) -> bytes:
+        """Send ``body`` to ``peer_name`` over our tunnel to it and return its answer (gate.mesh.h2_exchange)."""
+        peer = self.peers.get(peer_name)
+        if peer is None:
+            raise UpstreamUnreachable(f"no peer is named {peer_name}")
+        return await request(await self._session(peer, deadline), peer_name, kind, body, deadline)
+
+    def exchanges_for(self, serve: ServeStream) -> dict[str, Exchange]:
+        """The exchanges the tunnels whose streams ``serve`` answers also answer (WebRTC signaling)."""
+        return {"webrtc": self.alternative.exchange_for(serve)} if self.alternative is not None else {}
 
     async def _session(self, peer: _Peer, deadline: float) -> Session:
         loop = asyncio.get_running_loop()
@@ -192,7 +209,8 @@ class Mesh:
         try:
             async with asyncio.timeout_at(deadline):
                 made = Session(self.trust.mesh, client_side=serve is None, on_lost=lost,
-                               on_request=request_handler(self.trust, serve) if serve is not None else None)
+                               on_request=request_handler(self.trust, serve, self.exchanges_for(serve))
+                               if serve is not None else None)
                 await loop.create_connection(lambda: made, sock=sock, ssl=ctx, server_hostname=peer.spec.name)
                 session = made  # (uvloop returns its SSL wrapper as the protocol)
                 check.verify(session.peer_der)  # before any stream: a wrong gate never sees a flow
@@ -255,6 +273,8 @@ class Mesh:
 
     def close(self) -> None:
         self._closing = True
+        if self.alternative is not None:
+            self.alternative.close()
         for task in self._reverse_tasks:
             task.cancel()
         for peer in self.peers.values():

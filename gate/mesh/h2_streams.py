@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import h2.errors
 
@@ -25,8 +25,9 @@ from gate.errors import (
     UpstreamUnreachable,
 )
 from gate.flow import Close
+from gate.mesh.h2_exchange import EXCHANGE_HEADER, serve_exchange
 from gate.mesh.session import Bridge, RequestHandler, Session
-from gate.mesh.transport import FlowMeta, StreamEnd
+from gate.mesh.transport import Exchange, FlowMeta, Stream, StreamEnd
 from gate.mesh.trust import Trust
 
 __all__ = ["ERROR_HEADER", "Abandon", "H2Stream", "Serve", "answer_for", "error_for_status", "meta_headers", "meta_of",
@@ -151,21 +152,31 @@ class H2Stream:
 # returns how to give up on it: called with the reason when the stream is reset or its tunnel lost
 # before it was bridged, so no upstream is dialled (or kept) for a stream nobody waits for.
 Abandon = Callable[[str], None]
-Serve = Callable[[str, PeerSpec | None, FlowMeta | GateError, H2Stream], Abandon]
+Serve = Callable[[str, PeerSpec | None, FlowMeta | GateError, Stream], Abandon]
 
 
 def _abandoned(bridge: Bridge, abandon: Abandon) -> None:
     abandon(bridge.error or "stream reset")
 
 
-def request_handler(trust: Trust, serve: Serve) -> RequestHandler:
+def request_handler(trust: Trust, serve: Serve, exchanges: Mapping[str, Exchange] | None = None
+                    ) -> RequestHandler:
     """The session callback for arriving CONNECT requests: who sent it (by the session's certificate,
-    looked up once per session), the flow it carries, and the stream, handed to ``serve``."""
+    looked up once per session), the flow it carries, and the stream, handed to ``serve``. A request
+    marked as an exchange (gate.mesh.h2_exchange: WebRTC signaling) goes to ``exchanges[kind]`` instead."""
 
     def on_request(session: Session, stream_id: int, headers: dict[str, str]) -> None:
         if session.peer is None:
             session.peer = trust.inbound_peer(session.peer_der)
         ident, peer = session.peer
+        kind = headers.get(EXCHANGE_HEADER)
+        if kind is not None:
+            abandon = serve_exchange(ident, peer, H2Stream(session, stream_id),
+                                     (exchanges or {}).get(kind))
+            bridge = session.bridges.get(stream_id)
+            if bridge is not None:
+                bridge.on_abort = functools.partial(_abandoned, bridge, abandon)
+            return
         meta: FlowMeta | GateError
         try:
             meta = meta_of(headers)

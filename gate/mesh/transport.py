@@ -13,15 +13,16 @@ gate match exactly as they would here, and a hop count that bounds loops through
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from gate.addr import Endpoint, is_ip
+from gate.config import PeerSpec
 from gate.errors import GateError
 from gate.flow import MAX_HOPS, Close, Flow
 
-__all__ = ["MAX_HOPS", "FlowMeta", "Stream", "StreamEnd", "Transport"]
+__all__ = ["MAX_HOPS", "Alternative", "Exchange", "FlowMeta", "ServeStream", "Stream", "StreamEnd", "Transport"]
 
 
 
@@ -88,6 +89,29 @@ class Transport(Protocol):
 
     async def open_stream(self, peer: str, flow: Flow, timeout: float) -> socket.socket:
         """A socket carrying ``flow`` to its destination through ``peer``; a GateError if not."""
+        ...
+
+    def close(self) -> None: ...
+
+
+# Serving a stream whatever carried it (gate.mesh.inbound.Inbound.serve): who sent it, its peer entry,
+# the flow or why it cannot be read, the stream; returns what to call (with why) if the stream ends first.
+ServeStream = Callable[[str, PeerSpec | None, "FlowMeta | GateError", Stream], Callable[[str], None]]
+# A request/answer exchange a peer sends over the mesh (WebRTC signaling): (gate ID, its peer entry or
+# None, the request body) -> the answer body.
+Exchange = Callable[[str, PeerSpec | None, bytes], Awaitable[bytes]]
+
+
+class Alternative(Protocol):
+    """A transport tried before HTTP/2 for the peers whose ``transports`` list it first (WebRTC); it is
+    signalled over HTTP/2 exchanges, so the HTTP/2 mesh (gate.mesh.dialer.Mesh) holds it."""
+
+    async def open_stream(self, peer: str, flow: Flow, deadline: float) -> socket.socket | None:
+        """As ``Transport.open_stream``; None: not used for this peer now (HTTP/2 carries the flow)."""
+        ...
+
+    def exchange_for(self, serve: ServeStream) -> Exchange:
+        """The exchange that answers this transport's signaling; the flows it then carries go to ``serve``."""
         ...
 
     def close(self) -> None: ...
