@@ -124,7 +124,9 @@ class Mesh:
         peer = self.peers.get(peer_name)
         if peer is None:
             raise UpstreamUnreachable(f"no peer is named {peer_name}")
-        return await request(await self._session(peer, deadline), peer_name, kind, body, deadline)
+        return await request(await self._session(peer, deadline), peer_name, kind, body, deadline,
+                             lambda answer: error_for_status(peer_name, answer.get(":status", ""),
+                                                             answer.get(ERROR_HEADER, "")))
 
     def exchanges_for(self, serve: ServeStream) -> dict[str, Exchange]:
         """The exchanges the tunnels whose streams ``serve`` answers also answer (WebRTC signaling)."""

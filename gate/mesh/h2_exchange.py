@@ -42,10 +42,10 @@ async def _read_all(sock: socket.socket, limit: int) -> bytes:
     return bytes(data)
 
 
-async def request(session: Session, peer: str, kind: str, body: bytes, deadline: float) -> bytes:
-    """Send ``body`` to the gate at the far end of ``session`` and return its answer; GateError if not."""
-    from gate.mesh.h2_streams import ERROR_HEADER, error_for_status  # (h2_streams imports this module)
-
+async def request(session: Session, peer: str, kind: str, body: bytes, deadline: float,
+                  refused: Callable[[dict[str, str]], GateError]) -> bytes:
+    """Send ``body`` to the gate at the far end of ``session`` and return its answer; GateError if not
+    (``refused`` maps a non-200 response, as for flows: gate.mesh.h2_streams.error_for_status)."""
     stream_id, answer = session.open_stream(AUTHORITY, [(EXCHANGE_HEADER, kind)])
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
@@ -55,7 +55,7 @@ async def request(session: Session, peer: str, kind: str, body: bytes, deadline:
         async with asyncio.timeout_at(deadline):
             response = await answer
             if response.get(":status") != "200":
-                raise error_for_status(peer, response.get(":status", ""), response.get(ERROR_HEADER, ""))
+                raise refused(response)
             await session.attach(stream_id, theirs)
             attached = True
             await asyncio.get_running_loop().sock_sendall(ours, body)

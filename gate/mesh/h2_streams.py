@@ -27,7 +27,7 @@ from gate.errors import (
 from gate.flow import Close
 from gate.mesh.h2_exchange import EXCHANGE_HEADER, serve_exchange
 from gate.mesh.session import Bridge, RequestHandler, Session
-from gate.mesh.transport import Exchange, FlowMeta, Stream, StreamEnd
+from gate.mesh.transport import Exchange, FlowMeta, Stream, StreamEnd, stream_end
 from gate.mesh.trust import Trust
 
 __all__ = ["ERROR_HEADER", "Abandon", "H2Stream", "Serve", "answer_for", "error_for_status", "meta_headers", "meta_of",
@@ -97,22 +97,14 @@ def error_for_status(peer: str, status: str, reason: str) -> GateError:
 
 
 def _end_of(bridge: Bridge) -> StreamEnd:
-    error = bridge.error
-    if error is None:
-        close, detail = Close.EOF, None
-    elif error in ("idle timeout", "shutdown"):
-        close, detail = Close(error), None
-    elif error.startswith("socket"):  # our upstream's side broke
-        close, detail = Close.UPSTREAM_RESET, error
-    else:  # the peer reset the stream, or the tunnel was lost
-        close, detail = Close.CLIENT_RESET, error
-    return StreamEnd(close, detail, bridge.bytes_to_socket, bridge.bytes_to_stream)
+    return stream_end(bridge.error, bridge.bytes_to_socket, bridge.bytes_to_stream)
 
 
 class H2Stream:
     """One CONNECT stream of a session where we are the HTTP/2 server (``transport.Stream``)."""
 
     __slots__ = ("_bridge", "session", "stream_id")
+    path = "h2"
 
     def __init__(self, session: Session, stream_id: int) -> None:
         self.session = session

@@ -22,7 +22,8 @@ from gate.config import PeerSpec
 from gate.errors import GateError
 from gate.flow import MAX_HOPS, Close, Flow
 
-__all__ = ["MAX_HOPS", "Alternative", "Exchange", "FlowMeta", "ServeStream", "Stream", "StreamEnd", "Transport"]
+__all__ = ["MAX_HOPS", "Alternative", "Exchange", "FlowMeta", "ServeStream", "Stream", "StreamEnd", "Transport",
+           "stream_end"]
 
 
 
@@ -61,8 +62,24 @@ class StreamEnd:
     bytes_out: int  # from our upstream back to the peer gate
 
 
+def stream_end(error: str | None, bytes_in: int, bytes_out: int) -> StreamEnd:
+    """How a served stream ended, from its bridge's error: None (clean), "idle timeout" / "shutdown"
+    (we cut it), "socket ..." (our upstream broke), anything else (the peer reset it or was lost)."""
+    if error is None:
+        close, detail = Close.EOF, None
+    elif error in ("idle timeout", "shutdown"):
+        close, detail = Close(error), None
+    elif error.startswith("socket"):
+        close, detail = Close.UPSTREAM_RESET, error
+    else:
+        close, detail = Close.CLIENT_RESET, error
+    return StreamEnd(close, detail, bytes_in, bytes_out)
+
+
 class Stream(Protocol):
     """A stream a peer opened to us, as the serving side sees it."""
+
+    path: str  # the access log's path of the flows it carries ("h2", "webrtc")
 
     @property
     def last_active(self) -> float:

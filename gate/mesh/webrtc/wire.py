@@ -33,7 +33,8 @@ MAX_CANDIDATES = 32  # candidates in one description: each costs a connectivity 
 MAX_LABEL = 4096  # a label is the flow's metadata (host names <= 255, <= 16 ALPN ids): 4 KB is ample
 MAX_CONTROL = 64  # the longest control message is "err 504 unreachable"
 VERSION = 1
-_FINGERPRINT = re.compile(r"^a=fingerprint:sha-256 ((?:[0-9A-Fa-f]{2}:){31}[0-9A-Fa-f]{2})$")
+_FINGERPRINT = re.compile(r"^a=fingerprint:(sha-256|sha-384|sha-512) ((?:[0-9A-Fa-f]{2}:){31,63}[0-9A-Fa-f]{2})$")
+_DIGEST_PAIRS = {"sha-256": 32, "sha-384": 48, "sha-512": 64}
 
 
 class SignalError(ValueError):
@@ -89,7 +90,8 @@ def decode_signal(data: bytes) -> SignalMessage:
 
 def check_sdp(sdp: str) -> Sdp:
     """What aiortc is given must be a data-channel-only description with exactly one sha-256 fingerprint
-    (the one bound to the sender's gate ID) and a bounded number of candidates."""
+    (the one bound to the sender's gate ID; others of sha-384/512 may stand beside it, and aiortc
+    requires every one to match) and a bounded number of candidates."""
     fingerprints: list[str] = []
     media = candidates = 0
     has_ufrag = has_pwd = False
@@ -100,9 +102,10 @@ def check_sdp(sdp: str) -> Sdp:
                 raise SignalError("only a data channel section is served")
         elif line.startswith("a=fingerprint:"):
             match = _FINGERPRINT.match(line)
-            if match is None:
-                raise SignalError("fingerprint is not sha-256")
-            fingerprints.append(match.group(1).upper())
+            if match is None or len(match.group(2)) != 3 * _DIGEST_PAIRS[match.group(1)] - 1:
+                raise SignalError("fingerprint is not sha-256, sha-384 or sha-512")
+            if match.group(1) == "sha-256":
+                fingerprints.append(match.group(2).upper())
         elif line.startswith("a=candidate:"):
             candidates += 1
         elif line.startswith("a=ice-ufrag:"):
@@ -112,7 +115,7 @@ def check_sdp(sdp: str) -> Sdp:
     if media != 1:
         raise SignalError(f"{media} media sections (expected one data channel section)")
     if len(set(fingerprints)) != 1:
-        raise SignalError(f"{len(set(fingerprints))} distinct fingerprints (expected one)")
+        raise SignalError(f"{len(set(fingerprints))} distinct sha-256 fingerprints (expected one)")
     if not (has_ufrag and has_pwd):
         raise SignalError("no ICE credentials")
     if candidates > MAX_CANDIDATES:
