@@ -80,10 +80,11 @@ class Answerer:
         if self.links.get(name) is link:
             del self.links[name]
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         for task in list(self._watches):
             task.cancel()
-        await asyncio.gather(*(link.aclose() for link in list(self.links.values())))
+        for link in list(self.links.values()):
+            link.close("shutdown")
 
 
 def _refusal(ident: str, reason: str) -> bytes:

@@ -21,7 +21,7 @@ from gate.errors import GateError
 from gate.flow import Flow
 from gate.mesh.transport import Exchange, FlowMeta, ServeStream
 from gate.mesh.webrtc.answerer import Answerer
-from gate.mesh.webrtc.link import CONTROL_LABEL, Link, TransportDown, new_peer_connection
+from gate.mesh.webrtc.link import CONTROL_LABEL, Link, TransportDown, closed_all, new_peer_connection
 from gate.mesh.webrtc.wire import SignalError, SignalMessage, check_sdp, decode_signal, encode_signal
 
 __all__ = ["ICE_TIMEOUT", "WebrtcMesh"]
@@ -152,9 +152,9 @@ class WebrtcMesh:
 
     async def aclose(self) -> None:
         """Close every peer connection and wait for aiortc to let go of its sockets."""
-        links = [s.link for s in self.state.values() if s.link is not None]
         self.close()
-        await asyncio.gather(*(link.aclose() for link in links), self.answerer.aclose())
+        self.answerer.close()
+        await closed_all()
 
 
 def _forget(state: _PeerState, link: Link) -> None:

@@ -24,7 +24,8 @@ from gate.mesh.transport import FlowMeta, ServeStream, StreamEnd
 from gate.mesh.webrtc.channel import ChannelBridge, ChannelGone
 from gate.mesh.webrtc.wire import Ok, label_of, meta_of_label
 
-__all__ = ["CONTROL_LABEL", "MAX_CHANNELS", "ChannelStream", "Link", "TransportDown", "new_peer_connection"]
+__all__ = ["CONTROL_LABEL", "MAX_CHANNELS", "ChannelStream", "Link", "TransportDown", "closed_all",
+           "new_peer_connection"]
 
 log = logging.getLogger("ugate")
 
@@ -93,7 +94,6 @@ class Link:
         self.closed = False
         self.refused_channels = 0  # channels closed at once for MAX_CHANNELS
         self.on_lost: Callable[[Link], None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
         pc.on("connectionstatechange", self._state_changed)
 
     def _state_changed(self) -> None:
@@ -192,11 +192,17 @@ class Link:
             bridge.abort(f"webrtc: {reason}")
         self.bridges.clear()
         task = self.loop.create_task(self.pc.close())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
         if self.on_lost is not None:
             self.on_lost(self)
 
-    async def aclose(self) -> None:
-        self.close("shutdown")
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+_closing: set[asyncio.Task[None]] = set()  # peer connections being closed (aiortc's close is a coroutine)
+
+
+async def closed_all() -> None:
+    """Until every peer connection closed so far has let go of its sockets."""
+    while _closing:
+        await asyncio.gather(*_closing, return_exceptions=True)
