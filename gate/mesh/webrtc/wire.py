@@ -170,11 +170,11 @@ def parse_control(text: str) -> Control:
     """A control message; ClientProtocolError if ``text`` is none."""
     if len(text) > MAX_CONTROL:
         raise ClientProtocolError("control message too long")
-    word, _, rest = text.partition(" ")
-    if word == "ok" and not rest:
+    if text == "ok":
         return Ok()
-    if word == "eof" and not rest:
+    if text == "eof":
         return Eof()
+    word, _, rest = text.partition(" ")
     if word == "ack" and rest.isascii() and rest.isdigit() and len(rest) <= 10:
         return Ack(int(rest))
     if word == "err":

@@ -73,7 +73,7 @@ def _pair(served: Served, transports: tuple[Any, ...] = ("webrtc",), tamper: Cal
     """Gate A (returned) offering to gate B, whose answerer serves with ``served``."""
     a_side = PeerSpec(name="b", transports=transports)
     b_side = PeerSpec(name="a", transports=("webrtc", "h2"))
-    mesh = WebrtcMesh(ID_A, (a_side,), lambda *a: None, ice_timeout=ice_timeout)  # type: ignore[arg-type,return-value]
+    mesh = WebrtcMesh(ID_A, (a_side,), lambda *a: None, ice_timeout=ice_timeout)  # type: ignore[arg-type]
     answerer = WebrtcMesh(ID_B, (b_side,), mesh.send).answerer
 
     async def send(peer: str, kind: str, body: bytes, deadline: float) -> bytes:
