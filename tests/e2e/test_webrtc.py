@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +92,22 @@ def test_a_peer_that_does_not_offer_webrtc_gets_the_flow_over_h2(start_gate: Any
     assert [r["path"] for r in g["b"].wait_records(2)] == ["h2", "h2"]
     assert g["a"].stderr().count("falls back to h2") == 1
     assert "via b: 403 rejected" in g["a"].stderr()  # B answers no exchanges: its h2 side refused the offer
+
+
+def test_descriptors_return_to_baseline_and_gates_stop_cleanly(webrtc_gates: dict[str, Any],
+                                                               http_origin: int) -> None:
+    a, b, socks = webrtc_gates["a"], webrtc_gates["b"], webrtc_gates["socks"]
+    url = f"http://127.0.0.1:{http_origin}/n"
+    assert curl("-x", f"socks5h://127.0.0.1:{socks}", url).returncode == 0  # the peer connection is up
+    b.wait_records(1)
+    baseline = a.fd_count(), b.fd_count()
+    for i in range(20):
+        assert curl("-x", f"socks5h://127.0.0.1:{socks}", f"{url}{i}").stdout == f"hello from {http_origin} /n{i}\n".encode()
+    assert len(b.wait_records(21)) == 21
+    deadline = time.monotonic() + 5
+    while (a.fd_count(), b.fd_count()) != baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (a.fd_count(), b.fd_count()) == baseline
+    assert a.stderr().count("webrtc: connected to b") == 1
+    assert a.stop() == 0 and b.stop() == 0
+    assert "Task was destroyed" not in a.stderr() + b.stderr()
