@@ -102,7 +102,8 @@ def test_descriptors_return_to_baseline_and_gates_stop_cleanly(webrtc_gates: dic
     b.wait_records(1)
     baseline = a.fd_count(), b.fd_count()
     for i in range(20):
-        assert curl("-x", f"socks5h://127.0.0.1:{socks}", f"{url}{i}").stdout == f"hello from {http_origin} /n{i}\n".encode()
+        got = curl("-x", f"socks5h://127.0.0.1:{socks}", f"{url}{i}").stdout
+        assert got == f"hello from {http_origin} /n{i}\n".encode()
     assert len(b.wait_records(21)) == 21
     deadline = time.monotonic() + 5
     while (a.fd_count(), b.fd_count()) != baseline and time.monotonic() < deadline:
