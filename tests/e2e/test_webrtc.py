@@ -112,3 +112,29 @@ def test_descriptors_return_to_baseline_and_gates_stop_cleanly(webrtc_gates: dic
     assert a.stderr().count("webrtc: connected to b") == 1
     assert a.stop() == 0 and b.stop() == 0
     assert "Task was destroyed" not in a.stderr() + b.stderr()
+
+
+def test_signaling_over_a_reverse_tunnel(start_gate: Any, tmp_path: Path, hash_echo: int) -> None:
+    """C (behind NAT, no listener) keeps a reverse tunnel to B; B's flows via C go over WebRTC, the offer
+    carried by that tunnel, and C serves them with its allow list for B."""
+    id_b = keygen(tmp_path / "b")
+    keygen(tmp_path / "c")
+    h2_port, fwd = free_port(), free_port()
+    b = start_gate(
+        [{"name": "mesh", "kind": "h2", "listen": f"127.0.0.1:{h2_port}"},
+         {"name": "fwd", "kind": "forward", "listen": f"127.0.0.1:{fwd}", "to": f"127.0.0.1:{hash_echo}"}],
+        routes=[{"via": "c"}],
+        mesh={"identity": str(tmp_path / "b")},
+        peers=[{"name": "c", "cert": str(tmp_path / "c" / "cert.pem"), "transports": ["webrtc", "h2"]}],
+    )
+    c = start_gate(
+        [], routes=[{"action": "direct"}],
+        mesh={"identity": str(tmp_path / "c")},
+        peers=[{"name": "b", "address": f"127.0.0.1:{h2_port}", "id": id_b, "reverse": True,
+                "transports": ["webrtc", "h2"], "allow": [{"dst": ["127.0.0.1/32"], "port": [hash_echo]}]}],
+    )
+    blob = os.urandom(2 << 20)
+    assert upload(fwd, blob).decode() == f"{hashlib.sha256(blob).hexdigest()} {len(blob)}"
+    records = c.wait_records(1)
+    assert [(r["listener"], r["path"]) for r in records] == [("b", "webrtc")], records
+    assert "webrtc: connected to c" in b.stderr() and "falls back" not in b.stderr()
