@@ -93,6 +93,7 @@ class Link:
         self.connected: asyncio.Future[None] = self.loop.create_future()
         self.closed = False
         self.refused_channels = 0  # channels closed at once for MAX_CHANNELS
+        self.control: RTCDataChannel | None = None  # the offer's channel (one; more are closed)
         self.on_lost: Callable[[Link], None] | None = None
         pc.on("connectionstatechange", self._state_changed)
 
@@ -156,7 +157,8 @@ class Link:
         self.pc.on("datachannel", functools.partial(self._arrived, ident, peer, serve))
 
     def _arrived(self, ident: str, peer: PeerSpec, serve: ServeStream, channel: RTCDataChannel) -> None:
-        if channel.label == CONTROL_LABEL:
+        if channel.label == CONTROL_LABEL and self.control is None:
+            self.control = channel  # kept open (closing it would be a stream reset for nothing)
             return
         if len(self.bridges) >= MAX_CHANNELS:
             self.refused_channels += 1
