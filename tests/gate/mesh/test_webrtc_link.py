@@ -20,9 +20,10 @@ from gate.config import PeerSpec
 from gate.errors import GateError
 from gate.flow import Close, Flow
 from gate.mesh.transport import FlowMeta, Stream, StreamEnd
+from gate.mesh.webrtc.channel import CHUNK, SOCKET_WRITE_HIGH, WINDOW
 from gate.mesh.webrtc.dialer import WebrtcMesh
-from gate.mesh.webrtc.link import MAX_CHANNELS, Link, TransportDown
-from gate.mesh.webrtc.wire import decode_signal, encode_signal
+from gate.mesh.webrtc.link import MAX_CHANNELS, ChannelStream, Link, TransportDown
+from gate.mesh.webrtc.wire import decode_signal, encode_signal, label_of
 
 ID_A, ID_B = "a" * 52, "b" * 52
 FLOOD = 2_500  # channels a hostile peer opens at once (2.5x the bound; see the README on 10,000)
@@ -209,6 +210,81 @@ def test_a_peer_opening_channels_without_end_is_bounded() -> None:
         assert sock is not None
         assert (await _upload(sock, blob)).decode() == f"{hashlib.sha256(blob).hexdigest()} {len(blob)}"
         sock.close()
+        first.close()
+        await _close(mesh)
+        server.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_slow_reader_stops_the_sender_within_the_window() -> None:
+    """The served upstream reads nothing for a while: the serving gate buffers at most the window
+    (acknowledgements stop while its socket is full), and the dialling gate stops reading its socket."""
+
+    async def scenario() -> None:
+        accepted: asyncio.Queue[socket.socket] = asyncio.Queue()
+        holder = socket.create_server(("127.0.0.1", 0))
+        holder.setblocking(False)
+        port = holder.getsockname()[1]
+        served = Served(port)
+        mesh = _pair(served)
+        loop = asyncio.get_running_loop()
+        sock = await mesh.open_stream("b", _flow(port), loop.time() + 10)
+        assert sock is not None
+        accepted.put_nowait((await loop.sock_accept(holder))[0])
+        upstream = await accepted.get()
+        upstream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        blob = os.urandom(48 << 20)
+        sender = loop.create_task(loop.sock_sendall(sock, blob))
+        link = mesh.state["b"].link
+        answering: Link = next(iter(mesh.peer_answerer.links.values()))  # type: ignore[attr-defined]
+        assert link is not None
+        dialling_bridge = next(iter(link.bridges))
+        serving_bridge = next(iter(answering.bridges))
+        await asyncio.sleep(3)  # nothing reads the upstream
+        assert not sender.done() and dialling_bridge.reading_paused
+        assert dialling_bridge.sent - dialling_bridge.acked <= WINDOW
+        assert serving_bridge.transport is not None
+        assert serving_bridge.transport.get_write_buffer_size() <= WINDOW + SOCKET_WRITE_HIGH
+        got = bytearray()
+        upstream.setblocking(False)
+        while len(got) < len(blob):  # now read: everything arrives, in order
+            got += await loop.sock_recv(upstream, 1 << 20)
+        assert got == blob
+        await sender
+        sock.close()
+        upstream.close()
+        holder.close()
+        await _close(mesh)
+
+    asyncio.run(scenario())
+
+
+def test_a_peer_sending_past_the_window_is_cut() -> None:
+    async def scenario() -> None:
+        server, port = await _echo_server()
+        served = Served(port)
+        mesh = _pair(served)
+        loop = asyncio.get_running_loop()
+        first = await mesh.open_stream("b", _flow(port), loop.time() + 10)  # brings the link up
+        assert first is not None
+        served.hold = True  # the next flow's upstream never connects: nothing is acknowledged
+        link = mesh.state["b"].link
+        assert link is not None
+        channel = link.pc.createDataChannel(label_of(FlowMeta.of(_flow(port))))
+        opened = asyncio.Event()
+        channel.on("open", opened.set)
+        await opened.wait()
+        for _ in range(WINDOW // CHUNK + 1):  # a peer that ignores the window
+            channel.send(b"\0" * CHUNK)
+        async with asyncio.timeout(20):
+            while len(served.streams) < 2 or not served.abandoned:
+                await asyncio.sleep(0.05)
+        stream = served.streams[1]
+        assert isinstance(stream, ChannelStream)
+        assert stream.bridge.error == f"peer sent past the window ({WINDOW} bytes)"
+        assert stream.bridge.received == WINDOW + CHUNK and not stream.bridge.early  # dropped, not kept
+        assert served.abandoned == ["channel reset"]  # the serving side gave up on it
         first.close()
         await _close(mesh)
         server.close()
