@@ -33,6 +33,9 @@ class Answerer:
         self.gate_id = gate_id
         self.ice_timeout = ice_timeout
         self.links: dict[str, Link] = {}
+        # Peers whose offer is being answered: one at a time each, so a peer sending offers in parallel
+        # (up to the tunnel's 1000 streams) cannot make us build a peer connection, sockets and all, for each.
+        self.answering: set[str] = set()
         self._watches: set[asyncio.Task[None]] = set()
 
     def exchange_for(self, serve: ServeStream) -> Exchange:
@@ -51,13 +54,22 @@ class Answerer:
             return _refusal(ident, f"bad offer: {e}")
         if offer.gate != ident:
             return _refusal(ident, f"offer names gate {offer.gate[:60]}, the tunnel is gate {ident}")
+        if peer.name in self.answering:
+            return _refusal(ident, "another offer from this gate is being answered")
+        self.answering.add(peer.name)
+        try:
+            return await self._answer(serve, ident, peer, offer.sdp)
+        finally:
+            self.answering.discard(peer.name)
+
+    async def _answer(self, serve: ServeStream, ident: str, peer: PeerSpec, sdp: str) -> bytes:
         old = self.links.pop(peer.name, None)
         if old is not None:
             old.close("replaced by a new offer")
         link = Link(peer.name, new_peer_connection())
         link.serve_with(ident, peer, serve)
         try:
-            await link.pc.setRemoteDescription(RTCSessionDescription(offer.sdp, "offer"))
+            await link.pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
             await link.pc.setLocalDescription(await link.pc.createAnswer())
         except Exception as e:  # aiortc's parser raises what it meets (ValueError, KeyError, ...): peer input
             link.close("bad offer")

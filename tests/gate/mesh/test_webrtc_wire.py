@@ -15,6 +15,7 @@ from gate.config import PeerSpec
 from gate.errors import ClientProtocolError
 from gate.mesh.transport import FlowMeta
 from gate.mesh.webrtc.answerer import Answerer
+from gate.mesh.webrtc.link import closed_all
 from gate.mesh.webrtc.wire import (
     MAX_CANDIDATES,
     MAX_SIGNAL,
@@ -152,6 +153,13 @@ def test_the_answerer_refuses_bad_offers_and_keeps_nothing() -> None:
             answer = decode_signal(await answerer.answer(serve, ident, peer, body))  # type: ignore[arg-type]
             errors.append(answer.error)
         assert not answerer.links
+        parallel = await asyncio.gather(*(answerer.answer(serve, ID_A, offered, good)  # type: ignore[arg-type]
+                                          for _ in range(5)))
+        refused = [decode_signal(a).error for a in parallel if decode_signal(a).error]
+        assert refused == ["another offer from this gate is being answered"] * 4  # one answered, one link
+        assert len(answerer.links) == 1
+        answerer.close()
+        await closed_all()
         return errors
 
     errors = asyncio.run(scenario())
