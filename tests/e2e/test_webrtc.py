@@ -138,3 +138,21 @@ def test_signaling_over_a_reverse_tunnel(start_gate: Any, tmp_path: Path, hash_e
     records = c.wait_records(1)
     assert [(r["listener"], r["path"]) for r in records] == [("b", "webrtc")], records
     assert "webrtc: connected to c" in b.stderr() and "falls back" not in b.stderr()
+
+
+def test_a_peer_that_restarted_is_reached_again(webrtc_gates: dict[str, Any], start_gate: Any,
+                                                hash_echo: int) -> None:
+    """B dies without a word (SIGKILL) and comes back: A's peer connection does not know; the next flow
+    finds its channel unacknowledged, falls back to HTTP/2 in time, and the one after is over WebRTC again."""
+    a, b, fwd = webrtc_gates["a"], webrtc_gates["b"], webrtc_gates["fwd"]
+    blob = os.urandom(1 << 20)
+    expected = f"{hashlib.sha256(blob).hexdigest()} {len(blob)}"
+    assert upload(fwd, blob).decode() == expected
+    b.proc.kill()
+    b.proc.wait()
+    config = b.config
+    b2 = start_gate(config["listeners"], routes=config["routes"], mesh=config["mesh"], peers=config["peers"])
+    assert upload(fwd, blob).decode() == expected
+    assert upload(fwd, blob).decode() == expected
+    assert [r["path"] for r in b2.wait_records(2)] == ["h2", "webrtc"]
+    assert "the connection does not answer" in a.stderr()

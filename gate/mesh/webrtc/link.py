@@ -32,6 +32,10 @@ log = logging.getLogger("ugate")
 # Flow channels one peer connection carries at once, as the HTTP/2 transport's MAX_STREAMS: a peer that
 # opens more has them closed at once (each open channel holds a bridge, and an upstream once served).
 MAX_CHANNELS = 1000
+# A channel is open once the peer's SCTP stack acknowledged it (one round trip): a connection where that
+# takes longer is taken for dead (a peer that restarted leaves ours unaware until ICE consent lapses,
+# about 30 s), closed, and the flow falls back. At most half the flow's budget, so the fallback has time.
+CHANNEL_OPEN_TIMEOUT = 3.0
 CONTROL_LABEL = "ugate"  # the channel an offer opens so that it has a data section; never carries a flow
 
 
@@ -124,7 +128,17 @@ class Link:
             raise TransportDown(f"webrtc to {self.peer}: connection closed")
         if len(self.bridges) >= MAX_CHANNELS:
             raise TransportDown(f"webrtc to {self.peer}: {MAX_CHANNELS} flows open")
-        bridge = self._track(ChannelBridge(self.pc.createDataChannel(label_of(meta), ordered=True)))
+        channel = self.pc.createDataChannel(label_of(meta), ordered=True)
+        opened = asyncio.Event()
+        channel.on("open", opened.set)
+        bridge = self._track(ChannelBridge(channel))
+        try:
+            async with asyncio.timeout(min(CHANNEL_OPEN_TIMEOUT, (deadline - self.loop.time()) / 2)):
+                await opened.wait()
+        except TimeoutError:
+            bridge.abort("not opened")
+            self.close("a channel was not acknowledged in time")
+            raise TransportDown(f"webrtc to {self.peer}: the connection does not answer") from None
         try:
             async with asyncio.timeout_at(deadline):
                 answer = await bridge.answered
