@@ -217,7 +217,7 @@ class ChannelBridge(asyncio.Protocol):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             except OSError:
-                pass
+                pass  # the socket is already gone: abort() below is all there is to do
         self.transport.abort()
 
     def _finished(self) -> None:
@@ -237,5 +237,3 @@ class ChannelBridge(asyncio.Protocol):
 
     def __repr__(self) -> str:
         return f"<ChannelBridge {self.channel.label[:40]!r} sent={self.sent} received={self.received}>"
-
-
