@@ -48,6 +48,8 @@ class ChannelBridge(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.answered: asyncio.Future[Ok | Refused] = self.loop.create_future()
         self.early: list[bytes] = []  # bytes that came before the socket was attached (<= WINDOW)
+        self.held = bytearray()  # read from our socket past the window (at most one read): sent as acks come
+        self.eof_pending = False  # our socket said FIN; eof follows the held bytes
         self.sent = self.acked = 0  # bytes we sent on the channel / the peer acknowledged
         self.received = self.acked_back = 0  # bytes the peer sent us / we acknowledged
         self.unacked = 0  # written to the socket, not yet acknowledged
@@ -85,20 +87,17 @@ class ChannelBridge(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_active = self.loop.time()
-        for i in range(0, len(data), CHUNK):
-            if not self._send(data[i:i + CHUNK]):
-                return
-        self.sent += len(data)
-        self.bytes_to_channel += len(data)
-        if (self.sent - self.acked >= WINDOW or self.channel.bufferedAmount > BUFFER_HIGH) and not self.reading_paused:
+        self.held += data
+        self._pump()
+        if (self.held or self.sent - self.acked >= WINDOW or self.channel.bufferedAmount > BUFFER_HIGH) \
+                and not self.reading_paused and not self.closed:
             self.reading_paused = True
             assert self.transport is not None
             self.transport.pause_reading()
 
     def eof_received(self) -> bool:
-        if self._send("eof"):
-            self.local_ended = True
-            self._close_if_done()
+        self.eof_pending = True
+        self._pump()
         return True  # keep the socket open for the other direction
 
     def pause_writing(self) -> None:
@@ -157,9 +156,27 @@ class ChannelBridge(asyncio.Protocol):
         if not (self.local_ended and self.remote_ended):
             self.abort("reset by peer")
 
+    def _pump(self) -> None:
+        """Send what the window admits of the held bytes, then the eof if our socket said FIN."""
+        total = min(WINDOW - (self.sent - self.acked), len(self.held))
+        if total > 0:
+            with memoryview(self.held) as view:
+                for i in range(0, total, CHUNK):
+                    if not self._send(bytes(view[i:min(i + CHUNK, total)])):
+                        return  # aborted (held is cleared)
+            del self.held[:total]
+            self.sent += total
+            self.bytes_to_channel += total
+        if self.eof_pending and not self.held and not self.local_ended and self._send("eof"):
+            self.local_ended = True
+            self._close_if_done()
+
     def _maybe_resume(self) -> None:
-        if (self.reading_paused and self.transport is not None and self.sent - self.acked < WINDOW
-                and self.channel.bufferedAmount <= BUFFER_HIGH):
+        if self.closed:
+            return
+        self._pump()
+        if (self.reading_paused and self.transport is not None and not self.held
+                and self.sent - self.acked < WINDOW and self.channel.bufferedAmount <= BUFFER_HIGH):
             self.reading_paused = False
             self.transport.resume_reading()
 
@@ -202,6 +219,7 @@ class ChannelBridge(asyncio.Protocol):
         self.error = self.error or reason
         self.local_ended = self.remote_ended = True
         self.early.clear()
+        self.held = bytearray()  # (not clear(): _pump may hold a view of it)
         on_abort, self.on_abort = self.on_abort, None
         if on_abort is not None:
             on_abort()
@@ -225,6 +243,7 @@ class ChannelBridge(asyncio.Protocol):
             return
         self.closed = True
         self.early.clear()
+        self.held = bytearray()
         if not self.answered.done():
             self.answered.set_exception(ChannelGone(self.error or "closed"))
             self.answered.exception()
