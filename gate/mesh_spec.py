@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from gate.addr import Endpoint, parse_endpoint
 from gate.route_spec import Match, parse_match
 from gate.validate import Problems, boolean, gate_id, positive_int, string
 
-__all__ = ["MeshSpec", "PeerSpec", "parse_mesh", "parse_peers"]
+__all__ = ["MeshSpec", "PeerSpec", "Transport", "parse_mesh", "parse_peers"]
+
+Transport = Literal["h2", "webrtc"]
 
 
 @dataclass(frozen=True)
@@ -39,12 +41,16 @@ class PeerSpec:
     # We are behind NAT: keep a connection to this peer open and serve the flows it sends over it
     # (they arrive as listener ``name`` in routes and the access log).
     reverse: bool = False
-
+    # Transports to this peer, tried in order: "webrtc" (gate.mesh.webrtc, signalled over h2) falls back
+    # to "h2" when it cannot connect. Serving, "webrtc" listed means we answer this peer's offers.
+    transports: tuple[Transport, ...] = ("h2",)
 
 
 
 _MESH_KEYS = ("identity", "ca", "trust_domain", "window", "max_frame")
-_PEER_KEYS = ("name", "address", "id", "cert", "allow", "reverse")
+_PEER_KEYS = ("name", "address", "id", "cert", "allow", "reverse", "transports")
+# What this part supports: HTTP/2 alone, WebRTC alone, or WebRTC falling back to HTTP/2
+_TRANSPORT_ORDERS = (("h2",), ("webrtc",), ("webrtc", "h2"))
 
 
 def _path(value: Any) -> Path:
@@ -80,6 +86,18 @@ def _ca_name(name: str, trust_domain: str) -> bool:
     return not rest or (bool(namespace) and domain == trust_domain)
 
 
+def _transports(raw: Any, where: str, p: Problems) -> tuple[Transport, ...]:
+    if not isinstance(raw, list) or not all(isinstance(t, str) for t in raw):
+        p.add(where, "expected a list of transports: [webrtc, h2], [webrtc] or [h2]")
+        return ("h2",)
+    order = tuple(raw)
+    if order not in _TRANSPORT_ORDERS:
+        p.add(where, f"{list(order)} is not supported: [webrtc, h2] (WebRTC, falling back to HTTP/2), "
+              "[webrtc] or [h2]")
+        return ("h2",)
+    return cast(tuple[Transport, ...], order)
+
+
 def _peer(raw: Any, where: str, mesh: MeshSpec | None, listeners: set[str], p: Problems) -> PeerSpec:
     m = p.mapping(raw, where, _PEER_KEYS)
     if "name" not in m:
@@ -95,6 +113,7 @@ def _peer(raw: Any, where: str, mesh: MeshSpec | None, listeners: set[str], p: P
         cert=p.get(m, "cert", where, _path, None),
         allow=tuple(parse_match(a, f"{where}.allow[{j}]", listeners, p) for j, a in enumerate(allow_raw)),
         reverse=p.get(m, "reverse", where, boolean, False),
+        transports=_transports(m.get("transports", ["h2"]), f"{where}.transports", p),
     )
     ca = mesh.ca if mesh is not None else None
     if peer.reverse and peer.address is None:

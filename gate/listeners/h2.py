@@ -41,7 +41,8 @@ class H2Listener:
         self.loop = asyncio.get_running_loop()
         self.ssl = self.mesh.trust.server_context()
         self.inbound = Inbound(spec.name, ctx, spec.timeouts.connect, spec.timeouts.idle)
-        self.on_request = request_handler(self.mesh.trust, self.inbound.serve)
+        self.on_request = request_handler(self.mesh.trust, self.inbound.serve,
+                                          self.mesh.exchanges_for(self.inbound.serve))
         self.sessions: set[Session] = set()
         self.handshakes: set[asyncio.Task[None]] = set()
         self.acceptor = AcceptLoop(spec, on_flow=self._accepted, on_refused=self._refused, active=self._active,

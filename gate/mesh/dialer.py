@@ -22,9 +22,10 @@ from gate.dial import SocketOptions, open_tcp
 from gate.errors import GateError, UpstreamTimeout, UpstreamUnreachable
 from gate.flow import Flow
 from gate.mesh.datagrams import DatagramFlow
+from gate.mesh.h2_exchange import request
 from gate.mesh.h2_streams import ERROR_HEADER, Serve, error_for_status, meta_headers, request_handler, udp_headers
 from gate.mesh.session import Bridge, Channel, Session
-from gate.mesh.transport import FlowMeta
+from gate.mesh.transport import Alternative, Exchange, FlowMeta, ServeStream
 from gate.mesh.trust import Trust
 
 __all__ = ["Mesh"]
@@ -35,7 +36,7 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.2, 5.0  # seconds between connection attempts to 
 CONNECT_TIMEOUT = 10.0  # for a reverse tunnel's connection (no flow is waiting on it)
 
 
-def _reset_on_close(ours: socket.socket) -> None:
+def reset_on_close(ours: socket.socket) -> None:
     """A socketpair cannot send RST, but a unix socket closed with unread bytes makes its peer's next
     read fail with ECONNRESET: one byte sent from our end before the bridge closes its end does that,
     so the relay resets the client instead of ending a truncated flow with a clean FIN."""
@@ -72,6 +73,7 @@ class Mesh:
         self._reverse_tasks: list[asyncio.Task[None]] = []
         self._udp_setups: set[asyncio.Task[None]] = set()  # CONNECT-UDP streams being set up
         self._closing = False
+        self.alternative: Alternative | None = None  # WebRTC (gate.mesh.webrtc), tried first where configured
 
     async def open_stream(self, peer_name: str, flow: Flow, timeout: float) -> socket.socket:
         """A socket carrying ``flow`` to its destination through ``peer_name``; GateError if not."""
@@ -80,6 +82,10 @@ class Mesh:
             raise UpstreamUnreachable(f"no peer is named {peer_name}")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        if self.alternative is not None:
+            sock = await self.alternative.open_stream(peer_name, flow, deadline)
+            if sock is not None:
+                return sock
         session = await self._session(peer, deadline)
         meta = FlowMeta.of(flow)
         try:
@@ -104,7 +110,7 @@ class Mesh:
         theirs.setblocking(False)
         try:
             bridge = await session.attach(stream_id, theirs)
-            bridge.on_abort = functools.partial(_reset_on_close, ours)
+            bridge.on_abort = functools.partial(reset_on_close, ours)
         except (ConnectionError, OSError) as e:
             ours.close()
             session.discard(stream_id)
@@ -182,6 +188,19 @@ class Mesh:
             session.discard(stream_id)
             raise error_for_status(peer_name, status, response.get(ERROR_HEADER, ""))
         return channel
+
+    async def exchange(self, peer_name: str, kind: str, body: bytes, deadline: float) -> bytes:
+        """Send ``body`` to ``peer_name`` over our tunnel to it and return its answer (gate.mesh.h2_exchange)."""
+        peer = self.peers.get(peer_name)
+        if peer is None:
+            raise UpstreamUnreachable(f"no peer is named {peer_name}")
+        return await request(await self._session(peer, deadline), peer_name, kind, body, deadline,
+                             lambda answer: error_for_status(peer_name, answer.get(":status", ""),
+                                                             answer.get(ERROR_HEADER, "")))
+
+    def exchanges_for(self, serve: ServeStream) -> dict[str, Exchange]:
+        """The exchanges the tunnels whose streams ``serve`` answers also answer (WebRTC signaling)."""
+        return {"webrtc": self.alternative.exchange_for(serve)} if self.alternative is not None else {}
 
     async def _session(self, peer: _Peer, deadline: float) -> Session:
         loop = asyncio.get_running_loop()
@@ -262,7 +281,8 @@ class Mesh:
         try:
             async with asyncio.timeout_at(deadline):
                 made = Session(self.trust.mesh, client_side=serve is None, on_lost=lost,
-                               on_request=request_handler(self.trust, serve) if serve is not None else None)
+                               on_request=request_handler(self.trust, serve, self.exchanges_for(serve))
+                               if serve is not None else None)
                 await loop.create_connection(lambda: made, sock=sock, ssl=ctx, server_hostname=peer.spec.name)
                 session = made  # (uvloop returns its SSL wrapper as the protocol)
                 check.verify(session.peer_der)  # before any stream: a wrong gate never sees a flow
@@ -325,6 +345,8 @@ class Mesh:
 
     def close(self) -> None:
         self._closing = True
+        if self.alternative is not None:
+            self.alternative.close()
         for task in [*self._reverse_tasks, *self._udp_setups]:
             task.cancel()
         for peer in self.peers.values():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import socket
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import h2.errors
 
@@ -26,8 +26,9 @@ from gate.errors import (
     UpstreamUnreachable,
 )
 from gate.flow import Close
+from gate.mesh.h2_exchange import EXCHANGE_HEADER, serve_exchange
 from gate.mesh.session import CONNECT_UDP, Bridge, Channel, RequestHandler, Session
-from gate.mesh.transport import Datagrams, FlowMeta, StreamEnd
+from gate.mesh.transport import Datagrams, Exchange, FlowMeta, Stream, StreamEnd, stream_end
 from gate.mesh.trust import Trust
 
 __all__ = ["ERROR_HEADER", "Abandon", "H2DatagramStream", "H2Stream", "Serve", "answer_for", "error_for_status",
@@ -133,22 +134,14 @@ def error_for_status(peer: str, status: str, reason: str) -> GateError:
 
 
 def _end_of(bridge: Bridge) -> StreamEnd:
-    error = bridge.error
-    if error is None:
-        close, detail = Close.EOF, None
-    elif error in ("idle timeout", "shutdown"):
-        close, detail = Close(error), None
-    elif error.startswith("socket"):  # our upstream's side broke
-        close, detail = Close.UPSTREAM_RESET, error
-    else:  # the peer reset the stream, or the tunnel was lost
-        close, detail = Close.CLIENT_RESET, error
-    return StreamEnd(close, detail, bridge.bytes_to_socket, bridge.bytes_to_stream)
+    return stream_end(bridge.error, bridge.bytes_to_socket, bridge.bytes_to_stream)
 
 
 class H2Stream:
     """One CONNECT stream of a session where we are the HTTP/2 server (``transport.Stream``)."""
 
     __slots__ = ("_bridge", "session", "stream_id")
+    path = "h2"
 
     def __init__(self, session: Session, stream_id: int) -> None:
         self.session = session
@@ -242,21 +235,31 @@ class H2DatagramStream:
 # returns how to give up on it: called with the reason when the stream is reset or its tunnel lost
 # before it was bridged, so no upstream is dialled (or kept) for a stream nobody waits for.
 Abandon = Callable[[str], None]
-Serve = Callable[[str, PeerSpec | None, FlowMeta | GateError, H2Stream | H2DatagramStream], Abandon]
+Serve = Callable[[str, PeerSpec | None, FlowMeta | GateError, Stream | H2DatagramStream], Abandon]
 
 
 def _abandoned(bridge: Bridge, abandon: Abandon) -> None:
     abandon(bridge.error or "stream reset")
 
 
-def request_handler(trust: Trust, serve: Serve) -> RequestHandler:
+def request_handler(trust: Trust, serve: Serve, exchanges: Mapping[str, Exchange] | None = None
+                    ) -> RequestHandler:
     """The session callback for arriving CONNECT requests: who sent it (by the session's certificate,
-    looked up once per session), the flow it carries, and the stream, handed to ``serve``."""
+    looked up once per session), the flow it carries, and the stream, handed to ``serve``. A request
+    marked as an exchange (gate.mesh.h2_exchange: WebRTC signaling) goes to ``exchanges[kind]`` instead."""
 
     def on_request(session: Session, stream_id: int, headers: dict[str, str]) -> None:
         if session.peer is None:
             session.peer = trust.inbound_peer(session.peer_der)
         ident, peer = session.peer
+        kind = headers.get(EXCHANGE_HEADER)
+        if kind is not None:
+            abandon = serve_exchange(ident, peer, H2Stream(session, stream_id),
+                                     (exchanges or {}).get(kind))
+            bridge = session.bridges.get(stream_id)
+            if bridge is not None:
+                bridge.on_abort = functools.partial(_abandoned, bridge, abandon)
+            return
         meta: FlowMeta | GateError
         try:
             meta = meta_of(headers)

@@ -100,7 +100,7 @@ class Inbound:
                 stream.cancel(Close.SHUTDOWN)
                 self.ctx.finish(flow, Close.SHUTDOWN)
             raise
-        flow.state, flow.path = FlowState.RELAYING, "h2"
+        flow.state, flow.path = FlowState.RELAYING, stream.path
         self.flows[stream] = flow
         if await stream.accept(upstream.sock, lambda end: self._ended(stream, flow, end)) and stream in self.flows:
             watch = self.idle[stream] = _IdleWatch(stream, self.idle_timeout)

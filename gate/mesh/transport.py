@@ -15,15 +15,18 @@ gate match exactly as they would here, and a hop count that bounds loops through
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from gate.addr import Endpoint, is_ip
+from gate.config import PeerSpec
 from gate.errors import GateError
 from gate.flow import MAX_HOPS, Close, Flow
 
-__all__ = ["MAX_HOPS", "DatagramStream", "Datagrams", "FlowMeta", "Stream", "StreamEnd", "Transport"]
+__all__ = ["MAX_HOPS", "Alternative", "DatagramStream", "Datagrams", "Exchange", "FlowMeta", "ServeStream", "Stream",
+           "StreamEnd", "Transport", "stream_end"]
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +66,24 @@ class StreamEnd:
     bytes_out: int  # from our upstream back to the peer gate
 
 
+def stream_end(error: str | None, bytes_in: int, bytes_out: int) -> StreamEnd:
+    """How a served stream ended, from its bridge's error: None (clean), "idle timeout" / "shutdown"
+    (we cut it), "socket ..." (our upstream broke), anything else (the peer reset it or was lost)."""
+    if error is None:
+        close, detail = Close.EOF, None
+    elif error in ("idle timeout", "shutdown"):
+        close, detail = Close(error), None
+    elif error.startswith("socket"):
+        close, detail = Close.UPSTREAM_RESET, error
+    else:
+        close, detail = Close.CLIENT_RESET, error
+    return StreamEnd(close, detail, bytes_in, bytes_out)
+
+
 class Stream(Protocol):
     """A stream a peer opened to us, as the serving side sees it."""
+
+    path: str  # the access log's path of the flows it carries ("h2", "webrtc")
 
     @property
     def last_active(self) -> float:
@@ -129,6 +148,29 @@ class Transport(Protocol):
 
     async def open_stream(self, peer: str, flow: Flow, timeout: float) -> socket.socket:
         """A socket carrying ``flow`` to its destination through ``peer``; a GateError if not."""
+        ...
+
+    def close(self) -> None: ...
+
+
+# Serving a stream whatever carried it (gate.mesh.inbound.Inbound.serve): who sent it, its peer entry,
+# the flow or why it cannot be read, the stream; returns what to call (with why) if the stream ends first.
+ServeStream = Callable[[str, PeerSpec | None, "FlowMeta | GateError", Stream], Callable[[str], None]]
+# A request/answer exchange a peer sends over the mesh (WebRTC signaling): (gate ID, its peer entry or
+# None, the request body) -> the answer body.
+Exchange = Callable[[str, PeerSpec | None, bytes], Awaitable[bytes]]
+
+
+class Alternative(Protocol):
+    """A transport tried before HTTP/2 for the peers whose ``transports`` list it first (WebRTC); it is
+    signalled over HTTP/2 exchanges, so the HTTP/2 mesh (gate.mesh.dialer.Mesh) holds it."""
+
+    async def open_stream(self, peer: str, flow: Flow, deadline: float) -> socket.socket | None:
+        """As ``Transport.open_stream``; None: not used for this peer now (HTTP/2 carries the flow)."""
+        ...
+
+    def exchange_for(self, serve: ServeStream) -> Exchange:
+        """The exchange that answers this transport's signaling; the flows it then carries go to ``serve``."""
         ...
 
     def close(self) -> None: ...

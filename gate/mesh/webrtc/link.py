@@ -1,0 +1,224 @@
+"""One RTCPeerConnection to a peer gate (in one direction: the offering gate opens the flows' channels,
+the answering gate serves them), its flow channels, and the bound on how many it carries.
+
+aiortc's objects stay in this package: the rest of the gate sees sockets (dialling) and
+``transport.Stream`` (serving), as with the HTTP/2 transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import socket
+from collections.abc import Callable
+
+from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection
+
+from gate.config import PeerSpec
+from gate.errors import GateError, UpstreamTimeout, UpstreamUnreachable
+from gate.flow import Close
+from gate.mesh.dialer import reset_on_close
+from gate.mesh.h2_streams import answer_for, error_for_status
+from gate.mesh.transport import FlowMeta, ServeStream, StreamEnd
+from gate.mesh.webrtc.channel import ChannelBridge, ChannelGone
+from gate.mesh.webrtc.wire import Ok, label_of, meta_of_label
+
+__all__ = ["CONTROL_LABEL", "MAX_CHANNELS", "ChannelStream", "Link", "TransportDown", "closed_all",
+           "new_peer_connection"]
+
+log = logging.getLogger("ugate")
+
+# Flow channels one peer connection carries at once, as the HTTP/2 transport's MAX_STREAMS: a peer that
+# opens more has them closed at once (each open channel holds a bridge, and an upstream once served).
+MAX_CHANNELS = 1000
+# A channel is open once the peer's SCTP stack acknowledged it (one round trip): a connection where that
+# takes longer is taken for dead (a peer that restarted leaves ours unaware until ICE consent lapses,
+# about 30 s), closed, and the flow falls back. At most half the flow's budget, so the fallback has time.
+CHANNEL_OPEN_TIMEOUT = 3.0
+CONTROL_LABEL = "ugate"  # the channel an offer opens so that it has a data section; never carries a flow
+
+
+def new_peer_connection() -> RTCPeerConnection:
+    """A peer connection gathering host candidates only: aiortc's default ICE server is a public STUN
+    server, which a gate must never contact unasked (no servers configured means none)."""
+    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
+
+
+class TransportDown(UpstreamUnreachable):
+    """WebRTC could not connect to the peer (signaling refused, ICE or DTLS failed): try the next transport."""
+
+
+class ChannelStream:
+    """A flow channel a peer opened to us (``transport.Stream``)."""
+
+    __slots__ = ("bridge",)
+    path = "webrtc"
+
+    def __init__(self, bridge: ChannelBridge) -> None:
+        self.bridge = bridge
+        bridge.answered.set_result(Ok())  # we answer; the peer sends none
+
+    @property
+    def last_active(self) -> float:
+        return self.bridge.last_active
+
+    def refuse(self, error: GateError) -> None:
+        status, reason = answer_for(error)
+        self.bridge.send_control(f"err {status} {reason}")
+        self.bridge.on_abort = None
+        self.bridge.local_ended = self.bridge.remote_ended = True  # a clean end: the answer, then the close
+        self.bridge.abort("refused")
+
+    async def accept(self, upstream: socket.socket, on_end: Callable[[StreamEnd], None]) -> bool:
+        bridge = self.bridge
+        bridge.on_abort = None  # from here the bridge owns the upstream: a reset no longer cancels the serving
+        if bridge.closed:
+            upstream.close()
+            on_end(StreamEnd(Close.CLIENT_RESET, bridge.error or "channel closed", 0, 0))
+            return False
+        bridge.on_closed = lambda b: on_end(b.end())
+        bridge.send_control("ok")
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: bridge, upstream)
+        return not bridge.closed
+
+    def cancel(self, close: Close) -> None:
+        self.bridge.abort(str(close))
+
+
+class Link:
+    """A peer connection and the flow channels on it."""
+
+    def __init__(self, peer: str, pc: RTCPeerConnection) -> None:
+        self.peer = peer
+        self.pc = pc
+        self.loop = asyncio.get_running_loop()
+        self.bridges: set[ChannelBridge] = set()
+        self.connected: asyncio.Future[None] = self.loop.create_future()
+        self.closed = False
+        self.refused_channels = 0  # channels closed at once for MAX_CHANNELS
+        self.control: RTCDataChannel | None = None  # the offer's channel (one; more are closed)
+        self.on_lost: Callable[[Link], None] | None = None
+        pc.on("connectionstatechange", self._state_changed)
+
+    def _state_changed(self) -> None:
+        state = self.pc.connectionState
+        if state == "connected" and not self.connected.done():
+            self.connected.set_result(None)
+        elif state in ("failed", "closed"):
+            self.close(f"peer connection {state}")
+
+    async def wait_connected(self, timeout: float) -> None:
+        """Until ICE and DTLS are done; TransportDown if they fail or take over ``timeout`` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self.connected)
+        except TimeoutError:
+            self.close("ICE/DTLS not connected in time")
+            raise TransportDown(f"webrtc to {self.peer}: not connected within {timeout:g}s") from None
+        except ConnectionError as e:
+            raise TransportDown(f"webrtc to {self.peer}: {e}") from None
+
+    # -- dialling: a flow over a new channel -----------------------------------------------------
+
+    async def open_flow(self, meta: FlowMeta, deadline: float) -> socket.socket:
+        """A socket carrying the flow ``meta`` over a new channel; GateError (TransportDown if the
+        connection itself is gone) if not."""
+        if self.closed:
+            raise TransportDown(f"webrtc to {self.peer}: connection closed")
+        if len(self.bridges) >= MAX_CHANNELS:
+            raise TransportDown(f"webrtc to {self.peer}: {MAX_CHANNELS} flows open")
+        channel = self.pc.createDataChannel(label_of(meta), ordered=True)
+        opened = asyncio.Event()
+        channel.on("open", opened.set)
+        bridge = self._track(ChannelBridge(channel))
+        try:
+            async with asyncio.timeout(min(CHANNEL_OPEN_TIMEOUT, (deadline - self.loop.time()) / 2)):
+                await opened.wait()
+        except TimeoutError:
+            bridge.abort("not opened")
+            self.close("a channel was not acknowledged in time")
+            raise TransportDown(f"webrtc to {self.peer}: the connection does not answer") from None
+        try:
+            async with asyncio.timeout_at(deadline):
+                answer = await bridge.answered
+        except TimeoutError:
+            bridge.abort("no answer")
+            raise UpstreamTimeout(f"via {self.peer} (webrtc): no answer in time") from None
+        except ChannelGone as e:
+            raise TransportDown(f"via {self.peer} (webrtc): {e}") from None
+        if not isinstance(answer, Ok):
+            bridge.local_ended = bridge.remote_ended = True
+            bridge.abort("refused")
+            raise error_for_status(self.peer, answer.status, answer.reason)
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        theirs.setblocking(False)
+        bridge.on_abort = functools.partial(reset_on_close, ours)
+        try:
+            await self.loop.connect_accepted_socket(lambda: bridge, theirs)
+        except BaseException:
+            ours.close()
+            theirs.close()
+            bridge.abort("attach failed")
+            raise
+        return ours
+
+    # -- serving: channels the peer opens ----------------------------------------------------------
+
+    def serve_with(self, ident: str, peer: PeerSpec, serve: ServeStream) -> None:
+        """Channels the peer opens from now on carry flows to ``serve``."""
+        self.pc.on("datachannel", functools.partial(self._arrived, ident, peer, serve))
+
+    def _arrived(self, ident: str, peer: PeerSpec, serve: ServeStream, channel: RTCDataChannel) -> None:
+        if channel.label == CONTROL_LABEL and self.control is None:
+            self.control = channel  # kept open (closing it would be a stream reset for nothing)
+            return
+        if len(self.bridges) >= MAX_CHANNELS:
+            self.refused_channels += 1
+            if self.refused_channels in (1, 1000):
+                log.warning("webrtc: peer %s opened over %d channels: closing the new ones", self.peer, MAX_CHANNELS)
+            channel.close()
+            return
+        bridge = self._track(ChannelBridge(channel))
+        meta: FlowMeta | GateError
+        try:
+            meta = meta_of_label(channel.label)
+        except GateError as e:
+            meta = e
+        abandon = serve(ident, peer, meta, ChannelStream(bridge))
+        if not bridge.closed:
+            bridge.on_abort = functools.partial(abandon, "channel reset")
+
+    def _track(self, bridge: ChannelBridge) -> ChannelBridge:
+        self.bridges.add(bridge)
+        bridge.on_released = self.bridges.discard
+        return bridge
+
+    # -- the end ----------------------------------------------------------------------------------
+
+    def close(self, reason: str = "closed") -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if not self.connected.done():
+            self.connected.set_exception(ConnectionError(reason))
+            self.connected.exception()
+        for bridge in list(self.bridges):
+            bridge.abort(f"webrtc: {reason}")
+        self.bridges.clear()
+        task = self.loop.create_task(self.pc.close())
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+
+
+_closing: set[asyncio.Task[None]] = set()  # peer connections being closed (aiortc's close is a coroutine)
+
+
+async def closed_all() -> None:
+    """Until every peer connection closed so far has let go of its sockets."""
+    while _closing:
+        await asyncio.gather(*_closing, return_exceptions=True)
