@@ -28,7 +28,7 @@ from gate.mesh.session import Bridge, Channel, Session
 from gate.mesh.transport import Alternative, Exchange, FlowMeta, ServeStream
 from gate.mesh.trust import Trust
 
-__all__ = ["Mesh"]
+__all__ = ["Mesh", "reset_on_close"]
 
 log = logging.getLogger("ugate")
 
