@@ -29,6 +29,7 @@ from gate.sniffing import apply_sniffed
 from gate.specs import SocksUdp
 from gate.udp import Expired, Key, Open, Relay, SessionTable
 from gate.udp.sessions import Refuse
+from gate.udp.timer import TableTimer
 from gate.upstream import Opener, Upstream
 from tproxy.sockopts import set_big_buffers, unmap
 
@@ -147,7 +148,7 @@ class Association:
             max_held_bytes=MAX_HELD_BYTES, max_sessions_per_client=self.spec.max_destinations)
         self.sessions = self.table.sessions
         self.by_header: dict[bytes, _Destination] = {}  # the open sessions again, by header (max_destinations)
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer = TableTimer(self.loop, self.table, self._act)
         self.opening: set[asyncio.Task[None]] = set()
         self.dropped: collections.Counter[str] = collections.Counter()
         self.destinations = 0  # opened, for the control connection's record
@@ -248,7 +249,7 @@ class Association:
                 self._act(self.table.datagram(self.client, dst, d.data, self.loop.time()))
                 if self.table.dropped["max_sessions_per_client"] != capped:
                     self._drop("max_destinations")
-                self._schedule()
+                self.timer.schedule()
         if active:
             self.last_active = self.loop.time()
 
@@ -282,24 +283,6 @@ class Association:
         elif isinstance(action, Refuse):
             log.warning("%s: association of %s at max_destinations (%d): %d datagram(s) to new destinations "
                         "dropped", self.owner.name, self.client, self.spec.max_destinations, action.refused)
-
-    def _on_timer(self) -> None:
-        self.timer = None
-        for action in self.table.timer(self.loop.time()):
-            self._act(action)
-        self._schedule()
-
-    def _schedule(self) -> None:
-        """One loop timer at the table's next_timer(); one that fires early just finds nothing due."""
-        when = self.table.next_timer()
-        if when is None:
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
-        elif self.timer is None or self.timer.when() > when:
-            if self.timer is not None:
-                self.timer.cancel()
-            self.timer = self.loop.call_at(when, self._on_timer)
 
     # -- one destination -------------------------------------------------------------------------
 
@@ -359,7 +342,7 @@ class Association:
         self.owner.sessions += 1
         self.destinations += 1
         late = self.table.opened(o.key, session, self.loop.time())
-        self._schedule()
+        self.timer.schedule()
         self.loop.add_reader(sock.fileno(), self._on_upstream, session)
         for _, payload in (*o.datagrams, *late):
             self._send_up(session, payload)
@@ -380,7 +363,7 @@ class Association:
         self.owner.sessions += 1
         self.destinations += 1
         late = self.table.opened(o.key, session, self.loop.time())
-        self._schedule()
+        self.timer.schedule()
         for _, payload in (*o.datagrams, *late):
             self._send_up(session, payload)
 
@@ -401,7 +384,7 @@ class Association:
         client's next datagram to it is routed afresh."""
         if self.table.end(session.key) is session:
             self._end(session, error.close, str(error))
-            self._schedule()
+            self.timer.schedule()
 
     def _on_upstream(self, session: _Destination) -> None:
         """Answers from one destination, wrapped and sent to the client from the relay socket."""
@@ -448,9 +431,7 @@ class Association:
         self.closed = reason
         self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.timer.cancel()
         for task in list(self.opening):
             task.cancel()
         for session in self.table.shutdown():

@@ -29,6 +29,7 @@ from gate.sniffing import apply_sniffed
 from gate.udp import Expired, Key, Open, Relay, SessionTable, reply_source
 from gate.udp.offload import UdpOffload
 from gate.udp.sessions import Refuse, RemoteVerdict
+from gate.udp.timer import TableTimer
 from gate.upstream import Opener
 from splice import mmsg
 from tproxy.sockopts import parse_origdst, set_big_buffers, set_mark, set_recv_origdst, set_transparent, unmap
@@ -102,7 +103,7 @@ class TproxyUdpListener:
             max_remotes_per_session=spec.max_remotes_per_session, max_reply_sockets=spec.max_reply_sockets)
         self.sessions = self.table.sessions  # the open sessions, looked up per datagram
         self.full_cone = self.table.mapping == "full-cone"
-        self.timer: asyncio.TimerHandle | None = None  # calls the table's timer at its next_timer()
+        self.timer = TableTimer(self.loop, self.table, self._act)
         self.opener = Opener(ctx, spec.name, spec.timeouts.connect, preserve_source=spec.preserve_source)
         # sessions handed to the kernel once routed (gate.udp.offload)
         self.offload = UdpOffload(self.loop, 6 if self.family == socket.AF_INET6 else 4, spec.session_timeout,
@@ -150,7 +151,7 @@ class TproxyUdpListener:
             self._send_up(session, dst, _view[:n])
             return
         self._act(self.table.datagram(client, dst, bytes(_view[:n]), self.loop.time()))
-        self._schedule()
+        self.timer.schedule()
 
     def _send_up(self, session: _Session, dst: Endpoint, data: bytes | memoryview) -> None:
         if session.via is not None:
@@ -179,24 +180,6 @@ class TproxyUdpListener:
             self._close(action.session, Close.IDLE)
         elif isinstance(action, Refuse):
             self._refuse(action)
-
-    def _on_timer(self) -> None:
-        self.timer = None
-        for action in self.table.timer(self.loop.time()):
-            self._act(action)
-        self._schedule()
-
-    def _schedule(self) -> None:
-        """One loop timer at the table's next_timer(); one that fires early just finds nothing due."""
-        when = self.table.next_timer()
-        if when is None:
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
-        elif self.timer is None or self.timer.when() > when:
-            if self.timer is not None:
-                self.timer.cancel()
-            self.timer = self.loop.call_at(when, self._on_timer)
 
     def _open(self, o: Open) -> None:
         """Route the session the table opens (classified on its first datagrams: STUN, DNS, QUIC with
@@ -297,7 +280,7 @@ class TproxyUdpListener:
         ends, and the client's next datagram is routed afresh."""
         if self.table.end(session.key) is session:
             self._close(session, error.close, str(error))
-            self._schedule()
+            self.timer.schedule()
 
     def _reply_for(self, session: _Session, key: Key, remote: tuple[str, int]) -> socket.socket | None:
         source = reply_source(key, session.dst, session.target is not None, Endpoint(unmap(remote[0]), remote[1]))
@@ -436,4 +419,4 @@ class TproxyUdpListener:
         for session in self.table.shutdown():
             self._close(session, Close.SHUTDOWN)
         self.offload.shutdown()
-        self._schedule()
+        self.timer.schedule()

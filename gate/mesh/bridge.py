@@ -15,9 +15,20 @@ from typing import Protocol, cast
 
 import h2.errors
 
-__all__ = ["SOCKET_WRITE_HIGH", "Bridge", "Tunnel"]
+__all__ = ["SOCKET_WRITE_HIGH", "Bridge", "Tunnel", "abort_with_reset"]
 
 SOCKET_WRITE_HIGH = 4 << 20  # a socket's write buffer above this holds back the stream's credit
+
+
+def abort_with_reset(transport: asyncio.Transport) -> None:
+    """Cut a bridged socket so that a TCP peer sees a reset, not a FIN that would look complete."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family != socket.AF_UNIX:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass  # the socket is already gone: abort() is all there is to do
+    transport.abort()
 
 
 class Tunnel(Protocol):
@@ -154,13 +165,7 @@ class Bridge(asyncio.Protocol):
 
     def _reset_socket(self) -> None:
         assert self.transport is not None
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None and sock.family != socket.AF_UNIX:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
-                pass
-        self.transport.abort()
+        abort_with_reset(self.transport)
 
     def _finished(self) -> None:
         if not self.closed:

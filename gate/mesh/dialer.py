@@ -63,6 +63,28 @@ class _Peer:
         self.arrived = asyncio.Event()  # a peer without an address: its reverse tunnel is up
 
 
+async def _answered(session: Session, peer_name: str, stream_id: int, answer: asyncio.Future[dict[str, str]],
+                    deadline: float, timeout: float) -> None:
+    """Wait for the peer's answer to a stream we opened: a GateError unless it is 200 (the stream is
+    then discarded, as it is when we are cancelled meanwhile)."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            response = await answer
+    except TimeoutError:
+        session.discard(stream_id)
+        raise UpstreamTimeout(f"via {peer_name}: no answer within {timeout:g}s") from None
+    except (ConnectionError, OSError) as e:
+        session.discard(stream_id)
+        raise UpstreamUnreachable(f"via {peer_name}: {e}") from None
+    except BaseException:
+        session.discard(stream_id)
+        raise
+    status = response.get(":status", "")
+    if status != "200":
+        session.discard(stream_id)
+        raise error_for_status(peer_name, status, response.get(ERROR_HEADER, ""))
+
+
 class Mesh:
     """The client side of the mesh for one process."""
 
@@ -77,11 +99,8 @@ class Mesh:
 
     async def open_stream(self, peer_name: str, flow: Flow, timeout: float) -> socket.socket:
         """A socket carrying ``flow`` to its destination through ``peer_name``; GateError if not."""
-        peer = self.peers.get(peer_name)
-        if peer is None:
-            raise UpstreamUnreachable(f"no peer is named {peer_name}")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        peer = self._peer(peer_name)
+        deadline = asyncio.get_running_loop().time() + timeout
         if self.alternative is not None:
             sock = await self.alternative.open_stream(peer_name, flow, deadline)
             if sock is not None:
@@ -92,19 +111,7 @@ class Mesh:
             stream_id, answer = session.open_stream(str(meta.dst), meta_headers(meta))
         except Exception as e:  # h2 refuses (e.g. too many streams) or the connection just closed
             raise UpstreamUnreachable(f"via {peer_name}: {e}") from None
-        try:
-            async with asyncio.timeout_at(deadline):
-                response = await answer
-        except TimeoutError:
-            session.discard(stream_id)
-            raise UpstreamTimeout(f"via {peer_name}: no answer within {timeout:g}s") from None
-        except (ConnectionError, OSError) as e:
-            session.discard(stream_id)
-            raise UpstreamUnreachable(f"via {peer_name}: {e}") from None
-        status = response.get(":status", "")
-        if status != "200":
-            session.discard(stream_id)
-            raise error_for_status(peer_name, status, response.get(ERROR_HEADER, ""))
+        await _answered(session, peer_name, stream_id, answer, deadline, timeout)
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
         theirs.setblocking(False)
@@ -158,11 +165,8 @@ class Mesh:
         handle.attach(channel)
 
     async def _datagram_stream(self, peer_name: str, meta: FlowMeta, timeout: float) -> Channel:
-        peer = self.peers.get(peer_name)
-        if peer is None:
-            raise UpstreamUnreachable(f"no peer is named {peer_name}")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        peer = self._peer(peer_name)
+        deadline = asyncio.get_running_loop().time() + timeout
         session = await self._session(peer, deadline)
         if not session.extended_connect():  # h2 would send it anyway
             raise UpstreamUnreachable(f"via {peer_name}: the peer does not accept CONNECT-UDP")
@@ -170,37 +174,28 @@ class Mesh:
             stream_id, answer = session.open_stream(peer_name, udp_headers(peer_name, meta), Channel)
         except Exception as e:  # h2 refuses (e.g. too many streams) or the connection just closed
             raise UpstreamUnreachable(f"via {peer_name}: {e}") from None
-        try:
-            async with asyncio.timeout_at(deadline):
-                response = await answer
-        except TimeoutError:
-            session.discard(stream_id)
-            raise UpstreamTimeout(f"via {peer_name}: no answer within {timeout:g}s") from None
-        except (ConnectionError, OSError) as e:
-            session.discard(stream_id)
-            raise UpstreamUnreachable(f"via {peer_name}: {e}") from None
-        except BaseException:
-            session.discard(stream_id)
-            raise
-        status = response.get(":status", "")
+        await _answered(session, peer_name, stream_id, answer, deadline, timeout)
         channel = session.bridges.get(stream_id)
-        if status != "200" or not isinstance(channel, Channel) or channel.closed:
+        if not isinstance(channel, Channel) or channel.closed:
             session.discard(stream_id)
-            raise error_for_status(peer_name, status, response.get(ERROR_HEADER, ""))
+            raise UpstreamUnreachable(f"via {peer_name}: the stream ended as it was answered")
         return channel
 
     async def exchange(self, peer_name: str, kind: str, body: bytes, deadline: float) -> bytes:
         """Send ``body`` to ``peer_name`` over our tunnel to it and return its answer (gate.mesh.h2_exchange)."""
-        peer = self.peers.get(peer_name)
-        if peer is None:
-            raise UpstreamUnreachable(f"no peer is named {peer_name}")
-        return await request(await self._session(peer, deadline), peer_name, kind, body, deadline,
+        return await request(await self._session(self._peer(peer_name), deadline), peer_name, kind, body, deadline,
                              lambda answer: error_for_status(peer_name, answer.get(":status", ""),
                                                              answer.get(ERROR_HEADER, "")))
 
     def exchanges_for(self, serve: ServeStream) -> dict[str, Exchange]:
         """The exchanges the tunnels whose streams ``serve`` answers also answer (WebRTC signaling)."""
         return {"webrtc": self.alternative.exchange_for(serve)} if self.alternative is not None else {}
+
+    def _peer(self, peer_name: str) -> _Peer:
+        peer = self.peers.get(peer_name)
+        if peer is None:
+            raise UpstreamUnreachable(f"no peer is named {peer_name}")
+        return peer
 
     async def _session(self, peer: _Peer, deadline: float) -> Session:
         loop = asyncio.get_running_loop()

@@ -12,8 +12,6 @@ sending side, aiortc's ``bufferedAmount`` above BUFFER_HIGH also pauses the sock
 from __future__ import annotations
 
 import asyncio
-import socket
-import struct
 from collections.abc import Callable
 from typing import cast
 
@@ -21,6 +19,7 @@ from aiortc import RTCDataChannel
 from aiortc.exceptions import InvalidStateError
 
 from gate.errors import ClientProtocolError
+from gate.mesh.bridge import abort_with_reset
 from gate.mesh.transport import StreamEnd, stream_end
 from gate.mesh.webrtc.wire import Ack, Control, Eof, Ok, Refused, parse_control
 
@@ -230,13 +229,7 @@ class ChannelBridge(asyncio.Protocol):
 
     def _reset_socket(self) -> None:
         assert self.transport is not None
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None and sock.family != socket.AF_UNIX:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
-                pass  # the socket is already gone: abort() below is all there is to do
-        self.transport.abort()
+        abort_with_reset(self.transport)
 
     def _finished(self) -> None:
         if self.closed:

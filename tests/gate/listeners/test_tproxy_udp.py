@@ -84,7 +84,7 @@ def test_held_bytes_are_bounded_and_released(tmp_path: Path) -> None:
         gate.table.max_held_bytes = len(first) + 100  # room for one held datagram
         feed(gate, A, SERVER, first)
         assert list(gate.table.held) == [(A, None)] and gate.table.held_bytes == len(first)
-        assert gate.timer is not None  # the sniff wait's end
+        assert gate.timer.armed  # the sniff wait's end
         feed(gate, B, SERVER, first)  # no room to wait: routed without the name
         assert gate.sessions[(B, None)].flow.sni is None and list(gate.table.held) == [(A, None)]
         feed(gate, A, SERVER, second)  # the hello is whole: routed by its name
@@ -93,7 +93,7 @@ def test_held_bytes_are_bounded_and_released(tmp_path: Path) -> None:
         assert not gate.table.held and gate.table.held_bytes == 0
         assert dict(gate.ctx.sniff_outcomes) == {"quic": 2}
         await gate.drain(0)
-        assert gate.timer is None and not gate.sessions
+        assert not gate.timer.armed and not gate.sessions
 
     asyncio.run(scenario())
     assert [(r["client"], r["sni"], r["close"]) for r in records(tmp_path / "log")] == [
@@ -137,12 +137,12 @@ def test_an_idle_session_ends_on_the_loop_timer(tmp_path: Path) -> None:
     async def scenario() -> None:
         gate = listener(tmp_path / "log", session_timeout=0.2)
         feed(gate, A, SERVER, DNS_QUERY)
-        assert (A, None) in gate.sessions and gate.timer is not None
+        assert (A, None) in gate.sessions and gate.timer.armed
         deadline = asyncio.get_running_loop().time() + 5
         while gate.sessions:
             assert asyncio.get_running_loop().time() < deadline
             await asyncio.sleep(0.01)
-        assert gate.timer is None  # nothing left to wake up for
+        assert not gate.timer.armed  # nothing left to wake up for
         await gate.drain(0)
 
     asyncio.run(scenario())
