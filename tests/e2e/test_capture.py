@@ -107,6 +107,36 @@ def test_router_captures_tcp_v4_and_v6(start_gate: Any, router: netns.Topology, 
     assert state(router, "gateway") == before  # apply: auto cleared everything on exit
 
 
+def test_router_client_reusing_its_port_at_once_is_captured(start_gate: Any, router: netns.Topology) -> None:
+    """The server closes first, so the gate's accepted socket waits in TIME_WAIT with the client's tuple
+    (checked); the client's next connection from the same port must still be captured and served. (The
+    ingress role needed a rule change for this case, see tproxy.ingress.owned_rule; the router role
+    holds as it is.)"""
+    listeners, capture = gateway_config("tproxy", preserve_source=True)
+    gate = start_gate(listeners, netns=router.ns["gateway"], capture=capture)
+    server, client = router.addr["server4"], router.addr["client4"]
+    fetch = ("import socket, sys\n"
+             "s = socket.socket()\n"
+             "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+             "s.bind(('', 40123))\n"
+             "s.settimeout(5)\n"
+             "s.connect((sys.argv[1], int(sys.argv[2])))\n"
+             "s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n"
+             "data = b''\n"
+             "while chunk := s.recv(4096):\n"  # to the server's close: the client closes last, no TIME_WAIT
+             "    data += chunk\n"
+             "print(data.decode().split('\\r\\n\\r\\n', 1)[1], end='')\n")
+    for attempt in range(3):
+        got = subprocess.run(router.cmd("client", sys.executable, "-c", fetch, server, str(WEB)),
+                             capture_output=True, text=True, timeout=20)
+        assert got.returncode == 0, got.stderr + gate.stderr()[-2000:]
+        assert got.stdout == f"you are {client}\n"
+        if attempt == 0:
+            waiting = router.run("gateway", "ss", "-Htan", "state", "time-wait")
+            assert f"{server}:{WEB}" in waiting and f"{client}:40123" in waiting, waiting
+    assert len(gate.wait_records(3)) == 3
+
+
 def test_router_iperf3_through_tproxy(start_gate: Any, router: netns.Topology) -> None:
     listeners, capture = gateway_config("tproxy")
     gate = start_gate(listeners, netns=router.ns["gateway"], capture=capture)
