@@ -279,6 +279,14 @@ class TproxyUdpSpec(ListenerSpec):
 
 
 @dataclass(frozen=True)
+class StunSpec(ListenerSpec):
+    """STUN server: answers Binding requests (a public gate as its NATed peers' STUN server)."""
+
+    kind: ClassVar[str] = "stun"
+    transport: ClassVar[Transport] = Transport.UDP
+
+
+@dataclass(frozen=True)
 class SniSpec(ListenerSpec):
     """SNI ingress: TLS is routed by its server name, never terminated."""
 

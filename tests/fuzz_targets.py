@@ -20,6 +20,7 @@ from gate.mesh.capsules import MAX_CAPSULE, CapsuleError, CapsuleReader, datagra
 from gate.proto.http import TargetError, connect_authority, split_absolute_uri
 from gate.proto.socks import SocksError, parse_credentials, parse_first, parse_request
 from gate.proto.socks_udp import SocksUdpError, parse_datagram
+from gate.proto.stun import binding_response
 from sniff.classify import Sniffed, classify, classify_datagrams
 from sniff.http import parse_h2_preface, parse_http_request
 from sniff.proxy_protocol import build_v1, build_v2, parse_proxy_header
@@ -73,6 +74,12 @@ def _verdict(parse: Callable[[bytes], Any], error: type[Exception]) -> Callable[
             pass
 
     return check
+
+
+def _stun_answer(data: bytes) -> None:
+    """The STUN server's answer: nothing, or a Binding response naming the requester (never an error)."""
+    answer = binding_response(data, "198.51.100.7", 4242)
+    assert answer is None or parse_stun(answer).message_class == "success", answer
 
 
 def _classify(data: bytes) -> None:
@@ -131,10 +138,11 @@ TARGETS: dict[str, Target] = {
                            _given(build_v1(("192.0.2.1", 5000), ("198.51.100.2", 443)),
                                   build_v2(("2001:db8::1", 5000), ("2001:db8::2", 443), hops=2))),
     "stun": Target(_verdict(parse_stun, NotThisProtocol), _given(bytes.fromhex(  # RFC 5769 2.1
-        "000100582112a442b7e7a701bc34d686fa87dfae802200105354554e207465737420636c69656e74002400046e0001ff"
-        "80290008932ff9b151263b36000600096576746a3a68364c7670360000000008001462e4cd1ff6bd99b1ec36e6fbf1c8"
-        "d8e9a1cd5b7780280004c82bb1f9"))),
+        "000100582112a442b7e7a701bc34d686fa87dfae802200105354554e207465737420636c69656e74"
+        "002400046e0001ff80290008932ff9b151263b36000600096576746a3a68367659202020000800149a"
+        "eaa70cbfd8cb56781ef2b5b2d3f249c1b571a280280004e57a3bcf"))),
     "dns": Target(_verdict(parse_dns_query, NotThisProtocol), _files("dig_query.bin")),
+    "stun-answer": Target(_stun_answer, lambda: TARGETS["stun"].seeds()),
     "wireguard": Target(_verdict(parse_wireguard, NotThisProtocol),
                         _given(b"\x01\x00\x00\x00" + (0x1234).to_bytes(4, "little") + bytes(range(140)))),
     "dtls": Target(_verdict(parse_dtls_client_hello, NotThisProtocol), _files("openssl_dtls.bin")),

@@ -14,6 +14,7 @@ from gate.config import (
     RedirectSpec,
     SniSpec,
     Socks5Spec,
+    StunSpec,
     TproxySpec,
     TproxyUdpSpec,
 )
@@ -24,6 +25,7 @@ from gate.listeners.http_proxy import HttpListener
 from gate.listeners.mux import MuxListener
 from gate.listeners.sni import SniListener
 from gate.listeners.socks import SocksListener
+from gate.listeners.stun import StunListener
 from gate.listeners.tcp import Server, TcpListener
 from gate.listeners.tproxy_udp import TproxyUdpListener
 from gate.listeners.transparent import RedirectListener, TproxyListener
@@ -40,6 +42,7 @@ SERVERS: dict[type[ListenerSpec], Callable[[Any, Context], Server]] = {
     SniSpec: SniListener,
     MuxSpec: MuxListener,
     H2Spec: H2Listener,
+    StunSpec: StunListener,
 }
 
 
