@@ -51,7 +51,9 @@ async def serve(config: GateConfig, stop: asyncio.Event, access_log: AccessLog, 
         # Loaded only here: aiortc (and PyAV under it) adds ~45 MB and 0.2 s to every process that imports it
         from gate.mesh.webrtc.dialer import WebrtcMesh
 
-        webrtc = mesh.alternative = WebrtcMesh(mesh.trust.identity.id, config.peers, mesh.exchange)
+        assert config.mesh is not None  # (a mesh exists only with its section)
+        webrtc = mesh.alternative = WebrtcMesh(mesh.trust.identity.id, config.peers, mesh.exchange,
+                                                stun=config.mesh.stun)
     ctx = Context(router=Router(config.routes), access_log=access_log, reuse_port=reuse_port, mark=config.mark,
                   own=frozenset(spec.listen for spec in config.listeners), mesh=mesh)
     listeners: list[Server] = []

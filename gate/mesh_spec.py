@@ -27,6 +27,9 @@ class MeshSpec:
     trust_domain: str = "cluster.local"
     window: int = 16 << 20  # HTTP/2 flow-control window per stream and per connection, bytes
     max_frame: int = (1 << 24) - 1  # the largest DATA frame we accept (HTTP/2's maximum)
+    # STUN servers for WebRTC's server-reflexive candidates (a public gate's ``stun`` listener): none by
+    # default, and never a public one unasked
+    stun: tuple[Endpoint, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ class PeerSpec:
 
 
 
-_MESH_KEYS = ("identity", "ca", "trust_domain", "window", "max_frame")
+_MESH_KEYS = ("identity", "ca", "trust_domain", "window", "max_frame", "stun")
 _PEER_KEYS = ("name", "address", "id", "cert", "allow", "reverse", "transports")
 # What this part supports: HTTP/2 alone, WebRTC alone, or WebRTC falling back to HTTP/2
 _TRANSPORT_ORDERS = (("h2",), ("webrtc",), ("webrtc", "h2"))
@@ -72,7 +75,13 @@ def parse_mesh(raw: Any, p: Problems) -> MeshSpec | None:
     return MeshSpec(identity=p.get(m, "identity", "mesh", _path, Path(".")),
                     ca=p.get(m, "ca", "mesh", _path, None),
                     trust_domain=p.get(m, "trust_domain", "mesh", string, MeshSpec.trust_domain),
-                    window=window, max_frame=max_frame)
+                    window=window, max_frame=max_frame, stun=p.get(m, "stun", "mesh", _endpoints, ()))
+
+
+def _endpoints(raw: Any) -> tuple[Endpoint, ...]:
+    if not isinstance(raw, list):
+        raise ValueError("a list of host:port")
+    return tuple(parse_endpoint(item) for item in raw)
 
 
 def _ca_name(name: str, trust_domain: str) -> bool:

@@ -16,6 +16,7 @@ import logging
 
 from aiortc import RTCSessionDescription
 
+from gate.addr import Endpoint
 from gate.config import PeerSpec
 from gate.mesh.transport import Exchange, ServeStream
 from gate.mesh.webrtc.link import Link, TransportDown, new_peer_connection
@@ -29,8 +30,9 @@ log = logging.getLogger("ugate")
 class Answerer:
     """Answers offers and keeps the resulting connections, one per offering peer."""
 
-    def __init__(self, gate_id: str, ice_timeout: float) -> None:
+    def __init__(self, gate_id: str, ice_timeout: float, stun: tuple[Endpoint, ...] = ()) -> None:
         self.gate_id = gate_id
+        self.stun = stun
         self.ice_timeout = ice_timeout
         self.links: dict[str, Link] = {}
         # Peers whose offer is being answered: one at a time each, so a peer sending offers in parallel
@@ -66,7 +68,7 @@ class Answerer:
         old = self.links.pop(peer.name, None)
         if old is not None:
             old.close("replaced by a new offer")
-        link = Link(peer.name, new_peer_connection())
+        link = Link(peer.name, new_peer_connection(self.stun))
         link.serve_with(ident, peer, serve)
         try:
             await link.pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))

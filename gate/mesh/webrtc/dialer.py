@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from aiortc import RTCDataChannel, RTCSessionDescription
 
+from gate.addr import Endpoint
 from gate.config import PeerSpec
 from gate.errors import GateError
 from gate.flow import Flow
@@ -46,13 +47,15 @@ class _PeerState:
 class WebrtcMesh:
     """Peer connections we offered (dialling) and the answerer for those offered to us (serving)."""
 
-    def __init__(self, gate_id: str, peers: tuple[PeerSpec, ...], send: Send, ice_timeout: float = ICE_TIMEOUT):
+    def __init__(self, gate_id: str, peers: tuple[PeerSpec, ...], send: Send, ice_timeout: float = ICE_TIMEOUT,
+                 stun: tuple[Endpoint, ...] = ()):
         self.gate_id = gate_id
+        self.stun = stun  # STUN servers for server-reflexive candidates (mesh.stun)
         self.specs = {p.name: p for p in peers}
         self.send = send
         self.ice_timeout = ice_timeout
         self.state = {p.name: _PeerState() for p in peers if p.transports[0] == "webrtc"}
-        self.answerer = Answerer(gate_id, ice_timeout)
+        self.answerer = Answerer(gate_id, ice_timeout, stun)
         self._tasks: set[asyncio.Task[Link]] = set()
 
     def exchange_for(self, serve: ServeStream) -> Exchange:
@@ -116,7 +119,7 @@ class WebrtcMesh:
 
     async def _offer(self, spec: PeerSpec, deadline: float) -> Link:
         """A connected peer connection to ``spec``: offer, the answer over the mesh, ICE and DTLS."""
-        link = Link(spec.name, new_peer_connection())
+        link = Link(spec.name, new_peer_connection(self.stun))
         link.pc.on("datachannel", _close_channel)  # the answering gate opens none
         link.pc.createDataChannel(CONTROL_LABEL)
         loop = asyncio.get_running_loop()

@@ -13,8 +13,9 @@ import logging
 import socket
 from collections.abc import Callable
 
-from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection
+from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection
 
+from gate.addr import Endpoint
 from gate.config import PeerSpec
 from gate.errors import GateError, UpstreamTimeout, UpstreamUnreachable
 from gate.flow import Close
@@ -39,10 +40,13 @@ CHANNEL_OPEN_TIMEOUT = 3.0
 CONTROL_LABEL = "ugate"  # the channel an offer opens so that it has a data section; never carries a flow
 
 
-def new_peer_connection() -> RTCPeerConnection:
-    """A peer connection gathering host candidates only: aiortc's default ICE server is a public STUN
-    server, which a gate must never contact unasked (no servers configured means none)."""
-    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
+def new_peer_connection(stun: tuple[Endpoint, ...] = ()) -> RTCPeerConnection:
+    """A peer connection gathering host candidates, and server-reflexive ones through the configured
+    STUN servers (``mesh.stun``: e.g. a public gate's ``stun`` listener). aiortc's default ICE server
+    is a public STUN server, which a gate must never contact unasked: none configured means none."""
+    servers = [RTCIceServer(urls=f"stun:{s.host}:{s.port}" if ":" not in s.host else f"stun:[{s.host}]:{s.port}")
+               for s in stun]
+    return RTCPeerConnection(RTCConfiguration(iceServers=servers))
 
 
 class TransportDown(UpstreamUnreachable):

@@ -47,3 +47,13 @@ def test_ugate_check_loads_a_webrtc_peer(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(config))
     done = ugate("check", "--config", str(path))
     assert done.returncode == 2 and "peers[0].transports: ['webrtc', 'quic'] is not supported" in done.stderr
+
+
+def test_stun_servers_are_a_list_of_endpoints() -> None:
+    config = _config(["webrtc", "h2"])
+    config["mesh"]["stun"] = ["203.0.113.5:3478", "[2001:db8::5]:3478"]
+    assert [str(e) for e in parse_config(config).mesh.stun] == ["203.0.113.5:3478", "[2001:db8::5]:3478"]  # type: ignore[union-attr]
+    assert parse_config(_config(["webrtc"])).mesh.stun == ()  # type: ignore[union-attr]  # none unasked
+    config["mesh"]["stun"] = "203.0.113.5:3478"
+    found = problems(config)
+    assert len(found) == 1 and found[0].startswith("mesh.stun:"), found
