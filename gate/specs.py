@@ -279,14 +279,6 @@ class TproxyUdpSpec(ListenerSpec):
 
 
 @dataclass(frozen=True)
-class StunSpec(ListenerSpec):
-    """STUN server: answers Binding requests (a public gate as its NATed peers' STUN server)."""
-
-    kind: ClassVar[str] = "stun"
-    transport: ClassVar[Transport] = Transport.UDP
-
-
-@dataclass(frozen=True)
 class SniSpec(ListenerSpec):
     """SNI ingress: TLS is routed by its server name, never terminated."""
 
@@ -326,6 +318,14 @@ class H2Spec(ListenerSpec):
     """Mesh tunnels from peer gates: TLS 1.3 with client certificates, one HTTP/2 CONNECT stream per flow."""
 
     kind: ClassVar[str] = "h2"
+
+
+@dataclass(frozen=True)
+class StunSpec(ListenerSpec):
+    """STUN server: answers Binding requests (a public gate as its NATed peers' STUN server)."""
+
+    kind: ClassVar[str] = "stun"
+    transport: ClassVar[Transport] = Transport.UDP
 
 
 def parse_timeouts(raw: Any, where: str, base: Timeouts, p: Problems) -> Timeouts:
