@@ -35,7 +35,8 @@ STUNNEL_CLIENT, STUNNEL_SERVER = 16201, 16202
 LATENCY_SAMPLES = 300
 
 
-def _wait(port: int, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    """Until something accepts on 127.0.0.1:``port`` (RuntimeError if ``proc`` exits first or time runs out)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -141,7 +142,7 @@ def run(seconds: int, repeat: int, report: Callable[[str], None],
             def start(argv: list[str], port: int) -> None:
                 proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 procs.append(proc)
-                _wait(port, proc)
+                wait_listening(port, proc)
 
             start(["iperf3", "-s", "-p", str(IPERF)], IPERF)
             start([*gate_cmd, "--config", str(b_cfg)], H2)

@@ -23,21 +23,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_mesh import wait_listening  # noqa: E402
+
 SINK, UGATE, DANTED = 15401, 16301, 16302
 SIZE = 1200
-
-
-def _wait(port: int, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 def sink(port: int) -> None:
@@ -142,11 +133,11 @@ def run(seconds: int, repeat: int, report: Callable[[str], None],
             (d / "gate.yaml").write_text(json.dumps(config))
             procs.append(subprocess.Popen([*gate_cmd, "--config", str(d / "gate.yaml")], cwd=ROOT,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            _wait(UGATE, procs[-1])
+            wait_listening(UGATE, procs[-1])
             if "danted" in targets:
                 procs.append(subprocess.Popen(["danted", "-f", str(_danted_config(d)), "-N", "1"],
                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-                _wait(DANTED, procs[-1])
+                wait_listening(DANTED, procs[-1])
             for r in range(repeat):
                 for name, port in targets.items():
                     delivered, sent = _one(seconds, port)

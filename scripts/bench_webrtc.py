@@ -25,24 +25,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_mesh import wait_listening  # noqa: E402
+
 SINK, ECHO, H2 = 15401, 15402, 16308
 A_SINK, A_ECHO, A2_SINK, A2_ECHO = 16301, 16302, 16311, 16312
 STOCK_SIGNAL = 16320
 LATENCY_SAMPLES = 100
 MESSAGE = 16 << 10  # stock aiortc's sender: 16 KiB messages, paced by bufferedAmount
-
-
-def _wait(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 def _servers() -> list[socket.socket]:
@@ -204,7 +195,7 @@ def _stock_mbps(size: int) -> float | None:
     me = str(Path(__file__).resolve())
     answer = subprocess.Popen([py, me, "--stock-answer"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait(STOCK_SIGNAL, answer)
+        wait_listening(STOCK_SIGNAL, answer, timeout=20)
         done = subprocess.run([py, me, "--stock-offer", "--size", str(size)], capture_output=True, text=True,
                               timeout=300)
         return float(done.stdout.strip())
@@ -232,7 +223,7 @@ def run(mb: int, repeat: int, report: Callable[[str], None], ugate_cmd: list[str
             def start(argv: list[str], port: int) -> None:
                 proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 procs.append(proc)
-                _wait(port, proc)
+                wait_listening(port, proc, timeout=20)
 
             start([*gate_cmd, "--config", str(b_cfg)], H2)
             start([*gate_cmd, "--config", str(a_cfg)], A_SINK)
