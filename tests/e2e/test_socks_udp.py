@@ -18,6 +18,7 @@ import pytest
 import socks  # PySocks
 
 from tests.conftest import free_port
+from tests.sniff.test_quic import datagrams  # the fixtures' length-prefixed datagrams
 
 FIXTURES = Path(__file__).parent.parent / "sniff" / "fixtures"
 
@@ -257,15 +258,6 @@ def test_reject_route_per_destination(start_gate: Any) -> None:
     blocked.close()
 
 
-def quic_flight(name: str) -> list[bytes]:
-    data, out, pos = (FIXTURES / name).read_bytes(), [], 0
-    while pos < len(data):
-        size = int.from_bytes(data[pos : pos + 2], "big")
-        out.append(data[pos + 2 : pos + 2 + size])
-        pos += 2 + size
-    return out
-
-
 @pytest.mark.parametrize("sni", ["www.example.test", "other.example.test"])
 def test_quic_initial_routed_by_sni(start_gate: Any, echo: Echo, sni: str) -> None:
     """Chromium's first flight (its ClientHello spans three Initials) is held until the name is known;
@@ -273,7 +265,7 @@ def test_quic_initial_routed_by_sni(start_gate: Any, echo: Echo, sni: str) -> No
     gate = start(start_gate, routes=[{"name": "no-www", "match": {"sni": sni}, "action": "reject"},
                                      {"action": "direct"}])
     s = pysocks(gate)
-    flight = quic_flight("chromium_quic_initial.bin")
+    flight = datagrams("chromium_quic_initial.bin")
     for datagram in flight:
         s.sendto(datagram, echo.addr)
     if sni == "www.example.test":
@@ -607,7 +599,7 @@ def test_fuzzed_datagrams_and_handshakes(start_gate: Any, echo: Echo) -> None:
     wait_for(lambda: by_path(gate, "udp-associate"))
     time.sleep(0.2)
     baseline = gate.fd_count()
-    payloads = [(FIXTURES / "dig_query.bin").read_bytes(), *quic_flight("chromium_quic_initial.bin")[:2]]
+    payloads = [(FIXTURES / "dig_query.bin").read_bytes(), *datagrams("chromium_quic_initial.bin")[:2]]
     seeds = [wrap(*echo.addr, p) for p in payloads] + [b"\x00\x00\x00\x03\x09localhost" + struct.pack("!H", 9) + b"x"]
     client = udp_client()
     c, relay, _ = associate(gate, client.getsockname()[1])
