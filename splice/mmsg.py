@@ -10,6 +10,12 @@ with their segment size in a control message; ``send`` passes that size back as 
 splits the buffer into exactly the datagrams that arrived. One syscall and one trip through routing and
 netfilter then moves up to 64 datagrams (when the receiving interface does GRO: real NICs by default,
 veth once ``ethtool -K <veth> gro on`` gives it NAPI).
+
+``send(..., coalesce=True)`` does the same for datagrams that arrived one by one: consecutive datagrams of
+one size (the last of a run may be shorter) leave as one UDP_SEGMENT send whose iovec points at their
+buffers in place, so a burst of a client's equal-sized datagrams (a bulk transfer, a QUIC flight, a
+VPN's packets) takes one trip through routing, netfilter and conntrack instead of one each. Receivers see
+exactly the datagrams that arrived: the kernel (or the NIC) cuts the run at every segment size.
 """
 
 from __future__ import annotations
@@ -27,6 +33,13 @@ MSG_DONTWAIT = 0x40
 SOL_UDP, UDP_SEGMENT, UDP_GRO = 17, 103, 104  # linux/udp.h
 _CMSG_HEADER = struct.Struct("=QiiH")  # struct cmsghdr (len, level, type) followed by a u16 segment size
 _CONTROL_SPACE = 24  # CMSG_SPACE(sizeof(int)): the UDP_GRO message on receive, UDP_SEGMENT's u16 on send
+# One UDP_SEGMENT send: the kernel refuses more than UDP_MAX_SEGMENTS (64 before Linux 6.9, 128 since) and
+# a payload over the IP datagram limit (65,507 bytes for UDP over IPv4)
+MAX_RUN_SEGMENTS = 64
+MAX_RUN_BYTES = 65000
+# what a send of a coalesced run fails with where the path cannot take it (a segment over the route's
+# MTU, a device or xfrm path without UDP GSO): the datagrams are sent again one by one
+_GSO_REFUSED = (errno.EINVAL, errno.EMSGSIZE, errno.EIO)
 
 
 class _IOVec(ctypes.Structure):
@@ -37,7 +50,7 @@ class _MsgHdr(ctypes.Structure):
     _fields_ = [
         ("msg_name", ctypes.c_void_p),
         ("msg_namelen", ctypes.c_uint32),
-        ("msg_iov", ctypes.POINTER(_IOVec)),
+        ("msg_iov", ctypes.c_void_p),  # struct iovec *: an address, so send can point into the array
         ("msg_iovlen", ctypes.c_size_t),
         ("msg_control", ctypes.c_void_p),
         ("msg_controllen", ctypes.c_size_t),
@@ -96,14 +109,17 @@ class DatagramBatch:
         self._buffers = (ctypes.c_char * (size * count))()
         base = ctypes.addressof(self._buffers)
         self._iov = (_IOVec * count)()
+        self._iov_base = ctypes.addressof(self._iov)
         self._msgs = (_MMsgHdr * count)()
+        self._lengths: list[int] = []  # of the datagrams send is sending (the kernel rewrites msg_len)
+        self.gso_refused = False  # the last send had to undo its coalescing: the path cannot take it
         self._name = ctypes.create_string_buffer(28)  # the kernel writes sources here; send puts dest here
         control = ctypes.addressof(self._control) if self._control is not None else None
         for i in range(count):
             self._iov[i].iov_base = base + i * size
             self._iov[i].iov_len = size
             hdr = self._msgs[i].msg_hdr
-            hdr.msg_iov = ctypes.pointer(self._iov[i])
+            hdr.msg_iov = self._iov_base + i * ctypes.sizeof(_IOVec)
             hdr.msg_iovlen = 1
             hdr.msg_name = ctypes.addressof(self._name)
             hdr.msg_namelen = len(self._name)
@@ -155,34 +171,84 @@ class DatagramBatch:
         """Bytes in the first ``n`` datagrams."""
         return sum(self._msgs[i].msg_len for i in range(n))
 
-    def send(self, fd: int, n: int, dest: bytes | None = None) -> int:
+    def send(self, fd: int, n: int, dest: bytes | None = None, coalesce: bool = False) -> int:
         """Send the ``n`` datagrams ``recv`` filled (to ``dest``, a sockaddr, or the connected peer);
-        returns how many the kernel took (the rest are dropped, as a router would)."""
+        returns how many the kernel took (the rest are dropped, as a router would). With ``coalesce``,
+        runs of equal-sized datagrams leave as one segmented send each (see the module docstring); where
+        the path refuses that, they are sent again one by one and ``gso_refused`` says so."""
         assert _LIBC is not None
         if dest is not None:
             ctypes.memmove(self._name, dest, len(dest))
-        namelen = len(dest) if dest is not None else 0
-        control = self._control
-        for i in range(n):
-            msg = self._msgs[i]
-            length = msg.msg_len
-            self._iov[i].iov_len = length
-            hdr = msg.msg_hdr
-            hdr.msg_namelen = namelen
-            if dest is None:
-                hdr.msg_name = None
-            if control is not None:
-                gso = self._gso[i]
-                if gso and length > gso:  # coalesced: the kernel splits it again every gso bytes
-                    _CMSG_HEADER.pack_into(control, i * _CONTROL_SPACE, _CMSG_HEADER.size, SOL_UDP,
-                                           UDP_SEGMENT, gso)
-                    hdr.msg_controllen = _CONTROL_SPACE
-                else:
-                    hdr.msg_controllen = 0
-        sent = _LIBC.sendmmsg(fd, self._msgs, n, MSG_DONTWAIT)
+        self.gso_refused = False
+        self._lengths = [self._msgs[i].msg_len for i in range(n)]
+        runs = self._headers(n, dest, coalesce)
+        sent = _LIBC.sendmmsg(fd, self._msgs, len(runs), MSG_DONTWAIT)
+        if sent < 0:
+            err = ctypes.get_errno()
+            if coalesce and err in _GSO_REFUSED and len(runs) < n:
+                self.gso_refused = True
+                return self.send_again(fd, n, dest)
+            if err in (errno.EAGAIN, errno.EINTR):
+                return 0
+            raise OSError(err, os.strerror(err))
+        return runs[sent - 1] if sent else 0
+
+    def send_again(self, fd: int, n: int, dest: bytes | None) -> int:
+        """The datagrams of the last ``send``, one message each."""
+        assert _LIBC is not None
+        runs = self._headers(n, dest, False)
+        sent = _LIBC.sendmmsg(fd, self._msgs, len(runs), MSG_DONTWAIT)
         if sent < 0:
             err = ctypes.get_errno()
             if err in (errno.EAGAIN, errno.EINTR):
                 return 0
             raise OSError(err, os.strerror(err))
         return int(sent)
+
+    def _headers(self, n: int, dest: bytes | None, coalesce: bool) -> list[int]:
+        """Write one send header per run of datagrams (one datagram per run unless ``coalesce``); returns
+        the end index of each run. Header k is written after every length is read, and k <= the run's
+        first index, so nothing still needed is overwritten; recv restores the receive headers."""
+        lengths, msgs, control, gso_of = self._lengths, self._msgs, self._control, self._gso
+        namelen = len(dest) if dest is not None else 0
+        name = ctypes.addressof(self._name) if dest is not None else None
+        iov_size = ctypes.sizeof(_IOVec)
+        ends: list[int] = []
+        i = 0
+        while i < n:
+            length = lengths[i]
+            gso = gso_of[i] if control is not None else 0
+            seg = gso or length
+            total, segments = length, (-(-length // gso) if gso else 1)
+            j = i + 1
+            if coalesce and seg and length % seg == 0:  # a run may go on after this datagram
+                while j < n:
+                    more = lengths[j]
+                    more_gso = gso_of[j] if control is not None else 0
+                    more_segments = -(-more // more_gso) if more_gso else 1
+                    if (not more or (more_gso or more) > seg or (more_gso and more_gso != seg)
+                            or total + more > MAX_RUN_BYTES or segments + more_segments > MAX_RUN_SEGMENTS):
+                        break
+                    total += more
+                    segments += more_segments
+                    j += 1
+                    if more % seg:  # a shorter last segment ends the run
+                        break
+            for k in range(i, j):
+                self._iov[k].iov_len = lengths[k]
+            hdr = msgs[len(ends)].msg_hdr
+            hdr.msg_iov = self._iov_base + i * iov_size
+            hdr.msg_iovlen = j - i
+            hdr.msg_name = name
+            hdr.msg_namelen = namelen
+            if control is not None:
+                at = len(ends) * _CONTROL_SPACE
+                hdr.msg_control = ctypes.addressof(control) + at
+                if total > seg:  # more than one datagram: the kernel splits it again every seg bytes
+                    _CMSG_HEADER.pack_into(control, at, _CMSG_HEADER.size, SOL_UDP, UDP_SEGMENT, seg)
+                    hdr.msg_controllen = _CONTROL_SPACE
+                else:
+                    hdr.msg_controllen = 0
+            ends.append(j)
+            i = j
+        return ends

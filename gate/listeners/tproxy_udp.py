@@ -63,7 +63,8 @@ def _addr(e: Endpoint) -> tuple[str, int]:
 class _Session:
     """One client's (or client and destination's) sockets and flow record; the table keeps its state."""
 
-    __slots__ = ("by_remote", "client", "dst", "flow", "key", "replies", "sockaddrs", "target", "upstream", "via")
+    __slots__ = ("by_remote", "client", "coalesce", "dst", "flow", "key", "replies", "sockaddrs", "target", "upstream",
+                 "via")
 
     def __init__(self, key: Key, flow: Flow, target: Endpoint | None, upstream: socket.socket | None,
                  via: ViaUdp | None = None):
@@ -80,6 +81,7 @@ class _Session:
         # fixed upstream answers through one socket, but from as many addresses as write to its port)
         self.by_remote: dict[tuple[str, int], socket.socket] = {}
         self.sockaddrs: dict[Endpoint, bytes] = {}  # packed destinations for sendmmsg
+        self.coalesce = True  # equal-sized datagrams leave as one segmented send, until the path refuses it
 
     @property
     def bytes_up(self) -> int:
@@ -354,9 +356,11 @@ class TproxyUdpListener:
                 break
             total += batch.size(n)
             try:
-                batch.send(dst_fd, n, dest)
+                batch.send(dst_fd, n, dest, coalesce=session.coalesce)
             except OSError:
                 pass  # refused or unroutable: dropped, as a router would
+            if batch.gso_refused:
+                session.coalesce = False
         session.flow.bytes_up += total
 
     def _relay_one_by_one(self, session: _Session, source: Endpoint, sock: socket.socket) -> None:

@@ -63,3 +63,79 @@ def test_coalesced_datagrams_leave_with_their_original_boundaries() -> None:
     assert [receiver.recv(65535) for _ in expected] == expected
     for s in (relay, sender, receiver):
         s.close()
+
+
+def _relay_all(batch: DatagramBatch, relay: socket.socket, dest: bytes) -> int:
+    relayed = 0
+    while n := batch.recv(relay.fileno()):
+        assert batch.send(relay.fileno(), n, dest, coalesce=True) == n
+        relayed += n
+    return relayed
+
+
+def test_equal_sized_datagrams_leave_coalesced_with_their_boundaries() -> None:
+    """Runs of equal-sized datagrams (a shorter one ends a run; an empty one stands alone) leave as one
+    segmented send each: a receiver with UDP_GRO gets them as few buffers (so they were coalesced), and
+    cutting those at the segment size gives back exactly the datagrams, as a plain receiver gets them."""
+    relay, sender, plain, gro = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(4))
+    for s in (relay, sender, plain, gro):
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(2)
+    if not enable_gro(gro):
+        pytest.skip("kernel without UDP_GRO")
+    datagrams = [bytes([i]) * 1000 for i in range(40)] + [b"short", b""] + [bytes([i]) * 700 for i in range(5)]
+    datagrams += [bytes([7]) * 1200] * 3 + [bytes([8]) * 1300]  # a longer one starts a run of its own
+    batch = DatagramBatch(count=64, size=65535, segments=True)
+    for receiver in (plain, gro):
+        for d in datagrams:
+            sender.sendto(d, relay.getsockname())
+        assert _relay_all(batch, relay, sockaddr("127.0.0.1", receiver.getsockname()[1])) == len(datagrams)
+    assert [plain.recv(65535) for _ in datagrams] == datagrams
+    received: list[bytes] = []
+    buffers = 0
+    while len(received) < len(datagrams):
+        data, ancdata, _, _ = gro.recvmsg(65535, socket.CMSG_SPACE(4))
+        buffers += 1
+        size = next((int.from_bytes(d[:2], "little") for level, kind, d in ancdata if level == SOL_UDP), 0)
+        received += [data[i:i + size] for i in range(0, len(data), size)] if size else [data]
+    assert received == datagrams
+    assert buffers <= 6  # 1000 x 40 + short, empty, 700 x 5, 1200 x 3, 1300: six runs
+    for s in (relay, sender, plain, gro):
+        s.close()
+
+
+_SMALL_MTU_RELAY = r"""
+import socket, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+from splice.mmsg import DatagramBatch, sockaddr
+subprocess.run(["ip", "link", "set", "lo", "up", "mtu", "1280"], check=True)
+relay, sender, receiver = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3))
+for s in (relay, sender, receiver):
+    s.bind(("127.0.0.1", 0))
+receiver.settimeout(2)
+datagrams = [bytes([i]) * 1400 for i in range(10)]  # over the MTU: fragmented one by one, never segmented
+for d in datagrams:
+    sender.sendto(d, relay.getsockname())
+batch = DatagramBatch(count=16, size=65535, segments=True)
+n = batch.recv(relay.fileno())
+assert batch.send(relay.fileno(), n, sockaddr("127.0.0.1", receiver.getsockname()[1]), coalesce=True) == n == 10
+assert batch.gso_refused
+assert [receiver.recv(65535) for _ in datagrams] == datagrams
+print("ok")
+"""
+
+
+def test_a_path_that_refuses_segmentation_gets_the_datagrams_one_by_one() -> None:
+    """Segments over the route's MTU make the kernel refuse a segmented send (EINVAL): the batch sends the
+    same datagrams again, one each (the kernel fragments them), and says so for the caller to stop
+    coalescing. Run in a network namespace of its own (unshare), where loopback's MTU is 1280."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare")
+    root = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run(["unshare", "-n", sys.executable, "-c", _SMALL_MTU_RELAY, root], capture_output=True,
+                          text=True, timeout=30)
+    assert done.stdout.strip() == "ok", done.stderr
