@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from splice.mmsg import SOL_UDP, UDP_SEGMENT, DatagramBatch, available, enable_gro, sockaddr
+from splice.mmsg import SOL_UDP, UDP_SEGMENT, DatagramBatch, address, available, enable_gro, sockaddr
 
 pytestmark = pytest.mark.skipif(not available(), reason="libc without recvmmsg/sendmmsg")
 
@@ -139,3 +139,37 @@ def test_a_path_that_refuses_segmentation_gets_the_datagrams_one_by_one() -> Non
     done = subprocess.run(["unshare", "-n", sys.executable, "-c", _SMALL_MTU_RELAY, root], capture_output=True,
                           text=True, timeout=30)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+@pytest.mark.parametrize("family,host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+def test_a_batch_with_sources_sends_each_remotes_run_to_its_own_socket(family: int, host: str) -> None:
+    """Datagrams from two remotes, interleaved in runs: each keeps its source, and ``start`` sends one
+    run at a time, coalesced, to that remote's receiver."""
+    relay, one, two = (socket.socket(family, socket.SOCK_DGRAM) for _ in range(3))
+    to_one, to_two = (socket.socket(family, socket.SOCK_DGRAM) for _ in range(2))
+    for s in (relay, one, two, to_one, to_two):
+        s.bind((host, 0))
+        s.settimeout(2)
+    order = [(one, 5), (two, 3), (one, 1), (two, 4)]
+    for k, (sender, count) in enumerate(order):
+        for i in range(count):
+            sender.sendto(b"%d.%d" % (k, i) * 100, relay.getsockname()[:2])
+    batch = DatagramBatch(count=32, size=65535, segments=True, sources=True)
+    n = batch.recv(relay.fileno())
+    assert n == 13
+    receiver_of = {one.getsockname()[:2]: to_one, two.getsockname()[:2]: to_two}
+    i = 0
+    while i < n:
+        source, j = batch.source(i), i + 1
+        while j < n and batch.source(j) == source:
+            j += 1
+        target = receiver_of[address(source)]
+        assert batch.send(relay.fileno(), j, sockaddr(host, target.getsockname()[1]), coalesce=True, start=i) == j - i
+        i = j
+
+    def sent_in(runs: tuple[int, int]) -> list[bytes]:
+        return [b"%d.%d" % (k, i) * 100 for k in runs for i in range(order[k][1])]
+    assert [to_one.recv(65535) for _ in range(6)] == sent_in((0, 2))
+    assert [to_two.recv(65535) for _ in range(7)] == sent_in((1, 3))
+    for s in (relay, one, two, to_one, to_two):
+        s.close()
