@@ -83,7 +83,8 @@ def _peer(raw: Any, where: str, mesh_peers: Sequence[PeerSpec], p: Problems) -> 
     via = p.get(m, "via", where, string, "")
     if via and not any(peer.name == via for peer in mesh_peers):
         p.add(f"{where}.via", f"{via!r} is not a peers: entry (the gate whose mesh tunnel carries the signalling)")
-    allowed = p.get(m, "allowed_ips", where, networks, ())
+    none: tuple[IPNetwork, ...] = ()
+    allowed = p.get(m, "allowed_ips", where, networks, none)
     if "allowed_ips" in m and not allowed:
         p.add(f"{where}.allowed_ips", "empty: the peer could send nothing through the tunnel")
     keepalive = p.get(m, "keepalive", where, positive_int, 25) if m.get("keepalive") != 0 else 0

@@ -22,8 +22,8 @@ from typing import Any
 
 import ifaddr
 from aioice import Candidate, Connection
-from aioice.ice import ConnectionClosed, StunProtocol, candidate_foundation, candidate_priority, \
-    server_reflexive_candidate
+from aioice.candidate import candidate_foundation, candidate_priority
+from aioice.ice import ConnectionClosed, StunProtocol, server_reflexive_candidate
 
 from gate.wireguard.demux import Datagram, classify
 
@@ -60,7 +60,7 @@ class _Counting(StunProtocol):
             super().datagram_received(data, addr)
 
 
-class _Agent(Connection):  # type: ignore[misc]
+class _Agent(Connection):
     def __init__(self, port: int, addresses: list[str], counts: Counter[str], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.port = port
@@ -74,8 +74,9 @@ class _Agent(Connection):  # type: ignore[misc]
         protocols: list[StunProtocol] = []
         try:
             for address in self.addresses:
-                _, protocol = await loop.create_datagram_endpoint(lambda: _Counting(self, self.counts),
+                _, counting = await loop.create_datagram_endpoint(lambda: _Counting(self, self.counts),
                                                                   local_addr=(address, self.port))
+                protocol: StunProtocol = counting
                 protocol.local_candidate = Candidate(
                     foundation=candidate_foundation("host", "udp", address), component=component, transport="udp",
                     priority=candidate_priority(component, "host"), host=address, port=self.port, type="host")
