@@ -102,19 +102,22 @@ def _gates(start_gate: Any, tmp_path: Path, sites: Sites) -> dict[str, Any]:
         routes=[{"action": "reject"}], netns=topo.ns["public"], mesh={"identity": str(tmp_path / "pub")},
         peers=[{"name": site, "cert": str(tmp_path / site / "cert.pem")} for site in ("site_a", "site_b")],
         wireguard={"relay": True})
-    gates = {"pub": pub}
-    other = {"site_a": "site_b", "site_b": "site_a"}
-    for site in ("site_a", "site_b"):
-        # site_a dials the public gate; site_b is reachable only through its reverse tunnel
-        hub = {"name": "pub", "address": f"{a['public']}:15008", "id": ids["pub"], "reverse": site == "site_b"}
-        gates[site] = start_gate(
-            [] if site == "site_b" else [{"name": "socks", "kind": "socks5", "listen": "127.0.0.1:1080"}],
-            routes=[{"action": "reject"}], netns=topo.ns[site], mesh={"identity": str(tmp_path / site)},
-            peers=[hub],
-            wireguard={"interface": sites.ifname[site], "stun": [f"{a['public']}:3478"],
-                       "peers": [{"gate": ids[other[site]], "via": "pub", "ice_port": ICE_PORT,
-                                  "allowed_ips": [f"{TUNNEL[other[site]]}/32"]}]})
-    return gates
+    return {"pub": pub, "ids": ids, **{site: _site_gate(start_gate, tmp_path, sites, site, ids)
+                                       for site in ("site_a", "site_b")}}
+
+
+def _site_gate(start_gate: Any, tmp_path: Path, sites: Sites, site: str, ids: dict[str, str]) -> Any:
+    """site_a dials the public gate (and so offers); site_b is reachable only through its reverse tunnel."""
+    a = sites.topo.addr
+    other = "site_b" if site == "site_a" else "site_a"
+    hub = {"name": "pub", "address": f"{a['public']}:15008", "id": ids["pub"], "reverse": site == "site_b"}
+    return start_gate(
+        [] if site == "site_b" else [{"name": "socks", "kind": "socks5", "listen": "127.0.0.1:1080"}],
+        routes=[{"action": "reject"}], netns=sites.topo.ns[site], mesh={"identity": str(tmp_path / site)},
+        peers=[hub],
+        wireguard={"interface": sites.ifname[site], "stun": [f"{a['public']}:3478"],
+                   "peers": [{"gate": ids[other], "via": "pub", "ice_port": ICE_PORT,
+                              "allowed_ips": [f"{TUNNEL[other]}/32"]}]})
 
 
 def _ping(topo: netns.Topology, site: str, dst: str, timeout: float) -> bool:
@@ -127,7 +130,7 @@ def _ping(topo: netns.Topology, site: str, dst: str, timeout: float) -> bool:
 
 def _counters(topo: netns.Topology, site: str) -> dict[str, int]:
     """Packets per rule comment of the site's ``ugate_wg`` table."""
-    out = {}
+    out: dict[str, int] = {}
     for line in topo.run(site, "nft", "list", "table", "inet", "ugate_wg").splitlines():
         if "counter packets" in line and "comment" in line:
             packets = int(line.split("counter packets ")[1].split()[0])
@@ -159,7 +162,7 @@ def test_mode3_ping_over_ice_found_endpoints(start_gate: Any, tmp_path: Path, si
         assert sum(r["stun"] for r in ended) > 0, ended
 
 
-def test_mode3_rules_after_kill_9_are_replaced_at_restart(start_gate: Any, tmp_path: Path, sites: Sites) -> None:
+def test_mode3_kill_9_leaves_rules_that_a_restart_replaces(start_gate: Any, tmp_path: Path, sites: Sites) -> None:
     topo = sites.topo
     gates = _gates(start_gate, tmp_path, sites)
     assert _ping(topo, "site_a", TUNNEL["site_b"], 60)
@@ -170,7 +173,29 @@ def test_mode3_rules_after_kill_9_are_replaced_at_restart(start_gate: Any, tmp_p
     shown = subprocess.run(topo.cmd("site_a", sys.executable, "-m", "gate", "--config", str(config), "rules", "show"),
                            capture_output=True, text=True, check=True).stdout
     assert f"udp dport {ICE_PORT} @th,96,32 != 0x2112a442 counter notrack udp dport set {LISTEN_PORT}" in shown
-    cleared = subprocess.run(topo.cmd("site_a", sys.executable, "-m", "gate", "--config", str(config), "rules",
-                                      "clear"), capture_output=True, text=True)
-    assert cleared.returncode == 0, cleared.stderr
+    # the restarted gate replaces the table (empty output map: the old pair is not trusted) and runs ICE again
+    restarted = _site_gate(start_gate, tmp_path, sites, "site_a", gates["ids"])
+    assert _ping(topo, "site_a", TUNNEL["site_b"], 60), restarted.stderr()[-3000:]
+    assert topo.run("site_a", "nft", "list", "tables").count("ugate_wg") == 1
+    assert restarted.stop() == 0
     assert not _has_table(topo, "site_a")
+    # and `ugate rules clear` removes what a killed gate left
+    gates["site_b"].proc.send_signal(signal.SIGKILL)
+    gates["site_b"].proc.wait()
+    assert _has_table(topo, "site_b")
+    cleared = subprocess.run(topo.cmd("site_b", sys.executable, "-m", "gate", "--config", str(tmp_path / "gate2.yaml"),
+                                      "rules", "clear"), capture_output=True, text=True)
+    assert cleared.returncode == 0, cleared.stderr
+    assert not _has_table(topo, "site_b")
+
+
+def test_mode3_listen_port_change_rebuilds_the_rules(start_gate: Any, tmp_path: Path, sites: Sites) -> None:
+    topo = sites.topo
+    gates = _gates(start_gate, tmp_path, sites)
+    assert _ping(topo, "site_a", TUNNEL["site_b"], 60)
+    topo.run("site_b", "wg", "set", sites.ifname["site_b"], "listen-port", str(LISTEN_PORT + 7))
+    started = time.monotonic()
+    assert _ping(topo, "site_a", TUNNEL["site_b"], 10), gates["site_b"].stderr()[-3000:]
+    assert time.monotonic() - started < 10
+    assert f"udp dport set {LISTEN_PORT + 7}" in topo.run("site_b", "nft", "list", "table", "inet", "ugate_wg")
+    assert "rules rebuilt" in gates["site_b"].stderr()
