@@ -84,8 +84,9 @@ def _peer(raw: Any, where: str, mesh_peers: Sequence[PeerSpec], p: Problems) -> 
     if via and not any(peer.name == via for peer in mesh_peers):
         p.add(f"{where}.via", f"{via!r} is not a peers: entry (the gate whose mesh tunnel carries the signalling)")
     none: tuple[IPNetwork, ...] = ()
+    before = len(p.items)
     allowed = p.get(m, "allowed_ips", where, networks, none)
-    if "allowed_ips" in m and not allowed:
+    if "allowed_ips" in m and not allowed and len(p.items) == before:
         p.add(f"{where}.allowed_ips", "empty: the peer could send nothing through the tunnel")
     keepalive = p.get(m, "keepalive", where, positive_int, 25) if m.get("keepalive") != 0 else 0
     if keepalive > 65535:
@@ -117,7 +118,7 @@ def parse_wireguard(raw: Any, mesh: MeshSpec | None, mesh_peers: Sequence[PeerSp
         raw_peers = []
     if len(raw_peers) > MAX_WG_PEERS:
         p.add(f"{w}.peers", f"{len(raw_peers)} peers: at most {MAX_WG_PEERS}")
-    if interface is None and raw_peers:
+    if interface is None and raw_peers and "interface" not in m:
         p.add(f"{w}.interface", "missing (the WireGuard interface whose peers' endpoints ugate sets)")
     if interface is None and not relay and "interface" not in m:
         p.add(f"{w}.interface", "missing (or relay: true for a gate that only forwards signalling)")

@@ -27,9 +27,9 @@ class Datagram(StrEnum):
 
 def classify(data: bytes) -> Datagram:
     """The protocol of one whole datagram."""
-    if len(data) < 4 or data[0] > 3:
+    if len(data) < 4:
         return Datagram.OTHER
-    if len(data) >= 20 and data[4:8] == STUN_COOKIE and len(data) % 4 == 0:
+    if data[0] <= 3 and len(data) >= 20 and data[4:8] == STUN_COOKIE and len(data) % 4 == 0:
         return Datagram.STUN
     size = WG_SIZES.get(data[0])
     if size is not None and data[1:4] == b"\0\0\0" and (len(data) == size or (size == 0 and len(data) >= WG_DATA_MIN)):

@@ -33,7 +33,7 @@ from gate.wireguard.ice import IceAgent, IceFailed
 from gate.wireguard.signal import KIND, Signal, SignalError, decode, encode
 from tproxy import wg_redirect
 
-__all__ = ["WireguardService"]
+__all__ = ["WireguardService", "sender_of"]
 
 log = logging.getLogger("ugate")
 
@@ -42,6 +42,21 @@ ICE_TIMEOUT = 30.0  # seconds for the checks to select a pair
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0  # backoff between failed sessions with one peer
 OFFER_WAIT = 10.0  # seconds the larger gate ID waits for the smaller one's offer before it offers itself
 LISTEN_POLL = 2.0  # seconds between reads of the interface's listen port (when the config does not fix it)
+
+
+def sender_of(offer: Signal, ident: str, sent_by: str | None, peers: tuple[WgPeerSpec, ...]) -> WgPeerSpec:
+    """The WireGuard peer an offer is from: the gate the mesh authenticated (``ident``, its ``peers:`` entry
+    ``sent_by``), or, when that gate is the ``via`` of the peer the offer names in ``from``, that peer (a
+    relay vouches for whom it forwards). RejectedByRule for anyone else. Pure."""
+    if offer.sender is not None and offer.sender != ident:
+        peer = next((p for p in peers if p.gate == offer.sender), None)
+        if peer is None or sent_by is None or peer.via != sent_by:
+            raise RejectedByRule(f"wireguard: gate {ident} may not speak for gate {offer.sender}")
+        return peer
+    peer = next((p for p in peers if p.gate == ident), None)
+    if peer is None:
+        raise RejectedByRule(f"wireguard: gate {ident} is not a WireGuard peer of ours")
+    return peer
 
 
 class _Peer:
@@ -63,7 +78,6 @@ class WireguardService:
         self.mesh_peers = {p.name: p for p in mesh_peers}
         self.access_log = access_log
         self.peers = {p.gate: _Peer(p) for p in spec.peers}
-        self.relays = frozenset(p.via for p in spec.peers)  # may vouch for ``from``
         self.public_key = ""
         self.listen_port = 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -211,11 +225,9 @@ class WireguardService:
             raise RejectedByRule(f"wireguard signalling from {ident}: {e}") from None
         if offer.to != self.own_id:
             return await self._relay(ident, sent_by, offer)
-        sender = offer.sender if offer.sender is not None and sent_by is not None and sent_by.name in self.relays \
-            else ident
-        peer = self.peers.get(sender)
-        if peer is None or (sender != ident and (sent_by is None or sent_by.name != peer.spec.via)):
-            raise RejectedByRule(f"wireguard: gate {sender} is not a WireGuard peer of ours (by {ident})")
+        wg_peer = sender_of(offer, ident, sent_by.name if sent_by is not None else None, self.spec.peers)
+        peer = self.peers[wg_peer.gate]
+        sender = wg_peer.gate
         if self.spec.interface is None:
             raise RejectedByRule("wireguard: this gate has no interface")
         if peer.task is not None:
