@@ -34,7 +34,7 @@ class WgMode(StrEnum):
     IPTABLES = "iptables"  # mode 4: mode 3 through python-iptables
 
 
-BUILT_MODES = (WgMode.NFTABLES,)
+BUILT_MODES = (WgMode.NFTABLES, WgMode.PROXY)
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ loop). The selected pair is read from ``_nominated``, as aiortc does: there is n
 
 Every datagram the socket receives is classified (gate.wireguard.demux) and counted; only STUN reaches
 aioice. In mode 3 the kernel steers WireGuard away from this socket, so ``counts["wireguard"]`` staying
-0 is the proof; anything else would otherwise sit in aioice's receive queue, which has no bound and which
-nobody reads here.
+0 is the proof; in mode 1 WireGuard's datagrams go to the relay (gate.wireguard.proxy). Nothing else is
+passed on: it would sit in aioice's receive queue, which has no bound and which nobody reads here.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import ifaddr
@@ -30,6 +31,7 @@ from gate.wireguard.demux import Datagram, classify
 __all__ = ["IceAgent", "IceFailed", "host_addresses"]
 
 GATHER_TIMEOUT = 5.0  # seconds for the STUN server's answer (aioice's own default)
+MAX_PENDING = 256 << 10  # bytes a relayed socket may hold unsent before datagrams are dropped (UDP: loss)
 
 
 class IceFailed(ConnectionError):
@@ -48,16 +50,28 @@ def host_addresses(exclude_interfaces: tuple[str, ...]) -> list[str]:
     return out
 
 
+# What mode 1 does with a WireGuard datagram the ICE socket received: (datagram, its source address)
+OnWireguard = Callable[[bytes, tuple[str, int]], None]
+
+
+def _buffered(transport: asyncio.DatagramTransport) -> int:
+    size: int = transport.get_write_buffer_size()  # type: ignore[attr-defined]  # (asyncio's and uvloop's have it)
+    return size
+
+
 class _Counting(StunProtocol):
-    def __init__(self, receiver: Connection, counts: Counter[str]) -> None:
+    def __init__(self, receiver: _Agent) -> None:
         super().__init__(receiver)
-        self.counts = counts
+        self.agent = receiver
 
     def datagram_received(self, data: bytes | str, addr: tuple[Any, ...]) -> None:
-        kind = classify(bytes(data) if isinstance(data, bytes) else data.encode())
-        self.counts[kind] += 1
+        datagram = bytes(data) if isinstance(data, bytes) else data.encode()
+        kind = classify(datagram)
+        self.agent.counts[kind] += 1
         if kind == Datagram.STUN:
             super().datagram_received(data, addr)
+        elif kind == Datagram.WIREGUARD and self.agent.on_wireguard is not None:
+            self.agent.on_wireguard(datagram, (addr[0], addr[1]))
 
 
 class _Agent(Connection):
@@ -66,6 +80,7 @@ class _Agent(Connection):
         self.port = port
         self.addresses = addresses
         self.counts = counts
+        self.on_wireguard: OnWireguard | None = None
 
     async def get_component_candidates(self, component: int, addresses: list[str],
                                        timeout: int = 5) -> list[Candidate]:
@@ -74,7 +89,7 @@ class _Agent(Connection):
         protocols: list[StunProtocol] = []
         try:
             for address in self.addresses:
-                _, counting = await loop.create_datagram_endpoint(lambda: _Counting(self, self.counts),
+                _, counting = await loop.create_datagram_endpoint(lambda: _Counting(self),
                                                                   local_addr=(address, self.port))
                 protocol: StunProtocol = counting
                 protocol.local_candidate = Candidate(
@@ -131,6 +146,22 @@ class IceAgent:
             raise IceFailed("no pair nominated")
         host, port = pair.remote_addr
         return str(host), int(port)
+
+    def relay_wireguard(self, on_wireguard: OnWireguard | None) -> None:
+        """Mode 1: hand WireGuard datagrams the ICE socket receives to ``on_wireguard`` (None: drop them)."""
+        self._conn.on_wireguard = on_wireguard
+
+    def send(self, data: bytes) -> bool:
+        """Mode 1: send ``data`` from the ICE socket to the selected pair's remote; False when dropped
+        (no pair, or over MAX_PENDING bytes wait in the socket's transport: UDP, so a loss, not a queue)."""
+        pair = self._conn._nominated.get(1)
+        if pair is None:
+            return False
+        transport = pair.protocol.transport
+        if transport.is_closing() or _buffered(transport) > MAX_PENDING:
+            return False
+        transport.sendto(data, pair.remote_addr)
+        return True
 
     async def wait_closed(self) -> None:
         """Until the connection ends (consent lost: RFC 7675, about 30 s without answers, or close)."""

@@ -27,9 +27,10 @@ from gate.accesslog import AccessLog
 from gate.config import PeerSpec
 from gate.errors import GateError, RejectedByRule
 from gate.mesh.dialer import Mesh
-from gate.wg_spec import WgPeerSpec, WireguardSpec
+from gate.wg_spec import WgMode, WgPeerSpec, WireguardSpec
 from gate.wireguard import wgtool
 from gate.wireguard.ice import IceAgent, IceFailed
+from gate.wireguard.proxy import LOOPBACK, WgProxy
 from gate.wireguard.signal import KIND, Signal, SignalError, decode, encode
 from tproxy import wg_redirect
 
@@ -64,7 +65,8 @@ class _Peer:
         self.spec = spec
         self.task: asyncio.Task[None] | None = None  # the running session (offered or answered)
         self.agent: IceAgent | None = None
-        self.endpoint: tuple[str, int] | None = None
+        self.endpoint: tuple[str, int] | None = None  # the selected pair's remote
+        self.proxy: WgProxy | None = None  # mode 1: the peer's loopback endpoint
         self.offered = asyncio.Event()  # an offer from this peer arrived (the waiting side need not offer)
         self.backoff = 0.0
 
@@ -98,14 +100,17 @@ class WireguardService:
         dump = await asyncio.to_thread(wgtool.show, self.spec.interface)
         self.public_key = dump.public_key
         self.listen_port = self.spec.listen_port or dump.listen_port
-        if self.peers:
+        if self.peers and self.spec.mode == WgMode.NFTABLES:
             await asyncio.to_thread(wg_redirect.apply, self._redirect())
             self._rules = True
             log.info("wireguard: %s (listen port %d): mode %s rules for ICE ports %s", self.spec.interface,
                      self.listen_port, self.spec.mode, ",".join(str(p.ice_port) for p in self.spec.peers))
+        elif self.peers:
+            log.info("wireguard: %s (listen port %d): mode %s, relaying from ICE ports %s", self.spec.interface,
+                     self.listen_port, self.spec.mode, ",".join(str(p.ice_port) for p in self.spec.peers))
         for peer in self.peers.values():
             self._spawn(self._peer_loop(peer))
-        if self.spec.listen_port is None and self.peers:
+        if self.spec.listen_port is None and self.peers:  # (mode 1 too: its relays send to the port)
             self._spawn(self._watch_listen_port())
 
     async def aclose(self) -> None:
@@ -189,7 +194,11 @@ class WireguardService:
         try:
             async with asyncio.timeout(ICE_TIMEOUT):
                 host, port = await agent.connect(remote.ufrag, remote.pwd, remote.candidates)
-            await asyncio.to_thread(self._point, peer, remote.key, host, port)
+            if self.spec.mode == WgMode.PROXY:
+                peer.proxy, local = await WgProxy.open(agent, self.listen_port, (host, port), agent.counts)
+                await asyncio.to_thread(self._point, peer, remote.key, (host, port), (LOOPBACK, local))
+            else:
+                await asyncio.to_thread(self._point, peer, remote.key, (host, port), (host, port))
             peer.backoff = 0.0
             log.info("wireguard: peer %s (gate %s) at %s:%d via ICE port %d", remote.key, peer.spec.gate, host, port,
                      peer.spec.ice_port)
@@ -197,14 +206,19 @@ class WireguardService:
             await agent.wait_closed()
             raise IceFailed("the selected pair lost consent")
         finally:
+            if peer.proxy is not None:
+                peer.proxy.close()
+                peer.proxy = None
             self._record(peer, agent, started, "ended")
 
-    def _point(self, peer: _Peer, key: str, host: str, port: int) -> None:
+    def _point(self, peer: _Peer, key: str, remote: tuple[str, int], endpoint: tuple[str, int]) -> None:
+        """WireGuard's endpoint for the peer: the remote itself (mode 3, with the output rewrite for it) or
+        our loopback relay (mode 1)."""
         assert self.spec.interface is not None  # (peers need an interface)
         if self._rules:
-            wg_redirect.set_endpoint(host, port, peer.spec.ice_port, peer.endpoint)
-        wgtool.set_peer(self.spec.interface, key, peer.spec.allowed_ips, host, port, peer.spec.keepalive)
-        peer.endpoint = (host, port)
+            wg_redirect.set_endpoint(*remote, peer.spec.ice_port, peer.endpoint)
+        wgtool.set_peer(self.spec.interface, key, peer.spec.allowed_ips, *endpoint, peer.spec.keepalive)
+        peer.endpoint = remote
 
     def _record(self, peer: _Peer, agent: IceAgent, started: float, event: str) -> None:
         """Counters in the access log: what reached ugate's ICE socket (mode 3: STUN only)."""
@@ -213,7 +227,9 @@ class WireguardService:
                                "ice_port": peer.spec.ice_port, "listen_port": self.listen_port,
                                "endpoint": None if peer.endpoint is None else f"{peer.endpoint[0]}:{peer.endpoint[1]}",
                                "stun": agent.counts["stun"], "wireguard": agent.counts["wireguard"],
-                               "other": agent.counts["other"]})
+                               "other": agent.counts["other"],
+                               **({k: agent.counts[k] for k in ("wireguard_out", "wireguard_dropped", "proxy_refused")}
+                                  if self.spec.mode == WgMode.PROXY else {})})
 
     # -- answering and relaying --------------------------------------------------------------------
 
@@ -277,10 +293,14 @@ class WireguardService:
                 continue
             if dump.listen_port == self.listen_port:
                 continue
-            log.info("wireguard: %s listen port %d -> %d: rules rebuilt", self.spec.interface, self.listen_port,
-                     dump.listen_port)
+            log.info("wireguard: %s listen port %d -> %d: %s", self.spec.interface, self.listen_port,
+                     dump.listen_port, "rules rebuilt" if self._rules else "relays follow")
             self.listen_port = dump.listen_port
-            await asyncio.to_thread(self._rebuild)
+            for peer in self.peers.values():
+                if peer.proxy is not None:
+                    peer.proxy.listen_port = dump.listen_port
+            if self._rules:
+                await asyncio.to_thread(self._rebuild)
 
     def _rebuild(self) -> None:
         wg_redirect.apply(self._redirect())

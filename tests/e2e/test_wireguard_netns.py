@@ -93,7 +93,7 @@ def sites(tmp_path: Path) -> Iterator[Sites]:
         topo.remove()
 
 
-def _gates(start_gate: Any, tmp_path: Path, sites: Sites) -> dict[str, Any]:
+def _gates(start_gate: Any, tmp_path: Path, sites: Sites, mode: str = "nftables") -> dict[str, Any]:
     topo, a = sites.topo, sites.topo.addr
     ids = {name: keygen(tmp_path / name) for name in ("pub", "site_a", "site_b")}
     pub = start_gate(
@@ -102,11 +102,12 @@ def _gates(start_gate: Any, tmp_path: Path, sites: Sites) -> dict[str, Any]:
         routes=[{"action": "reject"}], netns=topo.ns["public"], mesh={"identity": str(tmp_path / "pub")},
         peers=[{"name": site, "cert": str(tmp_path / site / "cert.pem")} for site in ("site_a", "site_b")],
         wireguard={"relay": True})
-    return {"pub": pub, "ids": ids, **{site: _site_gate(start_gate, tmp_path, sites, site, ids)
+    return {"pub": pub, "ids": ids, **{site: _site_gate(start_gate, tmp_path, sites, site, ids, mode)
                                        for site in ("site_a", "site_b")}}
 
 
-def _site_gate(start_gate: Any, tmp_path: Path, sites: Sites, site: str, ids: dict[str, str]) -> Any:
+def _site_gate(start_gate: Any, tmp_path: Path, sites: Sites, site: str, ids: dict[str, str],
+               mode: str = "nftables") -> Any:
     """site_a dials the public gate (and so offers); site_b is reachable only through its reverse tunnel."""
     a = sites.topo.addr
     other = "site_b" if site == "site_a" else "site_a"
@@ -115,9 +116,13 @@ def _site_gate(start_gate: Any, tmp_path: Path, sites: Sites, site: str, ids: di
         [] if site == "site_b" else [{"name": "socks", "kind": "socks5", "listen": "127.0.0.1:1080"}],
         routes=[{"action": "reject"}], netns=sites.topo.ns[site], mesh={"identity": str(tmp_path / site)},
         peers=[hub],
-        wireguard={"interface": sites.ifname[site], "stun": [f"{a['public']}:3478"],
+        wireguard={"interface": sites.ifname[site], "stun": [f"{a['public']}:3478"], "mode": mode,
                    "peers": [{"gate": ids[other], "via": "pub", "ice_port": ICE_PORT,
                               "allowed_ips": [f"{TUNNEL[other]}/32"]}]})
+
+
+def _logs(gates: dict[str, Any]) -> str:
+    return "\n".join(gates[name].stderr()[-3000:] for name in ("pub", "site_a", "site_b"))
 
 
 def _ping(topo: netns.Topology, site: str, dst: str, timeout: float) -> bool:
@@ -146,7 +151,7 @@ def _has_table(topo: netns.Topology, site: str) -> bool:
 def test_mode3_ping_over_ice_found_endpoints(start_gate: Any, tmp_path: Path, sites: Sites) -> None:
     topo = sites.topo
     gates = _gates(start_gate, tmp_path, sites)
-    assert _ping(topo, "site_a", TUNNEL["site_b"], 60), "\n".join(g.stderr()[-3000:] for g in gates.values())
+    assert _ping(topo, "site_a", TUNNEL["site_b"], 60), _logs(gates)
     assert _ping(topo, "site_b", TUNNEL["site_a"], 10)
     for site in ("site_a", "site_b"):
         counts = _counters(topo, site)
@@ -160,6 +165,28 @@ def test_mode3_ping_over_ice_found_endpoints(start_gate: Any, tmp_path: Path, si
         ended = [r for r in gates[site].records() if r.get("event") == "wireguard ended"]
         assert ended and all(r["wireguard"] == 0 and r["other"] == 0 for r in ended), ended
         assert sum(r["stun"] for r in ended) > 0, ended
+
+
+def test_mode1_ping_through_the_user_space_relay(start_gate: Any, tmp_path: Path, sites: Sites) -> None:
+    topo = sites.topo
+    gates = _gates(start_gate, tmp_path, sites, mode="proxy")
+    assert _ping(topo, "site_a", TUNNEL["site_b"], 60), _logs(gates)
+    assert _ping(topo, "site_b", TUNNEL["site_a"], 10)
+    for site in ("site_a", "site_b"):
+        assert not _has_table(topo, site)  # no rules in mode 1
+        endpoint = topo.run(site, "wg", "show", sites.ifname[site], "endpoints").split()[1]
+        assert endpoint.startswith("127.0.0.1:"), endpoint  # WireGuard talks to our relay
+    # the relay takes WireGuard's datagrams from WireGuard's listen port only
+    relay_port = int(topo.run("site_a", "wg", "show", sites.ifname["site_a"], "endpoints").split()[1].split(":")[1])
+    stray = "import socket; socket.socket(2, 2).sendto(bytes([4, 0, 0, 0]) + bytes(40), ('127.0.0.1', %d))"
+    topo.run("site_a", sys.executable, "-c", stray % relay_port)
+    for site in ("site_a", "site_b"):
+        assert gates[site].stop() == 0
+        ended = [r for r in gates[site].records() if r.get("event") == "wireguard ended"]
+        # STUN and WireGuard both reached ugate's ICE socket, i.e. the one outer port; WireGuard went out of it
+        assert sum(r["stun"] for r in ended) > 0 and sum(r["wireguard"] for r in ended) > 0, ended
+        assert sum(r["wireguard_out"] for r in ended) > 0 and all(r["other"] == 0 for r in ended), ended
+    assert sum(r["proxy_refused"] for r in gates["site_a"].records() if r.get("event") == "wireguard ended") == 1
 
 
 def test_mode3_kill_9_leaves_rules_that_a_restart_replaces(start_gate: Any, tmp_path: Path, sites: Sites) -> None:

@@ -53,7 +53,7 @@ def test_every_problem_is_located() -> None:
     assert found == [
         "wireguard: needs workers: 1 (one ICE agent per peer and port; 2 workers would each run one)",
         "wireguard.interface: 'a-name-far-too-long' is not an interface name (1-15 characters, no '/' or spaces)",
-        "wireguard.mode: raw is not built yet (built: nftables)",
+        "wireguard.mode: raw is not built yet (built: nftables, proxy)",
         "wireguard.peers[0].via: 'nobody' is not a peers: entry (the gate whose mesh tunnel carries the signalling)",
         "wireguard.peers[0].allowed_ips: '10.0.0.300' is not an IP address or CIDR",
         "wireguard.peers[0].gate: 'REPLACE-ME' is not a gate ID (52 lower-case base32 characters, as ugate keygen "
