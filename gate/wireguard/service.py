@@ -67,6 +67,7 @@ class _Peer:
         self.agent: IceAgent | None = None
         self.endpoint: tuple[str, int] | None = None  # the selected pair's remote
         self.proxy: WgProxy | None = None  # mode 1: the peer's loopback endpoint
+        self.offering = False  # ``task`` is our own offer (not an answered one)
         self.offered = asyncio.Event()  # an offer from this peer arrived (the waiting side need not offer)
         self.backoff = 0.0
 
@@ -163,6 +164,7 @@ class WireguardService:
                 await asyncio.sleep(peer.backoff)
             if peer.task is None:
                 peer.task = loop.create_task(self._offer(peer))
+                peer.offering = True
 
     def _failed(self, peer: _Peer, what: str, e: BaseException) -> None:
         peer.backoff = min(max(peer.backoff * 2, RETRY_FIRST), RETRY_MAX)
@@ -246,6 +248,8 @@ class WireguardService:
         sender = wg_peer.gate
         if self.spec.interface is None:
             raise RejectedByRule("wireguard: this gate has no interface")
+        if peer.offering and peer.task is not None and not peer.task.done() and self.own_id < sender:
+            raise RejectedByRule("wireguard: both offered; the smaller gate ID's offer stands")  # (glare)
         if peer.task is not None:
             peer.task.cancel()  # an ICE restart: the peer's new offer replaces the old session
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -257,6 +261,7 @@ class WireguardService:
             await agent.close()
             raise RejectedByRule(f"wireguard: cannot gather on port {peer.spec.ice_port}: {e}") from None
         peer.task = asyncio.get_running_loop().create_task(self._answered(peer, agent, offer))
+        peer.offering = False
         peer.offered.set()
         return encode(Signal(to=sender, key=self.public_key, ufrag=ufrag, pwd=pwd, candidates=candidates))
 

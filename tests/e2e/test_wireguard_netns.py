@@ -167,6 +167,19 @@ def test_mode3_ping_over_ice_found_endpoints(start_gate: Any, tmp_path: Path, si
         assert sum(r["stun"] for r in ended) > 0, ended
 
 
+def test_mode3_nat_rebinding(start_gate: Any, tmp_path: Path, sites: Sites) -> None:
+    """The NAT forgets every mapping (conntrack flushed): the next datagram from the site makes a new one,
+    which keeps the port here, so WireGuard and ICE go on; ping is back within 10 s."""
+    topo = sites.topo
+    gates = _gates(start_gate, tmp_path, sites)
+    assert _ping(topo, "site_a", TUNNEL["site_b"], 60), _logs(gates)
+    topo.run("nat_a", "conntrack", "-F")
+    started = time.monotonic()
+    assert _ping(topo, "site_a", TUNNEL["site_b"], 10), _logs(gates)
+    assert _ping(topo, "site_b", TUNNEL["site_a"], 10)
+    assert time.monotonic() - started < 10
+
+
 def test_mode1_ping_through_the_user_space_relay(start_gate: Any, tmp_path: Path, sites: Sites) -> None:
     topo = sites.topo
     gates = _gates(start_gate, tmp_path, sites, mode="proxy")
