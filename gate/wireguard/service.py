@@ -64,7 +64,6 @@ class _Peer:
     def __init__(self, spec: WgPeerSpec) -> None:
         self.spec = spec
         self.task: asyncio.Task[None] | None = None  # the running session (offered or answered)
-        self.agent: IceAgent | None = None
         self.endpoint: tuple[str, int] | None = None  # the selected pair's remote
         self.proxy: WgProxy | None = None  # mode 1: the peer's loopback endpoint
         self.offering = False  # ``task`` is our own offer (not an answered one)
@@ -148,6 +147,8 @@ class WireguardService:
             if peer.task is not None and not peer.task.done():  # a session (ours or answered) runs
                 await asyncio.wait({peer.task})
                 continue
+            if peer.task is not None and not peer.task.cancelled() and peer.task.exception() is not None:
+                self._failed(peer, "session", peer.task.exception() or RuntimeError())  # a bug: never a spin
             peer.task = None
             peer.offered.clear()
             if not self._can_offer(peer.spec):
@@ -178,6 +179,8 @@ class WireguardService:
             offer = Signal(to=peer.spec.gate, key=self.public_key, ufrag=ufrag, pwd=pwd, candidates=candidates)
             deadline = asyncio.get_running_loop().time() + SIGNAL_TIMEOUT
             answer = decode(await self.mesh.exchange(peer.spec.via, KIND, encode(offer), deadline))
+            if answer.to != self.own_id:
+                raise SignalError(f"the answer is for gate {answer.to}")
             await self._session(peer, agent, answer)
         except (GateError, SignalError, IceFailed, OSError, TimeoutError) as e:
             self._failed(peer, "offer", e)
@@ -191,7 +194,6 @@ class WireguardService:
 
     async def _session(self, peer: _Peer, agent: IceAgent, remote: Signal) -> None:
         """Checks, then the endpoint, then wait until the pair fails (consent) or we stop."""
-        peer.agent = agent
         started = time.time()
         try:
             async with asyncio.timeout(ICE_TIMEOUT):
