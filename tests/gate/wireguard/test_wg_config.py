@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import ipaddress
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from gate.addr import Endpoint
 from gate.config import parse_config
 from gate.errors import ConfigError
 from gate.wg_spec import WgMode, WgPeerSpec
+from tests.conftest import ROOT
 
 GATE_ID = "73tlqhtrwjbvyqqp55i7keo2tw4l7vjbq6o2dg5xdpkbcghostaq"
 OTHER_ID = "pgbjsmjxg33wpowfhwyops6fsqm54xfbxn7emmb57a7orcq4t5oq"
@@ -80,3 +85,23 @@ def test_needs_a_mesh_and_an_interface_or_relay() -> None:
         "wireguard: needs a mesh: section (peers are gates, and the signalling travels over the mesh)",
         "wireguard.interface: missing (or relay: true for a gate that only forwards signalling)",
     ]
+
+
+def test_ugate_check_and_rules_show(tmp_path: Path) -> None:
+    """``ugate check`` lists the section's problems located; ``rules show`` prints mode 3's rules."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config({"interface": "wg0", "mode": "iptables", "listen_port": 51820, "peers": [
+        {"gate": OTHER_ID, "via": "nobody", "ice_port": 51900, "allowed_ips": ["10.99.0.2/32"]}]})))
+    done = subprocess.run([sys.executable, "-m", "gate", "check", "--config", str(bad)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "wireguard.mode: iptables is not built yet (built: nftables, proxy)" in done.stderr
+    assert "wireguard.peers[0].via: 'nobody' is not a peers: entry" in done.stderr
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(config({"interface": "wg0", "listen_port": 51820, "peers": [
+        {"gate": OTHER_ID, "via": "hub", "ice_port": 51900, "allowed_ips": ["10.99.0.2/32"]}]})))
+    shown = subprocess.run([sys.executable, "-m", "gate", "rules", "show", "--config", str(good)], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("# nftables, wireguard mode 3")
+    assert "udp dport 51900 @th,96,32 != 0x2112a442 counter notrack udp dport set 51820" in shown.stdout
