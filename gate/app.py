@@ -58,6 +58,12 @@ async def serve(config: GateConfig, stop: asyncio.Event, access_log: AccessLog, 
                   own=frozenset(spec.listen for spec in config.listeners), mesh=mesh)
     listeners: list[Server] = []
     reverse: list[Inbound] = []  # flows arriving over our reverse tunnels (we are behind NAT)
+    wireguard = None
+    if mesh is not None and config.wireguard is not None:
+        from gate.wireguard.service import WireguardService  # (aioice: loaded only where used)
+
+        wireguard = WireguardService(config.wireguard, mesh.trust.identity.id, mesh, config.peers, access_log)
+        wireguard.serve_signalling()  # before any tunnel exists: they all answer its exchanges
     if mesh is not None:
         def serve_for(peer: str) -> Serve:
             reverse.append(Inbound(peer, ctx, config.timeouts.connect, config.timeouts.idle))
@@ -65,6 +71,8 @@ async def serve(config: GateConfig, stop: asyncio.Event, access_log: AccessLog, 
 
         mesh.start_reverse(serve_for)
     try:
+        if wireguard is not None:
+            await wireguard.start()
         for spec in config.listeners:
             listener = make_listener(spec, ctx)
             listener.start()
@@ -79,6 +87,8 @@ async def serve(config: GateConfig, stop: asyncio.Event, access_log: AccessLog, 
             listener.stop_accepting()
         await asyncio.gather(*(listener.drain(config.timeouts.drain) for listener in listeners))
         await asyncio.gather(*(inbound.drain(config.timeouts.drain) for inbound in reverse))
+        if wireguard is not None:
+            await wireguard.aclose()
         if webrtc is not None:
             await webrtc.aclose()
         if mesh is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import subprocess
 from dataclasses import dataclass, field
 
-__all__ = ["Topology", "nic_like", "remove", "router", "sidecar"]
+__all__ = ["Topology", "nic_like", "remove", "router", "sidecar", "two_sites"]
 
 
 def _ip(*args: str) -> None:
@@ -119,6 +119,38 @@ def sidecar(prefix: str) -> Topology:
         topo.remove()
         raise
     topo.addr.update(app4="10.78.1.1", app6="fd78:1::1", server4="10.78.1.2", server6="fd78:1::2")
+    return topo
+
+
+def two_sites(prefix: str) -> Topology:
+    """Two sites, each a host behind its own NAT router, and a public namespace between the NATs:
+    site_a (10.79.1.2) -- nat_a (lan0 .1 / wan0 10.79.0.2) -- public (10.79.0.1, 10.79.9.1)
+    -- nat_b (wan0 10.79.9.2 / lan0 10.79.2.1) -- site_b (10.79.2.2). IPv4 only; the NATs forward but
+    neither masquerades nor filters until the test loads its rules into them."""
+    topo = Topology({"site_a": f"{prefix}-a", "nat_a": f"{prefix}-na", "public": f"{prefix}-p",
+                     "nat_b": f"{prefix}-nb", "site_b": f"{prefix}-b"})
+    try:
+        for name in topo.ns.values():
+            _namespace(name)
+        a, na, p, nb, b = (topo.ns[r] for r in ("site_a", "nat_a", "public", "nat_b", "site_b"))
+        _link(a, "eth0", na, "lan0")
+        _link(na, "wan0", p, "to_a")
+        _link(p, "to_b", nb, "wan0")
+        _link(nb, "lan0", b, "eth0")
+        for ns, ifname, cidr in ((a, "eth0", "10.79.1.2/24"), (na, "lan0", "10.79.1.1/24"),
+                                 (na, "wan0", "10.79.0.2/24"), (p, "to_a", "10.79.0.1/24"),
+                                 (p, "to_b", "10.79.9.1/24"), (nb, "wan0", "10.79.9.2/24"),
+                                 (nb, "lan0", "10.79.2.1/24"), (b, "eth0", "10.79.2.2/24")):
+            _addr(ns, ifname, cidr)
+        for ns, via in ((a, "10.79.1.1"), (na, "10.79.0.1"), (nb, "10.79.9.1"), (b, "10.79.2.1")):
+            _ip("-n", ns, "route", "add", "default", "via", via)
+        for ns in (na, p, nb):
+            _sysctl(ns, "net.ipv4.ip_forward=1")
+    except BaseException:
+        topo.remove()
+        raise
+    topo.addr.update(site_a="10.79.1.2", nat_a="10.79.0.2", public="10.79.0.1", public_b="10.79.9.1",
+                     nat_b="10.79.9.2", site_b="10.79.2.2")
     return topo
 
 

@@ -96,6 +96,7 @@ class Mesh:
         self._udp_setups: set[asyncio.Task[None]] = set()  # CONNECT-UDP streams being set up
         self._closing = False
         self.alternative: Alternative | None = None  # WebRTC (gate.mesh.webrtc), tried first where configured
+        self.exchanges: dict[str, Exchange] = {}  # more exchange kinds served (gate.wireguard's signalling)
 
     async def open_stream(self, peer_name: str, flow: Flow, timeout: float) -> socket.socket:
         """A socket carrying ``flow`` to its destination through ``peer_name``; GateError if not."""
@@ -189,7 +190,8 @@ class Mesh:
 
     def exchanges_for(self, serve: ServeStream) -> dict[str, Exchange]:
         """The exchanges the tunnels whose streams ``serve`` answers also answer (WebRTC signaling)."""
-        return {"webrtc": self.alternative.exchange_for(serve)} if self.alternative is not None else {}
+        kinds = {"webrtc": self.alternative.exchange_for(serve)} if self.alternative is not None else {}
+        return {**self.exchanges, **kinds}
 
     def _peer(self, peer_name: str) -> _Peer:
         peer = self.peers.get(peer_name)
