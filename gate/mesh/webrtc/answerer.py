@@ -6,6 +6,10 @@ The offer is refused unless the sending gate is a configured peer listing ``webr
 description with one fingerprint (gate.mesh.webrtc.wire.check_sdp). aiortc then refuses a DTLS
 handshake whose certificate does not match that fingerprint: the peer connection is as authenticated as
 the HTTP/2 one. One connection per offering peer: a new offer replaces the old connection.
+
+A relayed offer (two gates behind NAT, signaling through a public gate: gate.mesh.h2_exchange) is
+taken as the offer of the gate the relay vouches for, only from the relay that gate's peer entry names
+(``via_gate``), and must name that vouched-for ID, never merely one the offer states.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from aiortc import RTCSessionDescription
 
 from gate.addr import Endpoint
 from gate.config import PeerSpec
-from gate.mesh.transport import Exchange, ServeStream
+from gate.mesh.transport import Exchange, Exchanged, ServeStream
 from gate.mesh.webrtc.link import Link, TransportDown, new_peer_connection
 from gate.mesh.webrtc.wire import SignalError, SignalMessage, check_sdp, decode_signal, encode_signal
 
@@ -43,8 +47,14 @@ class Answerer:
     def exchange_for(self, serve: ServeStream) -> Exchange:
         return functools.partial(self.answer, serve)
 
-    async def answer(self, serve: ServeStream, ident: str, peer: PeerSpec | None, body: bytes) -> bytes:
-        """The answer to the offer in ``body`` from gate ``ident`` (an error message if refused)."""
+    async def answer(self, serve: ServeStream, sender: Exchanged, body: bytes) -> bytes:
+        """The answer to the offer in ``body`` from ``sender`` (an error message if refused)."""
+        ident, peer = sender.ident, sender.peer
+        if sender.origin is not None:  # relayed: the offer is the vouched-for gate's, if its relay is ours
+            relay = peer
+            ident, peer = sender.origin, sender.origin_peer
+            if relay is None or peer is None or peer.via_gate != relay.name:
+                return _refusal(ident, f"gate {sender.ident} may not relay offers from gate {ident[:60]}")
         if peer is None or "webrtc" not in peer.transports:
             return _refusal(ident, "webrtc is not offered to this gate")
         try:
