@@ -143,7 +143,8 @@ def _peer(raw: Any, where: str, mesh: MeshSpec | None, listeners: set[str], p: P
     if peer.reverse and peer.address is None:
         p.add(f"{where}.reverse", "needs address: (the gate to keep a connection to)")
     if "id" in m or peer.cert is not None:
-        if peer.address is None and peer.cert is None and ca is None:
+        if peer.address is None and peer.cert is None and ca is None and peer.via_gate is None:
+            # (a gate reached through another is never connected to: its ID names it to the relay)
             p.add(where, "a gate pinned by id: alone can only be dialled (address:); to accept it, give its "
                   "cert: or a mesh.ca that signs its certificate")
     elif ca is None:

@@ -150,10 +150,12 @@ def test_the_answerer_refuses_bad_offers_and_keeps_nothing() -> None:
         ]
         errors = []
         for ident, peer, body in cases:
-            answer = decode_signal(await answerer.answer(serve, Exchanged("webrtc", ident, peer), body))  # type: ignore[arg-type]
+            sender = Exchanged("webrtc", ident, peer)
+            answer = decode_signal(await answerer.answer(serve, sender, body))  # type: ignore[arg-type]
             errors.append(answer.error)
         assert not answerer.links
-        parallel = await asyncio.gather(*(answerer.answer(serve, Exchanged("webrtc", ID_A, offered), good)  # type: ignore[arg-type]
+        sender = Exchanged("webrtc", ID_A, offered)
+        parallel = await asyncio.gather(*(answerer.answer(serve, sender, good)  # type: ignore[arg-type]
                                           for _ in range(5)))
         refused = [decode_signal(a).error for a in parallel if decode_signal(a).error]
         assert refused == ["another offer from this gate is being answered"] * 4  # one answered, one link
