@@ -26,7 +26,6 @@ from tests.gate.test_cli import ugate
 from tests.gate.test_config import GATE_ID, problems
 
 
-
 def _id(seed: str) -> str:
     return base64.b32encode(hashlib.sha256(seed.encode()).digest()).decode().rstrip("=").lower()
 
