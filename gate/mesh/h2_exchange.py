@@ -131,7 +131,7 @@ def serve_exchange(policy: Peers, ident: str, peer: PeerSpec | None, headers: Ma
     before it was accepted)."""
     kind, to, origin = headers.get(EXCHANGE_HEADER, ""), headers.get(RELAY_TO_HEADER), headers.get(RELAYED_FOR_HEADER)
     exchanged = Exchanged(kind, ident, peer, origin=origin, origin_peer=policy.by_id(origin) if origin else None)
-    handler = exchanges.get(kind)
+    handler = exchanges.get(kind) if kind != RELAY else None  # (the relay is asked for by ugate-relay-to)
     if to is not None:
         target = relay_target(policy, exchanged, to)
         handler = exchanges.get(RELAY)

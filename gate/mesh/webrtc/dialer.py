@@ -3,7 +3,8 @@ peer whose ``transports`` list ``webrtc`` first go over a data channel of one pe
 when that connection cannot be made (the peer refuses the offer, ICE or DTLS fail or time out) the flow
 falls back to HTTP/2 (with ``[webrtc, h2]``) and WebRTC is tried again after a backoff.
 
-The offer travels over the HTTP/2 mesh connection to the peer (``exchange``: gate.mesh.h2_exchange).
+The offer travels over the HTTP/2 mesh connection to the peer (``exchange``: gate.mesh.h2_exchange), or,
+for a peer reached through another gate (``via_gate``: both behind NAT), to that gate, which relays it.
 """
 
 from __future__ import annotations
