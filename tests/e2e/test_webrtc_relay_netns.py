@@ -119,7 +119,8 @@ def test_flows_go_straight_between_the_nats_with_signaling_relayed_by_b(start_ga
     size = 20 << 20
     assert echo_from_a(sites, size) == f"OK {size}", gates["a"].stderr()[-3000:]
     through_b = b_bytes(sites) - before
-    assert through_b < SIGNALING_AT_MOST, (through_b, gates["a"].stderr()[-4000:], gates["c"].stderr()[-3000:])
+    print(f"bytes through B while 2 x {size} crossed: {through_b}")
+    assert through_b < SIGNALING_AT_MOST, (through_b, gates["a"].stderr()[-3000:])
     records = gates["c"].wait_records(2)
     assert [(r["path"], r["bytes_up"], r["bytes_down"]) for r in records] == [
         ("webrtc", 1 << 10, 1 << 10), ("webrtc", size, size)], records
