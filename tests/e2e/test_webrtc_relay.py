@@ -74,29 +74,27 @@ def test_signaling_relayed_by_b_connects_a_and_c_directly(start_gate: Any, tmp_p
     assert "webrtc: connected to c" in gates["a"].stderr()
 
 
-def _refused(gates: dict[str, Any], started: float) -> None:
-    """The flow went over HTTP/2 through B, without waiting for the ICE timeout."""
+def _refused(gates: dict[str, Any]) -> None:
+    """The flow went over HTTP/2 through B, on B's refusal (a 403), not after the ICE timeout."""
     assert [(r["listener"], r["path"]) for r in gates["c"].wait_records(1)] == [("b", "h2")]
     assert [(r["listener"], r["action"], r["peer"]) for r in gates["b"].wait_records(1)] == [("mesh", "via", "c")]
     assert "falls back to h2" in gates["a"].stderr() and "not connected" not in gates["a"].stderr()
-    assert time.monotonic() - started < 4.5  # a refusal, not the ICE timeout (2.5 s) on top of the setup
+    assert "webrtc to c: via b: 403 rejected" in gates["a"].stderr()
     assert "relayed a webrtc exchange" not in gates["b"].stderr()
 
 
 def test_refused_without_the_relay_permission(start_gate: Any, tmp_path: Path, hash_echo: int) -> None:
     gates = three_gates(start_gate, tmp_path, hash_echo, relay=())
-    started = time.monotonic()
     _through_a(gates, 1 << 20)
-    _refused(gates, started)
+    _refused(gates)
     assert "not relayed: peer a may not signal to c through us" in gates["b"].stderr()
     assert "answered an offer" not in gates["c"].stderr()
 
 
 def test_refused_for_a_target_b_does_not_know(start_gate: Any, tmp_path: Path, hash_echo: int) -> None:
     gates = three_gates(start_gate, tmp_path, hash_echo, a_names_c="x")  # A holds gate x's cert for c
-    started = time.monotonic()
     _through_a(gates, 1 << 20)
-    _refused(gates, started)
+    _refused(gates)
     assert f"not relayed: no peer here has gate ID {gates['ids']['x']}" in gates["b"].stderr()
 
 
