@@ -50,10 +50,13 @@ async def serve(config: GateConfig, stop: asyncio.Event, access_log: AccessLog, 
     if mesh is not None and any("webrtc" in peer.transports for peer in config.peers):
         # Loaded only here: aiortc (and PyAV under it) adds ~45 MB and 0.2 s to every process that imports it
         from gate.mesh.webrtc.dialer import WebrtcMesh
+        from gate.mesh.webrtc.seal import Sealer
 
         assert config.mesh is not None  # (a mesh exists only with its section)
-        webrtc = mesh.alternative = WebrtcMesh(mesh.trust.identity.id, config.peers, mesh.exchange,
-                                                stun=config.mesh.stun)
+        webrtc = mesh.alternative = WebrtcMesh(
+            mesh.trust.identity.id, config.peers, mesh.exchange, stun=config.mesh.stun,
+            sealer=Sealer.load(mesh.trust.identity.key_file) if any(p.via_gate for p in config.peers) else None,
+            ids={peer.name: mesh.trust.policy.id_of(peer) for peer in config.peers})
     ctx = Context(router=Router(config.routes), access_log=access_log, reuse_port=reuse_port, mark=config.mark,
                   own=frozenset(spec.listen for spec in config.listeners), mesh=mesh)
     listeners: list[Server] = []

@@ -27,6 +27,7 @@ from gate.accesslog import AccessLog
 from gate.config import PeerSpec
 from gate.errors import GateError, RejectedByRule
 from gate.mesh.dialer import Mesh
+from gate.mesh.transport import Exchanged
 from gate.wg_spec import WgMode, WgPeerSpec, WireguardSpec
 from gate.wireguard import wgtool
 from gate.wireguard.ice import IceAgent, IceFailed
@@ -237,8 +238,9 @@ class WireguardService:
 
     # -- answering and relaying --------------------------------------------------------------------
 
-    async def _on_signal(self, ident: str, sent_by: PeerSpec | None, body: bytes) -> bytes:
+    async def _on_signal(self, exchanged: Exchanged, body: bytes) -> bytes:
         """The mesh exchange handler: an offer for us (answered), or for a peer of ours (relayed)."""
+        ident, sent_by = exchanged.ident, exchanged.peer
         try:
             offer = decode(body)
         except SignalError as e:
