@@ -228,8 +228,8 @@ class _Peer:
 
     def expired(self, now: float, limits: BrowserLimits) -> str | None:
         """Why this connection ends now, if it does."""
-        if not self.connected and now - self.created >= limits.ice_timeout:
-            return f"not connected within {limits.ice_timeout:g}s"
+        if not self.connected:
+            return f"not connected within {limits.ice_timeout:g}s" if now - self.created >= limits.ice_timeout else None
         if not self.channels and now - self.quiet_since >= limits.idle:
             return f"no channel for {limits.idle:g}s"
         return None
@@ -285,8 +285,9 @@ class BrowserPeers:
 
     def _state_changed(self, peer: _Peer) -> None:
         state = peer.pc.connectionState
-        if state == "connected":
+        if state == "connected" and not peer.connected:
             peer.connected = True
+            peer.quiet_since = self.loop.time()  # idle from now on, unless a channel is open
         elif state in ("failed", "closed"):
             self._close(peer, f"peer connection {state}")
 
@@ -355,7 +356,8 @@ class BrowserPeers:
             del self.per_source[peer.source.host]
         log.info("webrtc_signal: browser peer connection of %s closed: %s", peer.source.host, reason)
         for bridge in list(peer.channels):
-            bridge.abort()
+            if not bridge.browser_ended:  # (an ended one only drains its upstream: it ends cleanly by itself)
+                bridge.abort()
         peer.channels.clear()
         task = self.loop.create_task(peer.pc.close())
         self._tasks.add(task)
