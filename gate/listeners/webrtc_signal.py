@@ -10,10 +10,12 @@ answered); each channel's flow is another, with this listener's name, so routes 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import ipaddress
 import logging
 import socket
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
@@ -37,6 +39,12 @@ __all__ = ["MAX_HEAD", "WebrtcSignalListener"]
 log = logging.getLogger("ugate")
 MAX_HEAD = 8 << 10  # a browser's POST head with a token and CORS headers is well under 2 KB
 RECV_SIZE = 64 << 10
+
+
+def _cut(flow: Flow) -> None:
+    """End a relaying flow now; one not relaying yet ends with its socket (already reset)."""
+    if flow.relay is not None:
+        flow.relay.abort("client reset")
 
 
 class _Answer(Exception):
@@ -67,8 +75,10 @@ class WebrtcSignalListener(TcpListener):
                                                 self.spec.ice_timeout, self.spec.peer_idle), self._flow)
         super().start()
 
-    def _flow(self, sock: socket.socket, client: Endpoint, dst: Endpoint) -> None:
-        self.tunnels.forward(sock, Flow(listener=self.spec.name, client=client, dst=dst))
+    def _flow(self, sock: socket.socket, client: Endpoint, dst: Endpoint) -> Callable[[], None]:
+        flow = Flow(listener=self.spec.name, client=client, dst=dst)
+        self.tunnels.forward(sock, flow)
+        return functools.partial(_cut, flow)
 
     def accepted(self, conn: socket.socket, flow: Flow) -> None:
         self.runner.handshake(conn, flow, self._serve)

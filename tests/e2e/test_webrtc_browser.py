@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 
+from gate.mesh.webrtc.browser import END_LINGER
 from gate.mesh.webrtc.link import MAX_CHANNELS
 from tests.conftest import ROOT, free_port
 
@@ -115,8 +116,8 @@ def body_of(response: bytes) -> bytes:
 
 @pytest.fixture
 def gate(start_gate: Any, tmp_path: Path, hash_echo: int) -> Any:
-    return signal_gate(start_gate, tmp_path, routes=[{"name": "no-echo", "match": {"port": [hash_echo]}, "action": "reject"},
-                                                     {"action": "direct"}])
+    routes = [{"name": "no-echo", "match": {"port": [hash_echo]}, "action": "reject"}, {"action": "direct"}]
+    return signal_gate(start_gate, tmp_path, routes=routes)
 
 
 # -- flows ---------------------------------------------------------------------------------------------
@@ -268,7 +269,8 @@ def test_peer_connections_are_bounded_per_source_and_in_total(start_gate: Any, t
     async def run() -> list[int]:
         browsers = [Browser() for _ in range(5)]
         statuses = []
-        for browser, source in zip(browsers, ["127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.2", "127.0.0.3"]):
+        sources = ["127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.2", "127.0.0.3"]
+        for browser, source in zip(browsers, sources, strict=True):
             statuses.append((await browser.connect(port, "held", source=source))[0])
         for browser in browsers:
             await browser.close()
@@ -290,12 +292,9 @@ def test_idle_and_unconnected_peer_connections_are_closed(start_gate: Any, tmp_p
 
     async def idle() -> None:
         browser = Browser()
-        closed = asyncio.Event()
-        browser.pc.on("connectionstatechange",
-                      lambda: closed.set() if browser.pc.connectionState in ("closed", "failed") else None)
-        status, channel = await browser.connect(port, "not-a-destination")  # closed by the gate at once
+        status, _ = await browser.connect(port, "not-a-destination")  # its one channel: closed by the gate at once
         assert status == 200
-        async with asyncio.timeout(40):  # ICE consent or the DTLS close tells us
+        async with asyncio.timeout(40):
             while "closed: no channel for 1s" not in gate.stderr():
                 await asyncio.sleep(0.1)
         await browser.close()
@@ -314,11 +313,14 @@ def hold() -> Iterator[int]:
     listener.close()
 
 
+@pytest.mark.timeout(400)
 def test_ten_thousand_channels_are_bounded_and_descriptors_return(start_gate: Any, tmp_path: Path, hold: int,
                                                                   http_origin: int) -> None:
     gate = signal_gate(start_gate, tmp_path)
     port = gate.port("browsers")
-    baseline = gate.fd_count()
+    assert body_of(fetch(port, f"127.0.0.1:{http_origin}", "/before")).endswith(b"/before\n")
+    time.sleep(END_LINGER / 10)
+    baseline = gate.fd_count()  # (after a first peer connection: aiortc's lazily opened files are in)
 
     async def flood() -> None:
         browser = Browser()
@@ -328,27 +330,29 @@ def test_ten_thousand_channels_are_bounded_and_descriptors_return(start_gate: An
         first.on("open", opened.set)
         async with asyncio.timeout(30):
             await opened.wait()
-        channels = []
-        for i in range(10_000):
+        channels = [first]
+        for i in range(10_000 - 1):
             channels.append(browser.pc.createDataChannel(f"tcp:127.0.0.1:{hold}"))
             if i % 500 == 499:
-                await asyncio.sleep(0.2)  # let the SCTP association move them
-        async with asyncio.timeout(180):
-            while "opened over 1000 channels" not in gate.stderr():
-                await asyncio.sleep(0.2)
-            while len([r for r in gate.records() if r["close"] != "done"]) < 0:
-                await asyncio.sleep(0.2)
-        assert gate.alive()
+                await asyncio.sleep(0.1)  # let the SCTP association move them
+        # The gate closes every channel past its bound. aiortc (1.16) on the gate may also drop the whole
+        # connection: a peer reusing the stream id of a channel whose reset is still under way trips an
+        # assertion in its SCTP receiver, which closes the association. Bounded either way.
+        async with asyncio.timeout(240):
+            while sum(c.readyState == "closed" for c in channels) < len(channels) - MAX_CHANNELS \
+                    and gate.stderr().count("browser peer connection of 127.0.0.1 closed") < 2:
+                await asyncio.sleep(0.5)
+        assert "opened over 1000 channels" in gate.stderr()
+        # the gate serves others meanwhile
+        other = await asyncio.to_thread(fetch, port, f"127.0.0.1:{http_origin}", "/meanwhile")
+        assert body_of(other).endswith(b"/meanwhile\n")
         await browser.close()
 
     asyncio.run(flood())
-    # every flow was cut when the connection went: one record each, at most MAX_CHANNELS of them
-    deadline = time.monotonic() + 60
-    while (gate.fd_count() > baseline or "browser peer connection of 127.0.0.1 closed" not in gate.stderr()) \
-            and time.monotonic() < deadline:
+    deadline = time.monotonic() + END_LINGER + 30  # channels closed with the connection linger, then reset
+    while (gate.fd_count() > baseline or len(gate.records()) < 3 + 2 + MAX_CHANNELS) and time.monotonic() < deadline:
         time.sleep(0.2)
-    flows = [r for r in gate.records() if r["close"] != "done"]
-    assert 0 < len(flows) <= MAX_CHANNELS
+    flows = [r for r in gate.records() if r["close"] != "done" and r["dst"] == f"127.0.0.1:{hold}"]
+    assert 0 < len(flows) <= MAX_CHANNELS  # (they never end by themselves: all were open at once)
     assert gate.fd_count() <= baseline
-    assert body_of(fetch(port, f"127.0.0.1:{http_origin}", "/after-flood")).endswith(b"/after-flood\n")
     assert gate.stop() == 0

@@ -24,10 +24,11 @@ from aiortc.exceptions import InvalidStateError
 from gate.addr import Endpoint, parse_endpoint
 from gate.errors import ClientProtocolError
 from gate.mesh.bridge import abort_with_reset
+from gate.mesh.dialer import reset_on_close
 from gate.mesh.webrtc.link import MAX_CHANNELS, new_peer_connection
 from gate.mesh.webrtc.wire import SignalError, check_sdp
 
-__all__ = ["BUFFER_HIGH", "CHUNK", "LABEL_PREFIX", "MAX_EARLY", "MAX_UPLOAD_BUFFER", "BrowserChannel",
+__all__ = ["BUFFER_HIGH", "CHUNK", "END_LINGER", "LABEL_PREFIX", "MAX_EARLY", "MAX_UPLOAD_BUFFER", "BrowserChannel",
            "BrowserLimits", "BrowserPeers", "PeersFull", "answer_body", "offer_of", "target_of_label"]
 
 log = logging.getLogger("ugate")
@@ -40,6 +41,10 @@ BUFFER_HIGH = 1 << 20  # aiortc's bytes queued for the browser above this pause 
 # window does not shrink for a slow reader), so what it sends past a slow upstream is buffered in our
 # socket: past this the flow is cut. A page pacing its sends on bufferedAmount stays far below it.
 MAX_UPLOAD_BUFFER = 8 << 20
+# Seconds an upstream has, once the browser closed the channel, to see the end and close (what it still
+# says is dropped): past it the flow is reset, so a browser that went away (its whole peer connection
+# closed, which closes every channel) holds no descriptors until the idle timeout.
+END_LINGER = 10.0
 MAX_EARLY = 1 << 20  # bytes that arrive before the channel's socket is attached (a few ms): past it, cut
 
 
@@ -97,6 +102,10 @@ class BrowserChannel(asyncio.Protocol):
     def __init__(self, channel: RTCDataChannel, on_released: Callable[[BrowserChannel], None]) -> None:
         self.channel = channel
         self.transport: asyncio.Transport | None = None
+        self.flow_end: socket.socket | None = None  # the socketpair's other end, which the flow core relays
+        # Ends the flow in the flow core at once: once the browser ended its side (FIN written), the relay
+        # no longer reads the socketpair, so a reset through it would not be seen.
+        self.cut_flow: Callable[[], None] | None = None
         self.early: list[bytes] = []
         self.early_bytes = 0
         self.browser_ended = False  # the browser closed the channel: FIN written to the socket
@@ -168,8 +177,15 @@ class BrowserChannel(asyncio.Protocol):
         if self.closed:
             return
         self.browser_ended = True
+        asyncio.get_running_loop().call_later(END_LINGER, self._linger_over)
         if self.transport is not None:
             self._write_eof()
+
+    def _linger_over(self) -> None:
+        if not self.closed:
+            self.abort()
+            if self.cut_flow is not None:
+                self.cut_flow()
 
     def _write_eof(self) -> None:
         assert self.transport is not None
@@ -187,6 +203,8 @@ class BrowserChannel(asyncio.Protocol):
     def abort(self) -> None:
         """The peer connection is gone, or the browser broke a bound: the flow sees a reset."""
         self._release()
+        if self.flow_end is not None:
+            reset_on_close(self.flow_end)  # (a socketpair has no RST: the relay must not take it for a FIN)
         if self.transport is not None:
             abort_with_reset(self.transport)
         if self.channel.readyState != "closed":
@@ -236,7 +254,8 @@ class _Peer:
 
 
 # A channel's flow: (the socket the flow core relays, the browser's signaling address, the destination)
-OnFlow = Callable[[socket.socket, Endpoint, Endpoint], None]
+# -> what ends that flow at once (with a reset to its upstream)
+OnFlow = Callable[[socket.socket, Endpoint, Endpoint], Callable[[], None]]
 
 
 class BrowserPeers:
@@ -330,7 +349,8 @@ class BrowserPeers:
         if bridge.closed:  # the connection went while we attached
             ours.close()
             return
-        self.on_flow(ours, peer.source, target)
+        bridge.flow_end = ours
+        bridge.cut_flow = self.on_flow(ours, peer.source, target)
 
     def _released(self, peer: _Peer, bridge: BrowserChannel) -> None:
         peer.channels.discard(bridge)
