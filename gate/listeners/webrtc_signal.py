@@ -72,7 +72,8 @@ class WebrtcSignalListener(TcpListener):
         from gate.mesh.webrtc.browser import BrowserLimits, BrowserPeers
 
         self.peers = BrowserPeers(BrowserLimits(self.spec.max_peers, self.spec.max_peers_per_source,
-                                                self.spec.ice_timeout, self.spec.peer_idle), self._flow)
+                                                self.spec.ice_timeout, self.spec.peer_idle, self.spec.max_flows),
+                                  self._flow)
         super().start()
 
     def _flow(self, sock: socket.socket, client: Endpoint, dst: Endpoint) -> Callable[[], None]:
@@ -208,6 +209,11 @@ class WebrtcSignalListener(TcpListener):
             pass
 
     # -- the end -------------------------------------------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        super().stop_accepting()
+        if self.peers is not None:
+            self.peers.accepting = False
 
     async def drain(self, timeout: float) -> None:
         await asyncio.gather(super().drain(timeout), self.tunnels.drain(timeout))

@@ -313,6 +313,35 @@ def hold() -> Iterator[int]:
     listener.close()
 
 
+def test_channel_flows_of_all_browsers_are_bounded_by_max_flows(start_gate: Any, tmp_path: Path, hold: int,
+                                                                  http_origin: int) -> None:
+    gate = signal_gate(start_gate, tmp_path, max_flows=3)
+    port = gate.port("browsers")
+
+    async def run() -> None:
+        one, two = Browser(), Browser()
+        status, first = await one.connect(port, f"tcp:127.0.0.1:{hold}")
+        assert status == 200
+        more = [one.pc.createDataChannel(f"tcp:127.0.0.1:{hold}") for _ in range(3)]
+        status, other = await two.connect(port, f"tcp:127.0.0.1:{hold}")
+        assert status == 200
+        async with asyncio.timeout(30):
+            while "browser flows open (max_flows)" not in gate.stderr():
+                await asyncio.sleep(0.1)
+            while sum(c.readyState == "closed" for c in [first, *more, other]) < 2:
+                await asyncio.sleep(0.1)
+        await one.close()
+        await two.close()
+
+    asyncio.run(run())
+    deadline = time.monotonic() + 30
+    while len([r for r in gate.records() if r["close"] != "done"]) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    assert len([r for r in gate.records() if r["close"] != "done"]) == 3
+    assert body_of(fetch(port, f"127.0.0.1:{http_origin}", "/after")).endswith(b"/after\n")  # room again
+
+
 @pytest.mark.timeout(400)
 def test_ten_thousand_channels_are_bounded_and_descriptors_return(start_gate: Any, tmp_path: Path, hold: int,
                                                                   http_origin: int) -> None:

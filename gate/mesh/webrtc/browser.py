@@ -225,6 +225,9 @@ class BrowserLimits:
     max_peers_per_source: int  # of those, per signaling client address
     ice_timeout: float  # seconds for ICE and DTLS to connect after the answer
     idle: float  # seconds a connection may stay without a channel before it is closed
+    # Channel flows of all connections together (the listener's max_flows): MAX_CHANNELS per connection
+    # times max_peers would be far past the process's descriptors (three per flow).
+    max_flows: int
 
 
 class PeersFull(Exception):
@@ -268,15 +271,15 @@ class BrowserPeers:
         self.peers: set[_Peer] = set()
         self.per_source: dict[str, int] = {}
         self.bad_labels = 0
+        self.flows = 0  # open channel flows, all connections together
+        self.refused_flows = 0  # channels closed at once for max_flows
+        self.accepting = True  # False once the listener stops: new channels are closed
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweep = self.loop.call_later(self._sweep_every, self._expire)
 
     @property
     def _sweep_every(self) -> float:
         return max(0.05, min(self.limits.ice_timeout, self.limits.idle) / 4)
-
-    def channels(self) -> int:
-        return sum(len(peer.channels) for peer in self.peers)
 
     async def answer(self, sdp: str, source: Endpoint) -> str:
         """The answer to a browser's offer (already checked: ``offer_of``); PeersFull past the bounds,
@@ -311,7 +314,13 @@ class BrowserPeers:
             self._close(peer, f"peer connection {state}")
 
     def _channel(self, peer: _Peer, channel: RTCDataChannel) -> None:
-        if peer not in self.peers:
+        if peer not in self.peers or not self.accepting:
+            channel.close()
+            return
+        if self.flows >= self.limits.max_flows:
+            self.refused_flows += 1
+            if self.refused_flows in (1, 1000):
+                log.warning("webrtc_signal: %d browser flows open (max_flows): closing new channels", self.flows)
             channel.close()
             return
         if len(peer.channels) >= MAX_CHANNELS:
@@ -331,6 +340,7 @@ class BrowserPeers:
             return
         bridge = BrowserChannel(channel, lambda b: self._released(peer, b))
         peer.channels.add(bridge)
+        self.flows += 1
         task = self.loop.create_task(self._attach(peer, bridge, target))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -353,6 +363,7 @@ class BrowserPeers:
         bridge.cut_flow = self.on_flow(ours, peer.source, target)
 
     def _released(self, peer: _Peer, bridge: BrowserChannel) -> None:
+        self.flows -= 1
         peer.channels.discard(bridge)
         if not peer.channels:
             peer.quiet_since = self.loop.time()
