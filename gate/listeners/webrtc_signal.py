@@ -92,7 +92,8 @@ class WebrtcSignalListener(TcpListener):
         try:
             async with asyncio.timeout(self.spec.timeouts.handshake):
                 request = await self._next(conn, http)
-                assert isinstance(request, h11.Request)
+                if not isinstance(request, h11.Request):  # (h11 gives a request first, or an error)
+                    raise ClientProtocolError("no request head")
                 headers = {name.lower(): value for name, value in request.headers}
                 origin = headers.get(b"origin", b"")
                 status, body, ctype = await self._answer(conn, http, request, headers, flow)
