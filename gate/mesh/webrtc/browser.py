@@ -103,8 +103,8 @@ class BrowserChannel(asyncio.Protocol):
         self.channel = channel
         self.transport: asyncio.Transport | None = None
         self.flow_end: socket.socket | None = None  # the socketpair's other end, which the flow core relays
-        # Ends the flow in the flow core at once: once the browser ended its side (FIN written), the relay
-        # no longer reads the socketpair, so a reset through it would not be seen.
+        # Ends the flow in the flow core at once (abort): a relay that no longer reads the socketpair
+        # (the browser ended its side, or the upstream is slow) would not see a reset through it.
         self.cut_flow: Callable[[], None] | None = None
         self.early: list[bytes] = []
         self.early_bytes = 0
@@ -154,6 +154,8 @@ class BrowserChannel(asyncio.Protocol):
 
     # the channel (the browser's side)
     def _message(self, message: bytes | str) -> None:
+        if self.closed:
+            return
         data = message.encode() if isinstance(message, str) else message
         if self.transport is None:
             self.early_bytes += len(data)
@@ -184,8 +186,6 @@ class BrowserChannel(asyncio.Protocol):
     def _linger_over(self) -> None:
         if not self.closed:
             self.abort()
-            if self.cut_flow is not None:
-                self.cut_flow()
 
     def _write_eof(self) -> None:
         assert self.transport is not None
@@ -202,11 +202,15 @@ class BrowserChannel(asyncio.Protocol):
 
     def abort(self) -> None:
         """The peer connection is gone, or the browser broke a bound: the flow sees a reset."""
+        if self.closed:
+            return
         self._release()
         if self.flow_end is not None:
             reset_on_close(self.flow_end)  # (a socketpair has no RST: the relay must not take it for a FIN)
         if self.transport is not None:
             abort_with_reset(self.transport)
+        if self.cut_flow is not None:  # (the relay may not be reading the socketpair: half-closed, or paused)
+            self.cut_flow()
         if self.channel.readyState != "closed":
             self.channel.close()
 
