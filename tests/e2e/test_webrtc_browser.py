@@ -385,3 +385,26 @@ def test_ten_thousand_channels_are_bounded_and_descriptors_return(start_gate: An
     assert 0 < len(flows) <= MAX_CHANNELS  # (they never end by themselves: all were open at once)
     assert gate.fd_count() <= baseline
     assert gate.stop() == 0
+
+
+def test_the_gate_stops_cleanly_with_browser_flows_open(start_gate: Any, tmp_path: Path, hold: int) -> None:
+    gate = signal_gate(start_gate, tmp_path)
+
+    async def run() -> None:
+        browser = Browser()
+        status, channel = await browser.connect(gate.port("browsers"), f"tcp:127.0.0.1:{hold}")
+        assert status == 200
+        opened = asyncio.Event()
+        channel.on("open", opened.set)
+        async with asyncio.timeout(30):
+            await opened.wait()
+            while "ugate" not in gate.stderr() or not any(r.get("detail") == "answered" for r in gate.records()):
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # the flow is relaying to the held connection
+        assert await asyncio.to_thread(gate.stop) == 0
+        await browser.close()
+
+    asyncio.run(run())
+    flow = next(r for r in gate.records() if r["close"] != "done")
+    assert flow["close"] == "shutdown" and flow["dst"] == f"127.0.0.1:{hold}"
+    assert "Task was destroyed" not in gate.stderr() and "Traceback" not in gate.stderr()
