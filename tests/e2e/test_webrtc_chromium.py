@@ -83,6 +83,7 @@ def run_page(topo: netns.Topology, tmp_path: Path, token: str) -> dict[str, Any]
             browser.wait()
 
 
+@pytest.mark.timeout(300)  # two page loads of up to 60 s each on a loaded machine
 def test_chromium_fetches_a_page_from_another_namespace_through_the_gate(start_gate: Any, tmp_path: Path,
                                                                          topo: netns.Topology) -> None:
     a = topo.addr
