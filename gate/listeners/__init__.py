@@ -29,6 +29,8 @@ from gate.listeners.stun import StunListener
 from gate.listeners.tcp import Server, TcpListener
 from gate.listeners.tproxy_udp import TproxyUdpListener
 from gate.listeners.transparent import RedirectListener, TproxyListener
+from gate.listeners.webrtc_signal import WebrtcSignalListener
+from gate.specs import WebrtcSignalSpec
 
 __all__ = ["SERVERS", "Server", "TcpListener", "make_listener"]
 
@@ -43,6 +45,7 @@ SERVERS: dict[type[ListenerSpec], Callable[[Any, Context], Server]] = {
     MuxSpec: MuxListener,
     H2Spec: H2Listener,
     StunSpec: StunListener,
+    WebrtcSignalSpec: WebrtcSignalListener,
 }
 
 
