@@ -9,10 +9,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-from gate.addr import is_ip
 from gate.config import GateConfig, load_config
 from gate.errors import ConfigError
-from gate.router import FlowKey, Router
 
 __all__ = ["main", "version"]
 
@@ -108,25 +106,18 @@ def _load(path: str) -> GateConfig | None:
 
 
 def _explain(config: GateConfig, args: argparse.Namespace) -> int:
-    if args.listener not in {spec.name for spec in config.listeners}:
-        print(f"no listener is named {args.listener!r}", file=sys.stderr)
-        return EXIT_CONFIG
-    host = args.host
-    if host is None and not is_ip(args.dst):
-        host = args.dst
-    if host is None and args.sni:
-        host = args.sni
-    alpn = tuple(a for a in args.alpn.split(",") if a)
-    key = FlowKey(args.listener, args.src, args.dst, args.port, host, args.protocol, args.sni, alpn)
-    from gate.capture import bypass_of, fastpath_of
+    from gate.explain import explain
 
-    kind = next(spec.kind for spec in config.listeners if spec.name == args.listener)
-    bypass = kind in ("tproxy", "tproxy_udp") and bool(bypass_of(config))
-    fastpath = kind == "tproxy_udp" and bool(fastpath_of(config))
-    for line in Router(config.routes).explain(key, bypass=bypass, fastpath=fastpath):
+    alpn = tuple(a for a in args.alpn.split(",") if a)
+    try:
+        lines = explain(config, args.listener, args.dst, args.port, src=args.src, host=args.host,
+                        protocol=args.protocol, sni=args.sni, alpn=alpn)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return EXIT_CONFIG
+    for line in lines:
         print(line)
     return 0
-
 
 
 def _rules(config: GateConfig, action: str) -> int:

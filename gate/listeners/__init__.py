@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from gate.admin import AdminListener
 from gate.config import (
+    AdminSpec,
     ForwardSpec,
     H2Spec,
     HttpSpec,
@@ -43,6 +45,7 @@ SERVERS: dict[type[ListenerSpec], Callable[[Any, Context], Server]] = {
     MuxSpec: MuxListener,
     H2Spec: H2Listener,
     StunSpec: StunListener,
+    AdminSpec: AdminListener,
 }
 
 
