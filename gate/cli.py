@@ -60,6 +60,14 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("--alpn", default="", help="sniffed ALPN offers, comma-separated")
     rules = sub.add_parser("rules", parents=[common], help="firewall/routing rules of the capture section")
     rules.add_argument("action", choices=["show", "apply", "clear"])
+    flows = sub.add_parser("flows", parents=[common], help="the live flows, from the admin listener")
+    flows.add_argument("--watch", nargs="?", type=float, const=1.0, default=None, metavar="SECONDS",
+                       help="refresh like top (every SECONDS, default 1) until interrupted")
+    peers = sub.add_parser("peers", parents=[common], help="the mesh peers' tunnels, from the admin listener")
+    for admin in (flows, peers):
+        admin.add_argument("--admin", default=None, help="http://HOST:PORT or a unix socket path "
+                                                         "(default: the config's admin listener)")
+        admin.add_argument("--token", default=None, help="bearer token (default: the admin listener's)")
     keygen = sub.add_parser("keygen", help="write a gate identity (key.pem 0600, cert.pem) and print its ID")
     keygen.add_argument("--dir", required=True, help="directory to write key.pem and cert.pem into")
     keygen.add_argument("--namespace", default="default", help="mesh namespace (default: %(default)s)")
@@ -144,10 +152,25 @@ def _rules(config: GateConfig, action: str) -> int:
     return 0
 
 
+def _admin(args: argparse.Namespace) -> int:
+    from gate.admin.client import AdminClient, print_flows, print_peers
+
+    # with --admin the config is optional (it may be another host's)
+    config = _load(args.config) if args.admin is None or Path(args.config).exists() else None
+    try:
+        client = AdminClient.of(config, args.admin, args.token)
+    except ConfigError as e:
+        _report(args.config, e.problems)
+        return EXIT_CONFIG
+    return print_flows(client, args.watch) if args.command == "flows" else print_peers(client)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "keygen":  # needs no config
         return _keygen(args)
+    if args.command in ("flows", "peers"):
+        return _admin(args)
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG

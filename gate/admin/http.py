@@ -26,8 +26,6 @@ log = logging.getLogger("ugate")
 MAX_HEAD = 8 * 1024
 # No endpoint takes a body (POST /reload has none); a client sending more than this gets 413.
 MAX_BODY = 4 * 1024
-# The head must arrive within this (408): a client that trickles bytes cannot hold a connection.
-HEAD_TIMEOUT = 10.0
 # An answer the client does not read within this is dropped (a /flows of thousands of flows is a few MB).
 WRITE_TIMEOUT = 30.0
 # Open admin connections at once: a scraper and an operator need a few; past it new ones are closed at
@@ -121,8 +119,11 @@ def error(status: int, message: str) -> Response:
 class HttpServer:
     """Serves ``handler`` on a listening socket (TCP or unix), one request per connection."""
 
-    def __init__(self, sock: socket.socket, handler: Handler, name: str) -> None:
+    def __init__(self, sock: socket.socket, handler: Handler, name: str, head_timeout: float) -> None:
+        """``head_timeout``: the request must arrive within it (408), so a client trickling bytes cannot
+        hold a connection (the listener's ``timeouts.handshake``)."""
         self.sock = sock
+        self.head_timeout = head_timeout
         self.handler = handler
         self.name = name
         self.server: asyncio.AbstractServer | None = None
@@ -151,10 +152,10 @@ class HttpServer:
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            async with asyncio.timeout(HEAD_TIMEOUT):
+            async with asyncio.timeout(self.head_timeout):
                 request = await read_request(reader)
         except TimeoutError:
-            response = error(408, f"no complete request within {HEAD_TIMEOUT:g}s")
+            response = error(408, f"no complete request within {self.head_timeout:g}s")
         except BadRequest as e:
             response = error(e.status, str(e))
         else:

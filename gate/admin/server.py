@@ -62,9 +62,10 @@ class AdminListener:
             sock, self._inode = bind_unix(path)
         else:
             sock = bind_listening_socket(self.spec.listen, reuse_port=self.ctx.reuse_port)
-        self.servers.append(HttpServer(sock, api.public, f"admin {self.spec.name}"))
+        wait = self.spec.timeouts.handshake
+        self.servers.append(HttpServer(sock, api.public, f"admin {self.spec.name}", wait))
         if self.siblings is not None:
-            self.servers.append(HttpServer(self.siblings.sock, api.private, f"admin {self.spec.name} (workers)"))
+            self.servers.append(HttpServer(self.siblings.sock, api.private, f"admin {self.spec.name} (workers)", wait))
         self._starting = asyncio.get_running_loop().create_task(self._start())
         log.info("listener %s (admin, auth %s) on %s", self.spec.name, self.spec.auth, path or self.spec.listen)
 

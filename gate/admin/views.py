@@ -87,14 +87,14 @@ def config_view(value: Any, key: str = "") -> Any:
         if isinstance(value, Mapping):
             return {str(k): REDACTED for k in value}
         return REDACTED if value else value
+    if isinstance(value, Endpoint):
+        return str(value) if value.port else value.host
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         kind = getattr(type(value), "kind", None)  # a listener spec's kind is a class attribute
         out: dict[str, Any] = {"kind": kind} if isinstance(kind, str) else {}
         for f in dataclasses.fields(value):
             out[f.name] = config_view(getattr(value, f.name), f.name)
         return out
-    if isinstance(value, Endpoint):
-        return str(value) if value.port else value.host
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, Mapping):
