@@ -368,9 +368,11 @@ class AdminSpec(ListenerSpec):
     def parse(cls, m: Mapping[str, Any], where: str, common: dict[str, Any], p: Problems) -> ListenerSpec:
         listen: Endpoint = common["listen"]
         unix = listen.port == 0
-        auth = p.get(m, "auth", where, one_of(AdminAuth), AdminAuth.NONE if unix else AdminAuth.TOKEN)
         token_file = p.get(m, "token_file", where, string, None)
         token_env = p.get(m, "token_env", where, string, None)
+        # a unix socket is guarded by its file mode alone, unless a token is given too
+        plain = unix and token_file is None and token_env is None
+        auth = p.get(m, "auth", where, one_of(AdminAuth), AdminAuth.NONE if plain else AdminAuth.TOKEN)
         if token_file is not None and token_env is not None:
             p.add(f"{where}.token_env", "give token_file or token_env, not both")
         if auth == AdminAuth.TOKEN and token_file is None and token_env is None:

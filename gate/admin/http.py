@@ -93,6 +93,9 @@ async def read_request(reader: asyncio.StreamReader) -> Request | None:
         if event is h11.NEED_DATA:
             conn.receive_data(await reader.read(16384))
         elif isinstance(event, h11.Request):
+            # h11 bounds only a head still incomplete; one that came whole in a read is measured here
+            if len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers) > MAX_HEAD:
+                raise BadRequest(431, f"request head over {MAX_HEAD} bytes")
             head = event
         elif isinstance(event, h11.Data):
             body += len(event.data)

@@ -151,7 +151,7 @@ def test_flows_lists_live_flows_and_delete_cuts_them(admin_gate: Any, hash_echo:
     deadline = time.monotonic() + 10
     while True:  # the relays count the bytes as they pass
         listed = [f for f in _json(gate.admin, "/flows")["flows"] if f["dst"] == f"127.0.0.1:{hash_echo}"]
-        if len(listed) == len(clients) and all(f["bytes_up"] == 1000 for f in listed) or time.monotonic() > deadline:
+        if (len(listed) == len(clients) and all(f["bytes_up"] == 1000 for f in listed)) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     assert sorted(int(f["client"].rsplit(":", 1)[1]) for f in listed) == sorted(clients)
