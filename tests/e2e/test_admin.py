@@ -292,3 +292,42 @@ def test_ugate_flows_and_peers_commands(admin_gate: Any, hash_echo: int) -> None
                                                                   "ERROR"]
     finally:
         client.close()
+
+
+def test_peers_and_mesh_metrics_show_the_tunnel(start_gate: Any, tmp_path: Path, hash_echo: int) -> None:
+    from tests.e2e.test_mesh import keygen
+
+    keygen(tmp_path / "a")
+    id_b, id_c = keygen(tmp_path / "b"), keygen(tmp_path / "c")
+    h2_port, socks, admin = free_port(), free_port(), free_port()
+    start_gate([{"name": "mesh", "kind": "h2", "listen": f"127.0.0.1:{h2_port}"}],
+               mesh={"identity": str(tmp_path / "b")},
+               peers=[{"name": "a", "cert": str(tmp_path / "a" / "cert.pem"),
+                       "allow": [{"dst": ["127.0.0.1/32"], "port": [hash_echo]}]}])
+    (tmp_path / "token").write_text(TOKEN)
+    a = start_gate([{"name": "socks", "kind": "socks5", "listen": f"127.0.0.1:{socks}"},
+                    {"name": "adm", "kind": "admin", "listen": f"127.0.0.1:{admin}",
+                     "token_file": str(tmp_path / "token")}],
+                   routes=[{"via": "b", "name": "to-b"}], mesh={"identity": str(tmp_path / "a")},
+                   peers=[{"name": "b", "address": f"127.0.0.1:{h2_port}", "id": id_b},
+                          {"name": "c", "address": f"127.0.0.1:{free_port()}", "id": id_c}])
+    (peers_before,) = [p for p in _json(admin, "/peers")["peers"] if p["name"] == "b"]
+    assert not peers_before["up"]
+    client = _socks_open(socks, hash_echo)
+    try:
+        (flow,) = _json(admin, "/flows")["flows"]
+        assert flow["peer"] == "b" and flow["action"] == "via"
+        peers = {p["name"]: p for p in _json(admin, "/peers")["peers"]}
+        assert peers["b"]["up"] and peers["b"]["streams"] == {"h2": 1}
+        assert peers["b"]["address"] == f"127.0.0.1:{h2_port}"
+        assert not peers["c"]["up"]
+        samples = _samples(_request(admin, "/metrics")[1].decode())
+        assert samples['ugate_mesh_peer_up{peer="b"}'] == 1 and samples['ugate_mesh_peer_up{peer="c"}'] == 0
+        assert samples['ugate_mesh_streams{peer="b",transport="h2"}'] == 1
+        out = subprocess.run([sys.executable, "-m", "gate", "-c", str(Path(a.access_path).parent / "gate1.yaml"),
+                              "peers"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert re.search(rf"^b\s+127\.0\.0\.1:{h2_port}\s+up\s+h2=1\s*$", out.stdout, re.M), out.stdout
+        assert re.search(r"^c\s+\S+\s+down\s+h2=0", out.stdout, re.M), out.stdout
+    finally:
+        client.close()
