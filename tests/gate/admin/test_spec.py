@@ -82,3 +82,23 @@ def test_default_config_has_no_admin_listener() -> None:
     from gate.config import load_config
 
     assert not any(isinstance(s, AdminSpec) for s in load_config(ROOT / "configs" / "gate.yaml").listeners)
+
+
+def test_capture_rules_gauge_counts_what_apply_installs() -> None:
+    from gate.admin.server import capture_rules
+    from gate.capture import rules_of
+    from gate.config import load_config
+
+    config = load_config(ROOT / "configs" / "home-router.yaml")
+    found = capture_rules(config)
+    assert found is not None and found[0] == "nftables"
+    rules = rules_of(config)
+    assert rules is not None
+    nft = rules[1].nft
+    # one per rule statement: a TPROXY line per family and protocol at least, plus the policy routing
+    assert found[1] >= nft.count("tproxy") + len(rules[1].ip_rules) + len(rules[1].routes)
+    assert found[1] < len(nft.splitlines()) + len(rules[1].ip_rules) + len(rules[1].routes)
+    from dataclasses import replace
+
+    assert config.capture is not None
+    assert capture_rules(replace(config, capture=replace(config.capture, apply="manual"))) is None  # gate holds none
