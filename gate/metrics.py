@@ -84,24 +84,33 @@ class Metrics:
 
     def __init__(self, version: str = "") -> None:
         self.version = version
-        self.flows: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
-        self.bytes: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        # plain dicts and the enums' ``_value_`` (Enum.__hash__ is a Python-level call): half the cost
+        # of Counters keyed by the enums, measured
+        self.flows: dict[tuple[str, str, str, str], int] = {}  # listener, route, action, close -> ended flows
+        self.bytes: dict[tuple[str, str], list[int]] = {}  # listener, route -> [up, down] of ended flows
         self.handshake_timeouts = 0
-        self.udp_sessions: collections.Counter[str] = collections.Counter()
+        self.udp_sessions: dict[str, int] = {}
         self.capture: tuple[str, int] | None = None  # (backend, rules) installed by this gate
 
     def finished(self, flow: Flow) -> None:
         """Count an ended flow (Context.finish calls this exactly once per flow)."""
-        route = flow.rule or ""
-        self.flows[flow.listener, route, str(flow.action or ""), str(flow.close or "")] += 1
-        if flow.bytes_up:
-            self.bytes[flow.listener, route, "up"] += flow.bytes_up
-        if flow.bytes_down:
-            self.bytes[flow.listener, route, "down"] += flow.bytes_down
-        if flow.close is Close.HANDSHAKE_TIMEOUT:
+        action, close, route = flow.action, flow.close, flow.rule or ""
+        key = (flow.listener, route, action._value_ if action is not None else "",
+               close._value_ if close is not None else "")
+        flows = self.flows
+        flows[key] = flows.get(key, 0) + 1
+        up, down = flow.bytes_up, flow.bytes_down
+        if up or down:
+            counted = self.bytes.get((flow.listener, route))
+            if counted is None:
+                self.bytes[flow.listener, route] = [up, down]
+            else:
+                counted[0] += up
+                counted[1] += down
+        if close is Close.HANDSHAKE_TIMEOUT:
             self.handshake_timeouts += 1
         if flow.path == "udp":
-            self.udp_sessions[flow.listener] += 1
+            self.udp_sessions[flow.listener] = self.udp_sessions.get(flow.listener, 0) + 1
 
     def snapshot(self, live: Iterable[Flow], sniffed: Mapping[str, int],
                  peers: Iterable[tuple[str, bool, Mapping[str, int]]] = ()) -> Snapshot:
@@ -121,7 +130,8 @@ class Metrics:
         out: Snapshot = {
             "ugate_flows_active": _rows(active),
             "ugate_flows": _rows(self.flows),
-            "ugate_flow_bytes": _rows(self.bytes),
+            "ugate_flow_bytes": [[listener, route, direction, n] for (listener, route), pair in self.bytes.items()
+                                 for direction, n in zip(("up", "down"), pair, strict=True)],
             "ugate_flows_active_bytes": _rows(active_bytes),
             "ugate_dial_errors": _rows(DIAL_ERRORS),
             "ugate_timeouts": [["handshake", self.handshake_timeouts], ["sniff", sniffed.get("timeout", 0)]],
