@@ -84,8 +84,8 @@ class Metrics:
 
     def __init__(self, version: str = "") -> None:
         self.version = version
-        # plain dicts and the enums' ``_value_`` (Enum.__hash__ is a Python-level call): half the cost
-        # of Counters keyed by the enums, measured
+        # plain dicts keyed by the enums' text (str() of a StrEnum is C code; Enum.__hash__ is a Python
+        # call): half the cost of Counters keyed by the enums, measured
         self.flows: dict[tuple[str, str, str, str], int] = {}  # listener, route, action, close -> ended flows
         self.bytes: dict[tuple[str, str], list[int]] = {}  # listener, route -> [up, down] of ended flows
         self.handshake_timeouts = 0
@@ -95,8 +95,7 @@ class Metrics:
     def finished(self, flow: Flow) -> None:
         """Count an ended flow (Context.finish calls this exactly once per flow)."""
         action, close, route = flow.action, flow.close, flow.rule or ""
-        key = (flow.listener, route, action._value_ if action is not None else "",
-               close._value_ if close is not None else "")
+        key = (flow.listener, route, str(action) if action is not None else "", str(close) if close is not None else "")
         flows = self.flows
         flows[key] = flows.get(key, 0) + 1
         up, down = flow.bytes_up, flow.bytes_down
