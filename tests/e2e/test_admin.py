@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import struct
@@ -282,6 +283,16 @@ def test_ugate_flows_and_peers_commands(admin_gate: Any, hash_echo: int) -> None
         lines = out.stdout.splitlines()
         assert lines[0].startswith("1 flows") and lines[1].split()[:3] == ["ID", "LISTENER", "STATE"]
         assert re.match(rf"\d+-\d+\s+socks\s+relaying\s+127\.0\.0\.1:\d+\s+127\.0\.0\.1:{hash_echo}\s+out", lines[2])
+        watch = subprocess.Popen([sys.executable, "-m", "gate", "-c", config, "flows", "--watch", "0.2"], cwd=ROOT,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        seen = b""
+        while seen.count(b"\x1b[H\x1b[2J") < 3 and time.monotonic() < deadline:  # a screen, again and again
+            seen += os.read(watch.stdout.fileno(), 65536)  # type: ignore[union-attr]
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(10) == 0 and seen.count(b"\x1b[H\x1b[2J") >= 3 and b" socks " in seen
+        watch.stdout.close()  # type: ignore[union-attr]
+        watch.stderr.close()  # type: ignore[union-attr]
         wrong = subprocess.run([sys.executable, "-m", "gate", "flows", "--admin", f"http://127.0.0.1:{gate.admin}",
                                 "--token", "not-the-token-at-all"], cwd=ROOT, capture_output=True, text=True,
                                timeout=30)
