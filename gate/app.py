@@ -50,14 +50,23 @@ async def serve(config: GateConfig, stop: asyncio.Event, access_log: AccessLog, 
     if mesh is not None and any("webrtc" in peer.transports for peer in config.peers):
         # Loaded only here: aiortc (and PyAV under it) adds ~45 MB and 0.2 s to every process that imports it
         from gate.mesh.webrtc.dialer import WebrtcMesh
+        from gate.mesh.webrtc.seal import Sealer
 
         assert config.mesh is not None  # (a mesh exists only with its section)
-        webrtc = mesh.alternative = WebrtcMesh(mesh.trust.identity.id, config.peers, mesh.exchange,
-                                                stun=config.mesh.stun)
+        webrtc = mesh.alternative = WebrtcMesh(
+            mesh.trust.identity.id, config.peers, mesh.exchange, stun=config.mesh.stun,
+            sealer=Sealer.load(mesh.trust.identity.key_file) if any(p.via_gate for p in config.peers) else None,
+            ids={peer.name: mesh.trust.policy.id_of(peer) for peer in config.peers})
     ctx = Context(router=Router(config.routes), access_log=access_log, reuse_port=reuse_port, mark=config.mark,
                   own=frozenset(spec.listen for spec in config.listeners), mesh=mesh, config=config)
     listeners: list[Server] = []
     reverse: list[Inbound] = []  # flows arriving over our reverse tunnels (we are behind NAT)
+    wireguard = None
+    if mesh is not None and config.wireguard is not None:
+        from gate.wireguard.service import WireguardService  # (aioice: loaded only where used)
+
+        wireguard = WireguardService(config.wireguard, mesh.trust.identity.id, mesh, config.peers, access_log)
+        wireguard.serve_signalling()  # before any tunnel exists: they all answer its exchanges
     if mesh is not None:
         def serve_for(peer: str) -> Serve:
             reverse.append(Inbound(peer, ctx, config.timeouts.connect, config.timeouts.idle))
@@ -65,6 +74,8 @@ async def serve(config: GateConfig, stop: asyncio.Event, access_log: AccessLog, 
 
         mesh.start_reverse(serve_for)
     try:
+        if wireguard is not None:
+            await wireguard.start()
         for spec in config.listeners:
             listener = make_listener(spec, ctx)
             listener.start()
@@ -79,6 +90,8 @@ async def serve(config: GateConfig, stop: asyncio.Event, access_log: AccessLog, 
             listener.stop_accepting()
         await asyncio.gather(*(listener.drain(config.timeouts.drain) for listener in listeners))
         await asyncio.gather(*(inbound.drain(config.timeouts.drain) for inbound in reverse))
+        if wireguard is not None:
+            await wireguard.aclose()
         if webrtc is not None:
             await webrtc.aclose()
         if mesh is not None:

@@ -163,22 +163,35 @@ def _explain(config: GateConfig, args: argparse.Namespace) -> int:
 
 def _rules(config: GateConfig, action: str) -> int:
     from gate.capture import rules_of
+    from gate.wireguard.rules import show as wireguard_rules
     from tproxy.rules import apply, clear
 
     found = rules_of(config)
-    if found is None:
+    wireguard = wireguard_rules(config)  # (mode 3: installed by the running gate, shown and cleared here)
+    if found is None and wireguard is None:
         print("the config has no capture section: no rules", file=sys.stderr)
         return EXIT_CONFIG
-    cap, rules = found
     if action == "show":
-        print(rules.show(), end="")
+        if found is not None:
+            print(found[1].show(), end="")
+        if wireguard is not None:
+            print(("\n" if found else "") + wireguard, end="")
         return 0
-    if action == "apply" and rules.held:
+    if found is None and action == "apply":
+        print("wireguard rules are applied by the running gate (they need its ICE pairs)", file=sys.stderr)
+        return EXIT_CONFIG
+    cap, rules = found if found is not None else (None, None)
+    if action == "apply" and rules is not None and rules.held:
         print("capture.on_failure: open: the rules live as long as the gate that installs them "
               "(apply: auto); `rules apply` would remove them as it exits", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        apply(rules, cap) if action == "apply" else clear(cap)
+        if cap is not None and rules is not None:
+            apply(rules, cap) if action == "apply" else clear(cap)
+        if wireguard is not None and action == "clear":
+            from tproxy.wg_redirect import clear as clear_wireguard
+
+            clear_wireguard()
     except OSError as e:
         print(f"rules {action} failed: {e}", file=sys.stderr)
         return 1

@@ -54,6 +54,7 @@ from gate.vocab import (
     Transport,
     UdpMapping,
 )
+from gate.wg_spec import WireguardSpec, parse_wireguard
 
 __all__ = [
     "ACTIONS",
@@ -148,6 +149,7 @@ class GateConfig:
     capture: CaptureSpec | None = None
     mesh: MeshSpec | None = None
     peers: tuple[PeerSpec, ...] = ()
+    wireguard: WireguardSpec | None = None  # endpoints of WireGuard peers found by ICE (gate.wireguard)
 
 
 _CAPTURE_KEYS = ("mode", "role", "interfaces", "ports", "exclude", "sources", "backend", "apply", "route_mark",
@@ -268,7 +270,7 @@ def parse_config(raw: Any) -> GateConfig:
     """Validate a parsed YAML document; raise ConfigError listing every problem."""
     p = Problems()
     top = p.mapping(raw, "config", ("listeners", "routes", "timeouts", "log", "workers", "mark", "capture", "mesh",
-                                    "peers"))
+                                    "peers", "wireguard"))
     workers = p.get(top, "workers", "config", _workers, 1)
     timeouts = parse_timeouts(top.get("timeouts"), "timeouts", Timeouts(), p)
     lm = p.mapping(top.get("log"), "log", ("level", "access"))
@@ -302,10 +304,12 @@ def parse_config(raw: Any) -> GateConfig:
         p.add("config.mark", f"must differ from capture.route_mark ({mark_:#x})")
     _check_ingress_source(capture, listeners, routes, mark_, p)
     _check_loopback_upstreams(listeners, routes, p)
+    wireguard = parse_wireguard(top.get("wireguard"), mesh, peers, workers, p)
     if p.items:
         raise ConfigError(p.items)
     return GateConfig(listeners=tuple(listeners), routes=tuple(routes), timeouts=timeouts, log=log, workers=workers,
-                      mark=mark_, capture=capture, mesh=mesh, peers=tuple(peers))
+                      mark=mark_, capture=capture, mesh=mesh, peers=tuple(peers),
+                      wireguard=wireguard)
 
 
 def load_config(path: str | Path) -> GateConfig:

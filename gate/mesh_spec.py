@@ -47,11 +47,16 @@ class PeerSpec:
     # Transports to this peer, tried in order: "webrtc" (gate.mesh.webrtc, signalled over h2) falls back
     # to "h2" when it cannot connect. Serving, "webrtc" listed means we answer this peer's offers.
     transports: tuple[Transport, ...] = ("h2",)
-
+    # The peer is reached through this other peer (both behind NAT, both with tunnels to a public gate):
+    # our WebRTC offers to it are relayed by that gate, HTTP/2 flows to it go to that gate (whose own
+    # routes send them on), and its offers reach us only relayed by that gate (gate.mesh.h2_exchange).
+    via_gate: str | None = None
+    # Peers this one may have us relay its signaling to (we are the public gate): none by default.
+    relay: tuple[str, ...] = ()
 
 
 _MESH_KEYS = ("identity", "ca", "trust_domain", "window", "max_frame", "stun")
-_PEER_KEYS = ("name", "address", "id", "cert", "allow", "reverse", "transports")
+_PEER_KEYS = ("name", "address", "id", "cert", "allow", "reverse", "transports", "via_gate", "relay")
 # What this part supports: HTTP/2 alone, WebRTC alone, or WebRTC falling back to HTTP/2
 _TRANSPORT_ORDERS = (("h2",), ("webrtc",), ("webrtc", "h2"))
 
@@ -76,6 +81,12 @@ def parse_mesh(raw: Any, p: Problems) -> MeshSpec | None:
                     ca=p.get(m, "ca", "mesh", _path, None),
                     trust_domain=p.get(m, "trust_domain", "mesh", string, MeshSpec.trust_domain),
                     window=window, max_frame=max_frame, stun=p.get(m, "stun", "mesh", _endpoints, ()))
+
+
+def _names(raw: Any) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not all(isinstance(name, str) and name for name in raw):
+        raise ValueError("a list of peer names")
+    return tuple(raw)
 
 
 def _endpoints(raw: Any) -> tuple[Endpoint, ...]:
@@ -123,12 +134,17 @@ def _peer(raw: Any, where: str, mesh: MeshSpec | None, listeners: set[str], p: P
         allow=tuple(parse_match(a, f"{where}.allow[{j}]", listeners, p) for j, a in enumerate(allow_raw)),
         reverse=p.get(m, "reverse", where, boolean, False),
         transports=_transports(m.get("transports", ["h2"]), f"{where}.transports", p),
+        via_gate=p.get(m, "via_gate", where, string, None),
+        relay=p.get(m, "relay", where, _names, ()),
     )
+    if peer.via_gate is not None and (peer.address is not None or peer.reverse):
+        p.add(f"{where}.via_gate", "a peer reached through another gate has no address: and no reverse: of its own")
     ca = mesh.ca if mesh is not None else None
     if peer.reverse and peer.address is None:
         p.add(f"{where}.reverse", "needs address: (the gate to keep a connection to)")
     if "id" in m or peer.cert is not None:
-        if peer.address is None and peer.cert is None and ca is None:
+        if peer.address is None and peer.cert is None and ca is None and peer.via_gate is None:
+            # (a gate reached through another is never connected to: its ID names it to the relay)
             p.add(where, "a gate pinned by id: alone can only be dialled (address:); to accept it, give its "
                   "cert: or a mesh.ca that signs its certificate")
     elif ca is None:
@@ -155,4 +171,22 @@ def parse_peers(raw: Any, mesh: MeshSpec | None, listeners: set[str], p: Problem
         if peer.id is not None and any(other.id == peer.id for other in peers):
             p.add(f"peers[{i}].id", "is used twice (one gate, one peer entry)")
         peers.append(peer)
+    _check_gates(peers, p)
     return peers
+
+
+def _check_gates(peers: list[PeerSpec], p: Problems) -> None:
+    """``via_gate`` and ``relay`` name other configured peers; a gate reached through another is one hop
+    away (the gate in between is reached directly)."""
+    by_name = {peer.name: peer for peer in peers}
+    for i, peer in enumerate(peers):
+        if peer.via_gate is not None:
+            gate = by_name.get(peer.via_gate)
+            if gate is None or gate is peer:
+                p.add(f"peers[{i}].via_gate", f"{peer.via_gate!r} is not another configured peer")
+            elif gate.via_gate is not None:
+                p.add(f"peers[{i}].via_gate", f"{gate.name!r} is itself reached through {gate.via_gate!r} "
+                      "(one gate in between at most)")
+        for name in peer.relay:
+            if name not in by_name or name == peer.name:
+                p.add(f"peers[{i}].relay", f"{name!r} is not another configured peer")

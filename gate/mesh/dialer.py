@@ -22,7 +22,7 @@ from gate.dial import SocketOptions, open_tcp
 from gate.errors import GateError, UpstreamTimeout, UpstreamUnreachable
 from gate.flow import Flow
 from gate.mesh.datagrams import DatagramFlow
-from gate.mesh.h2_exchange import request
+from gate.mesh.h2_exchange import RELAY, Relay, request
 from gate.mesh.h2_streams import ERROR_HEADER, Serve, error_for_status, meta_headers, request_handler, udp_headers
 from gate.mesh.session import Bridge, Channel, Session
 from gate.mesh.transport import Alternative, Exchange, FlowMeta, ServeStream
@@ -96,6 +96,8 @@ class Mesh:
         self._udp_setups: set[asyncio.Task[None]] = set()  # CONNECT-UDP streams being set up
         self._closing = False
         self.alternative: Alternative | None = None  # WebRTC (gate.mesh.webrtc), tried first where configured
+        self.exchanges: dict[str, Exchange] = {}  # more exchange kinds served (gate.wireguard's signalling)
+        self.relay = Relay(self._relayed)  # passes on signaling between peers we relay for (h2_exchange)
 
     async def open_stream(self, peer_name: str, flow: Flow, timeout: float) -> socket.socket:
         """A socket carrying ``flow`` to its destination through ``peer_name``; GateError if not."""
@@ -105,7 +107,7 @@ class Mesh:
             sock = await self.alternative.open_stream(peer_name, flow, deadline)
             if sock is not None:
                 return sock
-        session = await self._session(peer, deadline)
+        session = await self._session(self._carrier(peer), deadline)
         meta = FlowMeta.of(flow)
         try:
             stream_id, answer = session.open_stream(str(meta.dst), meta_headers(meta))
@@ -167,7 +169,7 @@ class Mesh:
     async def _datagram_stream(self, peer_name: str, meta: FlowMeta, timeout: float) -> Channel:
         peer = self._peer(peer_name)
         deadline = asyncio.get_running_loop().time() + timeout
-        session = await self._session(peer, deadline)
+        session = await self._session(self._carrier(peer), deadline)
         if not session.extended_connect():  # h2 would send it anyway
             raise UpstreamUnreachable(f"via {peer_name}: the peer does not accept CONNECT-UDP")
         try:
@@ -182,14 +184,29 @@ class Mesh:
         return channel
 
     async def exchange(self, peer_name: str, kind: str, body: bytes, deadline: float) -> bytes:
-        """Send ``body`` to ``peer_name`` over our tunnel to it and return its answer (gate.mesh.h2_exchange)."""
-        return await request(await self._session(self._peer(peer_name), deadline), peer_name, kind, body, deadline,
+        """Send ``body`` to ``peer_name`` over our tunnel to it and return its answer (gate.mesh.h2_exchange);
+        to a peer reached through another gate (``via_gate``), that gate relays it."""
+        peer = self._peer(peer_name)
+        gate = self._carrier(peer)
+        to = self.trust.policy.id_of(peer.spec) if gate is not peer else None
+        return await request(await self._session(gate, deadline), gate.spec.name, kind, body, deadline,
+                             lambda answer: error_for_status(gate.spec.name, answer.get(":status", ""),
+                                                             answer.get(ERROR_HEADER, "")), to=to)
+
+    async def _relayed(self, peer_name: str, kind: str, body: bytes, deadline: float, vouch: str) -> bytes:
+        """We relay: pass ``body`` on to ``peer_name``, vouching that gate ``vouch`` sent it."""
+        peer = self._peer(peer_name)
+        return await request(await self._session(peer, deadline), peer_name, kind, body, deadline,
                              lambda answer: error_for_status(peer_name, answer.get(":status", ""),
-                                                             answer.get(ERROR_HEADER, "")))
+                                                             answer.get(ERROR_HEADER, "")), vouch=vouch)
 
     def exchanges_for(self, serve: ServeStream) -> dict[str, Exchange]:
-        """The exchanges the tunnels whose streams ``serve`` answers also answer (WebRTC signaling)."""
-        return {"webrtc": self.alternative.exchange_for(serve)} if self.alternative is not None else {}
+        """The exchanges the tunnels whose streams ``serve`` answers also answer (WebRTC signaling, and
+        relaying it for the peers whose ``relay:`` allows it)."""
+        exchanges: dict[str, Exchange] = {RELAY: self.relay, **self.exchanges}
+        if self.alternative is not None:
+            exchanges["webrtc"] = self.alternative.exchange_for(serve)
+        return exchanges
 
     def _peer(self, peer_name: str) -> _Peer:
         peer = self.peers.get(peer_name)
@@ -197,12 +214,17 @@ class Mesh:
             raise UpstreamUnreachable(f"no peer is named {peer_name}")
         return peer
 
+    def _carrier(self, peer: _Peer) -> _Peer:
+        """The peer whose connection carries HTTP/2 streams to ``peer``: itself, or the gate it is reached
+        through (``via_gate``; that gate's routes send the flows on)."""
+        return self.peers[peer.spec.via_gate] if peer.spec.via_gate is not None else peer
+
     async def _session(self, peer: _Peer, deadline: float) -> Session:
         loop = asyncio.get_running_loop()
         while True:
             if peer.session is not None and not peer.session.closed:
                 return peer.session
-            if peer.spec.address is None or peer.spec.reverse:  # only the peer can connect: wait for it
+            if peer.spec.address is None:  # only the peer can connect: wait for it
                 try:
                     async with asyncio.timeout_at(deadline):
                         await peer.arrived.wait()

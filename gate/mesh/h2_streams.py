@@ -254,8 +254,8 @@ def request_handler(trust: Trust, serve: Serve, exchanges: Mapping[str, Exchange
         ident, peer = session.peer
         kind = headers.get(EXCHANGE_HEADER)
         if kind is not None:
-            abandon = serve_exchange(ident, peer, H2Stream(session, stream_id),
-                                     (exchanges or {}).get(kind))
+            abandon = serve_exchange(trust.policy, ident, peer, headers, H2Stream(session, stream_id),
+                                     exchanges or {})
             bridge = session.bridges.get(stream_id)
             if bridge is not None:
                 bridge.on_abort = functools.partial(_abandoned, bridge, abandon)

@@ -76,6 +76,19 @@ class Peers:
                 return f"certificate names gate {cert.mesh_name(self.trust_domain) or cert.id}, not {peer.name}"
         return None
 
+    def id_of(self, peer: PeerSpec) -> str | None:
+        """``peer``'s gate ID as this config knows it (its cert:, its id:, or a CA-trusted peer's name),
+        without its certificate at hand: how a relayed exchange names it (gate.mesh.h2_exchange)."""
+        if peer.cert is not None:
+            return self.cert_ids.get(peer.name)
+        if peer.id is not None:
+            return peer.id
+        return peer.name.partition(".")[0] if self.has_ca else None
+
+    def by_id(self, ident: str) -> PeerSpec | None:
+        """The configured peer whose gate ID is ``ident`` (``id_of``'s inverse), or None."""
+        return next((peer for peer in self.peers if self.id_of(peer) == ident), None) if ident else None
+
     def identify(self, der: bytes | None) -> tuple[str, PeerSpec | None]:
         """The ID of the gate holding this certificate, and the configured peer it is (None: a stranger)."""
         if der is None:

@@ -24,8 +24,8 @@ from gate.config import PeerSpec
 from gate.errors import GateError
 from gate.flow import MAX_HOPS, Close, Flow
 
-__all__ = ["MAX_HOPS", "Alternative", "DatagramStream", "Datagrams", "Exchange", "FlowMeta", "ServeStream", "Stream",
-           "StreamEnd", "Transport", "stream_end"]
+__all__ = ["MAX_HOPS", "Alternative", "DatagramStream", "Datagrams", "Exchange", "Exchanged", "FlowMeta",
+           "ServeStream", "Stream", "StreamEnd", "Transport", "stream_end"]
 
 
 
@@ -156,9 +156,22 @@ class Transport(Protocol):
 # Serving a stream whatever carried it (gate.mesh.inbound.Inbound.serve): who sent it, its peer entry,
 # the flow or why it cannot be read, the stream; returns what to call (with why) if the stream ends first.
 ServeStream = Callable[[str, PeerSpec | None, "FlowMeta | GateError", Stream], Callable[[str], None]]
-# A request/answer exchange a peer sends over the mesh (WebRTC signaling): (gate ID, its peer entry or
-# None, the request body) -> the answer body.
-Exchange = Callable[[str, PeerSpec | None, bytes], Awaitable[bytes]]
+@dataclass(frozen=True, slots=True)
+class Exchanged:
+    """Who sent an exchange (WebRTC signaling), as the transport authenticated it."""
+
+    kind: str
+    ident: str  # the gate at the other end of the connection, as its TLS certificate proved it
+    peer: PeerSpec | None  # its entry here (None: a stranger)
+    to: PeerSpec | None = None  # relaying: the peer of ours it asks us to pass the exchange on to
+    # Relayed: the gate ``ident`` vouches sent it (what ``ident``'s TLS proved), and its entry here
+    origin: str | None = None
+    origin_peer: PeerSpec | None = None
+
+
+# A request/answer exchange a peer sends over the mesh (WebRTC signaling): who sent it and the request
+# body -> the answer body.
+Exchange = Callable[[Exchanged, bytes], Awaitable[bytes]]
 
 
 class Alternative(Protocol):

@@ -3,7 +3,10 @@ peer whose ``transports`` list ``webrtc`` first go over a data channel of one pe
 when that connection cannot be made (the peer refuses the offer, ICE or DTLS fail or time out) the flow
 falls back to HTTP/2 (with ``[webrtc, h2]``) and WebRTC is tried again after a backoff.
 
-The offer travels over the HTTP/2 mesh connection to the peer (``exchange``: gate.mesh.h2_exchange).
+The offer travels over the HTTP/2 mesh connection to the peer (``exchange``: gate.mesh.h2_exchange), or,
+for a peer reached through another gate (``via_gate``: both behind NAT), to that gate, which relays it;
+such an offer and its answer are sealed with the two gates' keys (gate.mesh.webrtc.seal), so the relay
+cannot swap the DTLS fingerprints.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import asyncio
 import functools
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiortc import RTCDataChannel, RTCSessionDescription
 
@@ -23,6 +26,7 @@ from gate.flow import Flow
 from gate.mesh.transport import Exchange, FlowMeta, ServeStream
 from gate.mesh.webrtc.answerer import Answerer
 from gate.mesh.webrtc.link import CONTROL_LABEL, Link, TransportDown, closed_all, new_peer_connection
+from gate.mesh.webrtc.seal import Seal, Sealer, check_seal
 from gate.mesh.webrtc.wire import SignalError, SignalMessage, check_sdp, decode_signal, encode_signal
 
 __all__ = ["ICE_TIMEOUT", "WebrtcMesh"]
@@ -48,14 +52,19 @@ class WebrtcMesh:
     """Peer connections we offered (dialling) and the answerer for those offered to us (serving)."""
 
     def __init__(self, gate_id: str, peers: tuple[PeerSpec, ...], send: Send, ice_timeout: float = ICE_TIMEOUT,
-                 stun: tuple[Endpoint, ...] = ()):
+                 stun: tuple[Endpoint, ...] = (), sealer: Sealer | None = None,
+                 ids: Mapping[str, str | None] | None = None):
+        """``sealer``: this gate's key, to seal relayed offers and answers; ``ids``: peer name -> gate ID
+        (gate.mesh.peers.Peers.id_of), whose seal a relayed answer must carry."""
         self.gate_id = gate_id
+        self.sealer = sealer
+        self.ids = dict(ids or {})
         self.stun = stun  # STUN servers for server-reflexive candidates (mesh.stun)
         self.specs = {p.name: p for p in peers}
         self.send = send
         self.ice_timeout = ice_timeout
         self.state = {p.name: _PeerState() for p in peers if p.transports[0] == "webrtc"}
-        self.answerer = Answerer(gate_id, ice_timeout, stun)
+        self.answerer = Answerer(gate_id, ice_timeout, stun, sealer)
         self._tasks: set[asyncio.Task[Link]] = set()
 
     def exchange_for(self, serve: ServeStream) -> Exchange:
@@ -125,11 +134,19 @@ class WebrtcMesh:
         loop = asyncio.get_running_loop()
         try:
             await link.pc.setLocalDescription(await link.pc.createOffer())  # gathers the host candidates
-            body = encode_signal(SignalMessage(gate=self.gate_id, sdp=link.pc.localDescription.sdp))
-            answer = decode_signal(await self.send(spec.name, "webrtc", body, deadline))
+            offer = SignalMessage(gate=self.gate_id, sdp=link.pc.localDescription.sdp)
+            peer_id = self.ids.get(spec.name) or ""
+            if spec.via_gate is not None:  # relayed: sealed both ways, end to end
+                if self.sealer is None or not peer_id:
+                    raise TransportDown(f"webrtc to {spec.name}: a relayed offer needs our key and its gate ID")
+                seal = self.sealer.seal("offer", self.gate_id, peer_id, offer.sdp)
+                offer = SignalMessage(gate=offer.gate, sdp=offer.sdp, key=seal.key, sig=seal.sig)
+            answer = decode_signal(await self.send(spec.name, "webrtc", encode_signal(offer), deadline))
             if answer.error:
                 raise TransportDown(f"webrtc to {spec.name} refused: {answer.error}")
             check_sdp(answer.sdp)
+            if spec.via_gate is not None:
+                check_seal(Seal(answer.key, answer.sig), "answer", peer_id, self.gate_id, answer.sdp, offer.sdp)
             await link.pc.setRemoteDescription(RTCSessionDescription(answer.sdp, "answer"))
             await link.wait_connected(max(deadline - loop.time(), 0.001))
         except TransportDown:

@@ -4,7 +4,8 @@ control messages on a flow's channel. No sockets, no aiortc: bytes or text in, f
 
 Signaling (one JSON object, UTF-8, over the authenticated HTTP/2 exchange): ``{"v": 1, "gate": ID,
 "sdp": SDP}`` (offer or answer) or ``{"v": 1, "error": REASON}`` (the answerer refuses). ``gate`` binds
-the description, and so its DTLS fingerprint, to the gate ID that the mesh's TLS authenticated.
+the description, and so its DTLS fingerprint, to the gate ID that the mesh's TLS authenticated; a relayed
+one also carries ``key`` and ``sig``, the sender's seal (gate.mesh.webrtc.seal).
 
 A flow's channel carries binary messages (the bytes) and text messages (control):
 ``ok`` (the far gate connected the flow), ``err STATUS REASON`` (it could not: the HTTP/2 transport's
@@ -56,6 +57,8 @@ class SignalMessage:
     gate: str = ""
     sdp: str = ""
     error: str = ""
+    key: str = ""  # relayed: the seal (gate.mesh.webrtc.seal), base64
+    sig: str = ""
 
 
 def encode_signal(message: SignalMessage) -> bytes:
@@ -64,6 +67,8 @@ def encode_signal(message: SignalMessage) -> bytes:
         body["error"] = message.error[:200]
     else:
         body.update(gate=message.gate, sdp=message.sdp)
+        if message.key or message.sig:
+            body.update(key=message.key, sig=message.sig)
     return json.dumps(body).encode()
 
 
@@ -85,7 +90,10 @@ def decode_signal(data: bytes) -> SignalMessage:
     gate, sdp = body.get("gate"), body.get("sdp")
     if not isinstance(gate, str) or not isinstance(sdp, str) or not gate or not sdp:
         raise SignalError("gate and sdp must be non-empty strings")
-    return SignalMessage(gate=gate, sdp=sdp)
+    key, sig = body.get("key", ""), body.get("sig", "")
+    if not isinstance(key, str) or not isinstance(sig, str):
+        raise SignalError("key and sig must be strings")
+    return SignalMessage(gate=gate, sdp=sdp, key=key, sig=sig)
 
 
 def check_sdp(sdp: str) -> Sdp:

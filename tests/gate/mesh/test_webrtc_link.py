@@ -19,7 +19,7 @@ from gate.addr import Endpoint
 from gate.config import PeerSpec
 from gate.errors import GateError
 from gate.flow import Close, Flow
-from gate.mesh.transport import FlowMeta, Stream, StreamEnd
+from gate.mesh.transport import Exchanged, FlowMeta, Stream, StreamEnd
 from gate.mesh.webrtc.channel import CHUNK, SOCKET_WRITE_HIGH, WINDOW
 from gate.mesh.webrtc.dialer import WebrtcMesh
 from gate.mesh.webrtc.link import MAX_CHANNELS, ChannelStream, Link, TransportDown
@@ -81,7 +81,7 @@ def _pair(served: Served, transports: tuple[Any, ...] = ("webrtc",), tamper: Cal
         if tamper is not None:
             offer = decode_signal(body)
             body = encode_signal(type(offer)(gate=offer.gate, sdp=tamper(offer.sdp)))
-        answer = await answerer.answer(served, ID_A, b_side, body)
+        answer = await answerer.answer(served, Exchanged("webrtc", ID_A, b_side), body)
         if tamper is not None:
             message = decode_signal(answer)
             answer = encode_signal(type(message)(gate=message.gate, sdp=tamper(message.sdp)))

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from gate.addr import Endpoint
 from gate.config import PeerSpec
 from gate.errors import ClientProtocolError
-from gate.mesh.transport import FlowMeta
+from gate.mesh.transport import Exchanged, FlowMeta
 from gate.mesh.webrtc.answerer import Answerer
 from gate.mesh.webrtc.link import closed_all
 from gate.mesh.webrtc.wire import (
@@ -150,10 +150,12 @@ def test_the_answerer_refuses_bad_offers_and_keeps_nothing() -> None:
         ]
         errors = []
         for ident, peer, body in cases:
-            answer = decode_signal(await answerer.answer(serve, ident, peer, body))  # type: ignore[arg-type]
+            sender = Exchanged("webrtc", ident, peer)
+            answer = decode_signal(await answerer.answer(serve, sender, body))  # type: ignore[arg-type]
             errors.append(answer.error)
         assert not answerer.links
-        parallel = await asyncio.gather(*(answerer.answer(serve, ID_A, offered, good)  # type: ignore[arg-type]
+        sender = Exchanged("webrtc", ID_A, offered)
+        parallel = await asyncio.gather(*(answerer.answer(serve, sender, good)  # type: ignore[arg-type]
                                           for _ in range(5)))
         refused = [decode_signal(a).error for a in parallel if decode_signal(a).error]
         assert refused == ["another offer from this gate is being answered"] * 4  # one answered, one link

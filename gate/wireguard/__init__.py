@@ -1,0 +1,3 @@
+"""WireGuard peers' endpoints found by ICE, signalled over the mesh, on a UDP port shared with WireGuard."""
+
+__all__: list[str] = []
