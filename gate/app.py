@@ -58,7 +58,7 @@ async def serve(config: GateConfig, stop: asyncio.Event, access_log: AccessLog, 
             sealer=Sealer.load(mesh.trust.identity.key_file) if any(p.via_gate for p in config.peers) else None,
             ids={peer.name: mesh.trust.policy.id_of(peer) for peer in config.peers})
     ctx = Context(router=Router(config.routes), access_log=access_log, reuse_port=reuse_port, mark=config.mark,
-                  own=frozenset(spec.listen for spec in config.listeners), mesh=mesh)
+                  own=frozenset(spec.listen for spec in config.listeners), mesh=mesh, config=config)
     listeners: list[Server] = []
     reverse: list[Inbound] = []  # flows arriving over our reverse tunnels (we are behind NAT)
     wireguard = None
@@ -176,6 +176,8 @@ def _supervise(config: GateConfig, inherited: Iterable[int] = ()) -> int:
     ``inherited`` are descriptors a worker closes after the fork.
     """
     for spec in config.listeners:  # fail here, once and clearly, if a port cannot be bound
+        if spec.listen.port == 0:  # an admin unix socket: each worker puts its own in place
+            continue
         try:
             bind_listening_socket(spec.listen, reuse_port=True).close()
         except OSError as e:

@@ -9,10 +9,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-from gate.addr import is_ip
 from gate.config import GateConfig, load_config
 from gate.errors import ConfigError
-from gate.router import FlowKey, Router
 
 __all__ = ["main", "version"]
 
@@ -62,6 +60,14 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("--alpn", default="", help="sniffed ALPN offers, comma-separated")
     rules = sub.add_parser("rules", parents=[common], help="firewall/routing rules of the capture section")
     rules.add_argument("action", choices=["show", "apply", "clear"])
+    flows = sub.add_parser("flows", parents=[common], help="the live flows, from the admin listener")
+    flows.add_argument("--watch", nargs="?", type=float, const=1.0, default=None, metavar="SECONDS",
+                       help="refresh like top (every SECONDS, default 1) until interrupted")
+    peers = sub.add_parser("peers", parents=[common], help="the mesh peers' tunnels, from the admin listener")
+    for admin in (flows, peers):
+        admin.add_argument("--admin", default=None, help="http://HOST:PORT or a unix socket path "
+                                                         "(default: the config's admin listener)")
+        admin.add_argument("--token", default=None, help="bearer token (default: the admin listener's)")
     imports = sub.add_parser("import", help="turn other tools' configs into ugate's (prints YAML)")
     imports.add_argument("format", choices=["gateway-api"], help="Kubernetes Gateway API resources (YAML)")
     imports.add_argument("files", nargs="+", help="YAML files, multi-document allowed")
@@ -141,25 +147,18 @@ def _load(path: str) -> GateConfig | None:
 
 
 def _explain(config: GateConfig, args: argparse.Namespace) -> int:
-    if args.listener not in {spec.name for spec in config.listeners}:
-        print(f"no listener is named {args.listener!r}", file=sys.stderr)
-        return EXIT_CONFIG
-    host = args.host
-    if host is None and not is_ip(args.dst):
-        host = args.dst
-    if host is None and args.sni:
-        host = args.sni
-    alpn = tuple(a for a in args.alpn.split(",") if a)
-    key = FlowKey(args.listener, args.src, args.dst, args.port, host, args.protocol, args.sni, alpn)
-    from gate.capture import bypass_of, fastpath_of
+    from gate.explain import explain
 
-    kind = next(spec.kind for spec in config.listeners if spec.name == args.listener)
-    bypass = kind in ("tproxy", "tproxy_udp") and bool(bypass_of(config))
-    fastpath = kind == "tproxy_udp" and bool(fastpath_of(config))
-    for line in Router(config.routes).explain(key, bypass=bypass, fastpath=fastpath):
+    alpn = tuple(a for a in args.alpn.split(",") if a)
+    try:
+        lines = explain(config, args.listener, args.dst, args.port, src=args.src, host=args.host,
+                        protocol=args.protocol, sni=args.sni, alpn=alpn)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return EXIT_CONFIG
+    for line in lines:
         print(line)
     return 0
-
 
 
 def _rules(config: GateConfig, action: str) -> int:
@@ -199,10 +198,25 @@ def _rules(config: GateConfig, action: str) -> int:
     return 0
 
 
+def _admin(args: argparse.Namespace) -> int:
+    from gate.admin.client import AdminClient, print_flows, print_peers
+
+    # with --admin the config is optional (it may be another host's)
+    config = _load(args.config) if args.admin is None or Path(args.config).exists() else None
+    try:
+        client = AdminClient.of(config, args.admin, args.token)
+    except ConfigError as e:
+        _report(args.config, e.problems)
+        return EXIT_CONFIG
+    return print_flows(client, args.watch) if args.command == "flows" else print_peers(client)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "keygen":  # needs no config
         return _keygen(args)
+    if args.command in ("flows", "peers"):
+        return _admin(args)
     if args.command == "import":  # nor does this
         return _import(args)
     config = _load(args.config)

@@ -21,6 +21,7 @@ from gate.errors import ConfigError
 from gate.mesh_spec import MeshSpec, PeerSpec, parse_mesh, parse_peers
 from gate.route_spec import Match, Route, check_offload, parse_route
 from gate.specs import (
+    AdminSpec,
     ForwardSpec,
     H2Spec,
     HttpSpec,
@@ -60,6 +61,7 @@ __all__ = [
     "PROTOCOLS",
     "RELAY_MODES",
     "Action",
+    "AdminSpec",
     "CaptureApply",
     "CaptureBackend",
     "CaptureMode",

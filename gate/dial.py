@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from gate.addr import Endpoint, is_ip
 from gate.deadlines import Sweeper
 from gate.errors import UpstreamError, UpstreamRefused, UpstreamTimeout, UpstreamUnreachable
+from gate.metrics import DIAL_ERRORS
 from tproxy.sockopts import set_mark, set_transparent
 from tproxy.tuples import bind_apart
 
@@ -145,6 +146,7 @@ class Connect:
         self._unregister()
 
     def _fail(self, error: UpstreamError) -> None:
+        DIAL_ERRORS[error.kind] += 1
         self._stop_clock()
         self._unregister()
         self.sock.close()
@@ -172,8 +174,10 @@ async def resolve(dst: Endpoint, timeout: float) -> list[tuple[int, Endpoint]]:
         async with asyncio.timeout(timeout):
             infos = await loop.getaddrinfo(dst.host, dst.port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
+        DIAL_ERRORS["dns"] += 1
         raise UpstreamUnreachable(f"{dst.host}: {e.strerror}") from None
     except TimeoutError:
+        DIAL_ERRORS["dns"] += 1
         raise UpstreamTimeout(f"{dst}: name not resolved within {timeout:g}s") from None
     return [(family, Endpoint(str(addr[0]), int(addr[1]))) for family, _, _, _, addr in infos]
 

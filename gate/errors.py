@@ -57,18 +57,25 @@ class UpstreamError(GateError):
     """The upstream could not be reached; subclasses say how."""
 
     close = Close.UPSTREAM_ERROR
+    kind: ClassVar[str] = "other"  # the metrics' dial error kind (ugate_dial_errors_total)
 
 
 class UpstreamRefused(UpstreamError):
     """The upstream host answered with RST (ECONNREFUSED)."""
 
+    kind = "refused"
+
 
 class UpstreamUnreachable(UpstreamError):
     """No route, name did not resolve, or the network said unreachable."""
 
+    kind = "unreachable"
+
 
 class UpstreamTimeout(UpstreamError):
     """The connect did not complete within the connect timeout."""
+
+    kind = "timeout"
 
 
 class ConfigError(Exception):

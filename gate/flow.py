@@ -57,6 +57,7 @@ class Close(enum.StrEnum):
     REFUSED = "refused"  # a policy that holds for every flow said no (a loop, not redirected, ...)
     UPSTREAM_ERROR = "upstream error"  # the upstream could not be reached
     SHUTDOWN = "shutdown"
+    CUT = "cut"  # an operator cut it (the admin API's DELETE /flows/ID): both sides get a reset
     INTERNAL = "internal error"  # a bug; logged with its traceback
     INTERCEPT_ERROR = "intercept error"  # the route's interceptor raised: that flow is reset (gate.intercept)
 

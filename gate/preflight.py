@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ssl
 
-from gate.config import GateConfig, H2Spec
+from gate.config import AdminSpec, GateConfig, H2Spec
 from gate.errors import ConfigError
 
 __all__ = ["check_ready", "preflight"]
@@ -19,15 +19,15 @@ def _why(e: Exception) -> str:
 def preflight(config: GateConfig) -> list[str]:
     """Located problems (``where: what``) of the trust material: identity, mesh CA and peer certificates,
     the server context of each h2 listener and the client context of each dialled peer."""
+    problems = _admin_tokens(config)
     if config.mesh is None:
-        return []
+        return problems
     from gate.mesh.trust import Trust  # the mesh (h2, cryptography) is only loaded for configs that use it
 
     try:
         trust = Trust(config.mesh, config.peers)
     except ConfigError as e:
-        return list(e.problems)
-    problems: list[str] = []
+        return problems + list(e.problems)
     for i, spec in enumerate(config.listeners):
         if isinstance(spec, H2Spec):
             try:
@@ -40,6 +40,20 @@ def preflight(config: GateConfig) -> list[str]:
                 trust.client_context(peer, reverse=peer.reverse)
             except (ConfigError, ssl.SSLError, OSError) as e:
                 problems.append(f"peers[{i}] ({peer.name}): {_why(e)}")
+    return problems
+
+
+def _admin_tokens(config: GateConfig) -> list[str]:
+    """Each admin listener's token can be read (and is long enough)."""
+    from gate.admin.api import load_token
+
+    problems = []
+    for i, spec in enumerate(config.listeners):
+        if isinstance(spec, AdminSpec):
+            try:
+                load_token(spec)
+            except ConfigError as e:
+                problems += [f"listeners[{i}] ({spec.name}): {p}" for p in e.problems]
     return problems
 
 

@@ -8,6 +8,7 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -29,6 +30,7 @@ from gate.vocab import RelayMode, Transport, UdpMapping
 
 __all__ = [
     "KINDS",
+    "AdminSpec",
     "ForwardSpec",
     "H2Spec",
     "HttpSpec",
@@ -111,6 +113,11 @@ class ListenerSpec:
     # Clients in these ranges (load balancers) must open with a PROXY protocol v1/v2 header, which then
     # names the real client; anyone else's bytes are never read as one.
     proxy_protocol_from: tuple[IPNetwork, ...] = ()
+
+    @staticmethod
+    def parse_listen(text: Any) -> Endpoint:
+        """The ``listen`` value (a kind may accept more than host:port)."""
+        return parse_endpoint(text)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -410,6 +417,61 @@ def _origins(value: Any) -> tuple[str, ...]:
     return tuple(item.rstrip("/") for item in items)
 
 
+class AdminAuth(StrEnum):
+    TOKEN = "token"  # Authorization: Bearer <token> on every request
+    NONE = "none"  # nobody is asked: only on a loopback address or a unix socket (its file mode guards it)
+
+
+@dataclass(frozen=True)
+class AdminSpec(ListenerSpec):
+    """The admin API and Prometheus metrics (gate.admin): loopback TCP with a bearer token, or a unix
+    socket (``listen: /path``, mode 0600, guarded by its permissions). Never part of a default config."""
+
+    kind: ClassVar[str] = "admin"
+    KEYS: ClassVar[tuple[str, ...]] = ("auth", "token_file", "token_env")
+    auth: AdminAuth = AdminAuth.TOKEN
+    token_file: str | None = None  # the token is the file's first line (read at start, and by ugate check)
+    token_env: str | None = None  # or the value of this environment variable
+
+    @property
+    def unix_path(self) -> str | None:
+        """The unix socket path, when ``listen`` named one (kept as an Endpoint with port 0)."""
+        return self.listen.host if self.listen.port == 0 else None
+
+    @staticmethod
+    def parse_listen(text: Any) -> Endpoint:
+        if isinstance(text, str) and text.startswith("/"):
+            if len(text.encode()) > 107:  # sun_path holds 108 bytes with the terminating NUL
+                raise ValueError(f"{text!r}: a unix socket path is at most 107 bytes")
+            return Endpoint(text, 0)
+        return parse_endpoint(text)
+
+    @classmethod
+    def parse(cls, m: Mapping[str, Any], where: str, common: dict[str, Any], p: Problems) -> ListenerSpec:
+        listen: Endpoint = common["listen"]
+        unix = listen.port == 0
+        token_file = p.get(m, "token_file", where, string, None)
+        token_env = p.get(m, "token_env", where, string, None)
+        # a unix socket is guarded by its file mode alone, unless a token is given too
+        plain = unix and token_file is None and token_env is None
+        auth = p.get(m, "auth", where, one_of(AdminAuth), AdminAuth.NONE if plain else AdminAuth.TOKEN)
+        if token_file is not None and token_env is not None:
+            p.add(f"{where}.token_env", "give token_file or token_env, not both")
+        if auth == AdminAuth.TOKEN and token_file is None and token_env is None:
+            p.add(f"{where}.auth", "a TCP admin listener needs token_file or token_env (or auth: none, on "
+                                   "loopback only)" if not unix else "auth: token needs token_file or token_env")
+        if auth == AdminAuth.NONE and not unix and not _is_loopback(listen.host):
+            p.add(f"{where}.auth", f"none is only allowed on a loopback address or a unix socket, not {listen.host}")
+        return cls(**common, auth=auth, token_file=token_file, token_env=token_env)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def parse_timeouts(raw: Any, where: str, base: Timeouts, p: Problems) -> Timeouts:
     m = p.mapping(raw, where, TIMEOUT_KEYS)
     return Timeouts(**{k: p.get(m, k, where, positive_number, getattr(base, k)) for k in TIMEOUT_KEYS})
@@ -430,7 +492,7 @@ def parse_listener(raw: Any, where: str, base: Timeouts, p: Problems) -> Listene
             p.add(f"{where}.{required}", "missing")
     common: dict[str, Any] = {
         "name": p.get(m, "name", where, string, f"<{where}>"),
-        "listen": p.get(m, "listen", where, parse_endpoint, Endpoint("127.0.0.1", 1)),
+        "listen": p.get(m, "listen", where, cls.parse_listen, Endpoint("127.0.0.1", 1)),
         "timeouts": parse_timeouts(m.get("timeouts"), f"{where}.timeouts", base, p),
         "max_flows": p.get(m, "max_flows", where, positive_int, ListenerSpec.max_flows),
         "max_flows_per_source": p.get(m, "max_flows_per_source", where, positive_int, 0),

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from gate.admin import AdminListener
 from gate.config import (
+    AdminSpec,
     ForwardSpec,
     H2Spec,
     HttpSpec,
@@ -46,6 +48,7 @@ SERVERS: dict[type[ListenerSpec], Callable[[Any, Context], Server]] = {
     H2Spec: H2Listener,
     StunSpec: StunListener,
     WebrtcSignalSpec: WebrtcSignalListener,
+    AdminSpec: AdminListener,
 }
 
 

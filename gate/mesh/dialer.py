@@ -332,6 +332,16 @@ class Mesh:
 
         session.lost_callbacks.append(lost)
 
+    def status(self) -> list[tuple[str, Endpoint | None, bool, int, str]]:
+        """Read-only, for the admin API and the metrics: each configured peer's name, address, whether an
+        HTTP/2 tunnel to it is up, the streams open on it, and the last error dialling it."""
+        out = []
+        for name, peer in self.peers.items():
+            session = peer.session
+            up = session is not None and not session.closed
+            out.append((name, peer.spec.address, up, len(session.bridges) if up and session else 0, peer.last_error))
+        return out
+
     def start_reverse(self, serve_for: Callable[[str], Serve]) -> None:
         """Keep a reverse tunnel open to every peer marked ``reverse`` (we are behind NAT): dial it,
         serve the flows it sends, and dial again with backoff whenever the connection ends."""

@@ -1,6 +1,7 @@
 """Every TCP listener kind fuzzed from outside with mutated real handshakes: SOCKS5 and SOCKS4a, HTTP
-(plain and CONNECT), TLS ClientHellos (curl's and Chromium's), PROXY v1/v2 headers, and TLS towards the
-mesh listener. The gate never dies, logs no traceback, and its descriptor count returns to baseline.
+(plain and CONNECT), TLS ClientHellos (curl's and Chromium's), PROXY v1/v2 headers, TLS towards the
+mesh listener, and admin API requests. The gate never dies, logs no traceback, and its descriptor
+count returns to baseline.
 
 Mutations are seeded (``UGATE_FUZZ_SEED``, default fixed) so a failure replays; ``UGATE_FUZZ_CASES``
 raises the number per listener for longer runs (scripts/fuzz).
@@ -41,8 +42,11 @@ def seeds() -> dict[str, list[bytes]]:
     pp = [proxy_protocol.build_v1(("10.0.0.1", 1234), ("10.0.0.2", 80)) + http[0],
           proxy_protocol.build_v2(("10.0.0.1", 1234), ("10.0.0.2", 80)) + tls[0],
           proxy_protocol.build_v2(("fd00::1", 1234), ("fd00::2", 443)) + b"x"]
+    admin = [b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /flows HTTP/1.1\r\nHost: x\r\n\r\n",
+             b"DELETE /flows/1-2 HTTP/1.1\r\nHost: x\r\n\r\n", b"POST /reload HTTP/1.1\r\nHost: x\r\n\r\n",
+             b"GET /route?listener=socks&dst=127.0.0.1:9&sni=a&alpn=h2 HTTP/1.1\r\nHost: x\r\n\r\n"]
     return {"socks": [socks5, socks5_ip, socks5_v6, socks4a], "http": http, "sni": tls,
-            "mux": [socks5, socks4a, *http, *tls, b"SSH-2.0-OpenSSH_9.2\r\n"], "pp": pp, "mesh": tls}
+            "mux": [socks5, socks4a, *http, *tls, b"SSH-2.0-OpenSSH_9.2\r\n"], "pp": pp, "mesh": tls, "admin": admin}
 
 
 def mutate(rng: random.Random, data: bytes) -> bytes:
@@ -99,7 +103,7 @@ def keygen(directory: Path) -> None:
 
 def test_mutated_handshakes_never_break_the_gate(start_gate: Any, tmp_path: Path) -> None:
     keygen(tmp_path / "me")
-    ports = {name: free_port() for name in ("socks", "http", "sni", "mux", "pp", "mesh")}
+    ports = {name: free_port() for name in ("socks", "http", "sni", "mux", "pp", "mesh", "admin")}
     gate = start_gate(
         [{"name": "socks", "kind": "socks5", "listen": f"127.0.0.1:{ports['socks']}"},
          {"name": "http", "kind": "http", "listen": f"127.0.0.1:{ports['http']}"},
@@ -107,7 +111,8 @@ def test_mutated_handshakes_never_break_the_gate(start_gate: Any, tmp_path: Path
          {"name": "mux", "kind": "mux", "listen": f"127.0.0.1:{ports['mux']}", "default": "127.0.0.1:9"},
          {"name": "pp", "kind": "forward", "listen": f"127.0.0.1:{ports['pp']}", "to": "127.0.0.1:9",
           "sniff": True, "proxy_protocol_from": ["127.0.0.0/8"]},
-         {"name": "mesh", "kind": "h2", "listen": f"127.0.0.1:{ports['mesh']}"}],
+         {"name": "mesh", "kind": "h2", "listen": f"127.0.0.1:{ports['mesh']}"},
+         {"name": "admin", "kind": "admin", "listen": f"127.0.0.1:{ports['admin']}", "auth": "none"}],
         # only the local discard port may be reached (refused: nothing listens), names are rejected
         # before any lookup, so mutated destinations cost no DNS and no connect timeouts
         routes=[{"match": {"dst": ["127.0.0.1/32"], "port": [9]}, "action": "direct"}, {"action": "reject"}],
