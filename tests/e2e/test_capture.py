@@ -29,9 +29,9 @@ def spawn(topo: netns.Topology, role: str, *argv: str) -> subprocess.Popen[bytes
     return subprocess.Popen(topo.cmd(role, *argv), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def wait_listening(topo: netns.Topology, role: str, port: int) -> None:
+def wait_listening(topo: netns.Topology, role: str, port: int, udp: bool = False) -> None:
     deadline = time.monotonic() + 10
-    while f":{port} " not in topo.run(role, "ss", "-Hltn"):
+    while f":{port} " not in topo.run(role, "ss", "-Hlun" if udp else "-Hltn"):
         assert time.monotonic() < deadline, f"nothing listens on {port} in {role}"
         time.sleep(0.05)
 
@@ -302,10 +302,7 @@ def test_router_udp_bursts_arrive_exact_and_in_order(start_gate: Any, router: ne
     names itself, so a loss is told from a corruption or a reordering."""
     server = spawn(router, "server", sys.executable, "-c", UDP_SINK)
     try:
-        deadline = time.monotonic() + 10
-        while ":4440 " not in router.run("server", "ss", "-Hlun"):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_listening(router, "server", 4440, udp=True)
         listeners, capture = gateway_config("tproxy", udp=True)
         start_gate(listeners, netns=router.ns["gateway"], capture=capture)
         if nic_like:
@@ -356,10 +353,7 @@ def test_router_routes_quic_by_sni_split_over_datagrams(start_gate: Any, router:
     the hello never comes, the session is routed without the name after the sniff wait."""
     server = spawn(router, "server", sys.executable, "-c", UDP_ECHO)
     try:
-        deadline = time.monotonic() + 10
-        while ":4434 " not in router.run("server", "ss", "-Hlun"):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_listening(router, "server", 4434, udp=True)
         a = router.addr
         listeners, capture = gateway_config("tproxy", udp=True)
         gate = start_gate(listeners, netns=router.ns["gateway"], capture=capture, routes=[
