@@ -131,7 +131,8 @@ def _offload(value: Any) -> Offload:
 def _from_files(mm: Mapping[str, Any], key: str, where: str, entry: Callable[[str], T], base: Path | None,
                 p: Problems) -> tuple[tuple[str, ...], tuple[T, ...]]:
     """(the files as named, their entries) of ``key``: a file or a list of files."""
-    files = p.get(mm, key, where, names, ())
+    none: tuple[str, ...] = ()
+    files = p.get(mm, key, where, names, none)
     found: list[T] = []
     for name in files:
         try:
@@ -147,13 +148,15 @@ def parse_match(raw: Any, where: str, listeners: set[str], p: Problems, base: Pa
     w = where
     dst_from, dst_listed = _from_files(mm, "dst_from", w, network, base, p)
     host_from, host_listed = _from_files(mm, "host_from", w, host_pattern, base, p)
+    no_nets: tuple[IPNetwork, ...] = ()
+    no_names: tuple[str, ...] = ()
     match = Match(
         listener=p.get(mm, "listener", w, names, ()),
-        dst=p.get(mm, "dst", w, networks, ()) + dst_listed,
+        dst=p.get(mm, "dst", w, networks, no_nets) + dst_listed,
         dst_from=dst_from,
         port=p.get(mm, "port", w, ports, ()),
         src=p.get(mm, "src", w, networks, ()),
-        host=p.get(mm, "host", w, hosts, ()) + host_listed,
+        host=p.get(mm, "host", w, hosts, no_names) + host_listed,
         host_from=host_from,
         protocol=p.get(mm, "protocol", w, _protocols, ()),
         sni=p.get(mm, "sni", w, hosts, ()),
