@@ -32,25 +32,27 @@ _V4_MAPPED = bytes(10) + b"\xff\xff"
 def address(text: str | None) -> Address | None:
     """``text`` as (version, integer) when it is an IP address, IPv4-mapped IPv6 as IPv4; else None.
 
-    inet_pton first (a third of ipaddress's cost); what it refuses goes to ipaddress when it could still
-    be an address to it (a scoped ``fe80::1%eth0``), so both always agree with gate.router's reading."""
+    inet_pton (a third of ipaddress's cost; names leave without an exception); what it refuses goes to
+    ipaddress when it could still
+    be an address to it (a scoped ``fe80::1%eth0``), so both agree with gate.router's reading."""
     if text is None:
         return None
-    try:
-        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
-    except (OSError, ValueError):  # ValueError: an embedded NUL
-        pass
     if ":" in text:
         try:
             raw = socket.inet_pton(socket.AF_INET6, text)
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # ValueError: an embedded NUL
             pass
         else:
             if raw[:12] == _V4_MAPPED:
                 return 4, int.from_bytes(raw[12:], "big")
             return 6, int.from_bytes(raw, "big")
     elif text.strip("0123456789."):
-        return None  # a name: no IPv4 address has other characters, and an IPv6 one has a colon
+        return None  # a name (the common case, so no exception): IPv4 has no other character, IPv6 a colon
+    else:
+        try:
+            return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
+        except (OSError, ValueError):
+            pass
     try:
         ip = ipaddress.ip_address(text)
     except ValueError:
@@ -184,8 +186,13 @@ class RouteIndex:
         self.everything: Mask = (1 << len(matches)) - 1
         fields = {name: [getattr(m, name) for m in matches]
                   for name in ("listener", "src", "dst", "port", "host", "protocol", "sni", "alpn")}
-        # per field: the routes without a condition on it; a field no route conditions on is skipped
-        self._any = {name: _unconditioned(values) for name, values in fields.items()}
+        # per field: the routes without a condition on it (all of them: the field is skipped)
+        anyf = {name: _unconditioned(values) for name, values in fields.items()}
+        self._any_listener, self._any_src, self._any_dst, self._any_port = (
+            anyf["listener"], anyf["src"], anyf["dst"], anyf["port"])
+        self._any_host, self._any_protocol, self._any_sni, self._any_alpn = (
+            anyf["host"], anyf["protocol"], anyf["sni"], anyf["alpn"])
+        self._sniffed = any(anyf[name] != self.everything for name in ("protocol", "sni", "alpn"))
         self._listener = _words(fields["listener"])
         self._protocol = _words(fields["protocol"])
         self._alpn = _words(fields["alpn"])
@@ -194,36 +201,35 @@ class RouteIndex:
         self._port = Intervals((lo, hi, pos) for pos, ranges in enumerate(fields["port"]) for lo, hi in ranges)
         self._host = Names((p, pos) for pos, patterns in enumerate(fields["host"]) for p in patterns)
         self._sni = Names((p, pos) for pos, patterns in enumerate(fields["sni"]) for p in patterns)
-        self._active = {name for name, mask in self._any.items() if mask != self.everything}
 
     def candidates(self, listener: str, src: str | None, dst_host: str | None, port: int | None, host: str | None,
                    protocol: str | None = None, sni: str | None = None, alpn: tuple[str, ...] = (), *,
                    sniffed: bool = True, names: bool = True) -> Mask:
         """The routes whose every condition holds. Without ``sniffed`` protocol, SNI and ALPN count as
         holding, without ``names`` so does ``host`` (what gate.router.needs_sniff asks: which routes
-        could still match once sniffing fills those in)."""
-        active, anyf = self._active, self._any
-        mask = self.everything
-        if "listener" in active:
-            mask &= anyf["listener"] | self._listener.get(listener, 0)
-        if "port" in active:
-            mask &= anyf["port"] | (self._port.lookup(port) if port is not None else 0)
-        if "src" in active and mask:
+        could still match once sniffing fills those in). Spelled out field by field: this runs per flow."""
+        everything = self.everything
+        mask = everything
+        if self._any_listener != everything:
+            mask &= self._any_listener | self._listener.get(listener, 0)
+        if self._any_port != everything:
+            mask &= self._any_port | (self._port.lookup(port) if port is not None else 0)
+        if self._any_src != everything and mask:
             ip = address(src)
-            mask &= anyf["src"] | (self._src[ip[0]].lookup(ip[1]) if ip else 0)
+            mask &= self._any_src | (self._src[ip[0]].lookup(ip[1]) if ip else 0)
         dst = address(dst_host)
-        if "dst" in active and mask:
-            mask &= anyf["dst"] | (self._dst[dst[0]].lookup(dst[1]) if dst else 0)
-        if names and "host" in active and mask:
+        if self._any_dst != everything and mask:
+            mask &= self._any_dst | (self._dst[dst[0]].lookup(dst[1]) if dst else 0)
+        if names and self._any_host != everything and mask:
             name = host_name(host, dst_host, dst is not None)
-            mask &= anyf["host"] | (self._host.lookup(name) if name else 0)
-        if sniffed and mask:
-            if "protocol" in active:
-                mask &= anyf["protocol"] | (self._protocol.get(protocol, 0) if protocol is not None else 0)
-            if "sni" in active:
-                mask &= anyf["sni"] | (self._sni.lookup(sni) if sni else 0)
-            if "alpn" in active:
-                offered = anyf["alpn"]
+            mask &= self._any_host | (self._host.lookup(name) if name else 0)
+        if sniffed and self._sniffed and mask:
+            if self._any_protocol != everything:
+                mask &= self._any_protocol | (self._protocol.get(protocol, 0) if protocol is not None else 0)
+            if self._any_sni != everything:
+                mask &= self._any_sni | (self._sni.lookup(sni) if sni else 0)
+            if self._any_alpn != everything:
+                offered = self._any_alpn
                 for item in alpn:
                     offered |= self._alpn.get(item, 0)
                 mask &= offered

@@ -168,6 +168,9 @@ def bypass_routes(routes: tuple[Route, ...]) -> tuple[Route, ...]:
     return tuple(compiled)
 
 
+_NO_MATCH = Decision(Action.REJECT, None)
+
+
 def decide_linear(routes: tuple[Route, ...], key: FlowKey) -> Decision:
     """The plain reading of first-match-wins: each route in order, each condition item by item. The
     reference ``Router.decide`` is held to (tests); ``explain`` walks the same way."""
@@ -202,6 +205,9 @@ class Router:
         self.routes = routes
         self.bypass = bypass_routes(routes)
         self._index = RouteIndex([route.match for route in routes])
+        # a route's decision is the same for every flow but with action resolve (the flow's name): made once
+        self._decisions = [None if route.action == "resolve" else _decision(route, FlowKey("", None, None, None, None))
+                           for route in routes]
 
     def needs_sniff(self, key: FlowKey) -> bool:
         """Whether what sniffing finds (protocol, SNI, ALPN, or a host where only an address is known)
@@ -220,8 +226,9 @@ class Router:
         mask = self._index.candidates(key.listener, key.src, key.dst_host, key.port, key.host, key.protocol,
                                       key.sni, key.alpn)
         if not mask:
-            return Decision(Action.REJECT, None)
-        return _decision(self.routes[(mask & -mask).bit_length() - 1], key)
+            return _NO_MATCH
+        first = (mask & -mask).bit_length() - 1
+        return self._decisions[first] or _decision(self.routes[first], key)
 
     def explain(self, key: FlowKey, bypass: bool = False, fastpath: bool = False) -> list[str]:
         """One line per route tried, ending with the decision; with ``bypass`` (the capture rules hold
