@@ -33,8 +33,8 @@ def address(text: str | None) -> Address | None:
     """``text`` as (version, integer) when it is an IP address, IPv4-mapped IPv6 as IPv4; else None.
 
     inet_pton (a third of ipaddress's cost; names leave without an exception); what it refuses goes to
-    ipaddress when it could still
-    be an address to it (a scoped ``fe80::1%eth0``), so both agree with gate.router's reading."""
+    ipaddress when it could still be an address to it (a scoped ``fe80::1%eth0``), so both agree with
+    gate.router's reading."""
     if text is None:
         return None
     if ":" in text:
