@@ -143,11 +143,18 @@ def _from_files(mm: Mapping[str, Any], key: str, where: str, entry: Callable[[st
     return files, tuple(found)
 
 
+def _listed_host(line: str) -> str:
+    """A host pattern on a list file's line: one word (a hosts-file line, ``0.0.0.0 ads.test``, is not one)."""
+    if len(line.split()) != 1:
+        raise ValueError(f"{line!r} is not a host name, *.suffix or .suffix (one per line)")
+    return host_pattern(line)
+
+
 def parse_match(raw: Any, where: str, listeners: set[str], p: Problems, base: Path | None = None) -> Match:
     mm = p.mapping(raw, where, _MATCH_KEYS)
     w = where
     dst_from, dst_listed = _from_files(mm, "dst_from", w, network, base, p)
-    host_from, host_listed = _from_files(mm, "host_from", w, host_pattern, base, p)
+    host_from, host_listed = _from_files(mm, "host_from", w, _listed_host, base, p)
     no_nets: tuple[IPNetwork, ...] = ()
     no_names: tuple[str, ...] = ()
     match = Match(
