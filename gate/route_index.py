@@ -127,7 +127,7 @@ class Names:
     suffixes after a dot are what gate.router's ``str.endswith`` tests, so the two agree on odd names
     (empty labels) too."""
 
-    __slots__ = ("_exact", "_suffix")
+    __slots__ = ("_exact", "_longest", "_suffix")
 
     def __init__(self, patterns: Iterable[tuple[str, int]]) -> None:
         """``patterns``: (pattern, route position), patterns already lower case and validated."""
@@ -144,12 +144,15 @@ class Names:
                 self._exact[key] = self._exact.get(key, 0) | bit
             else:
                 self._exact[pattern] = self._exact.get(pattern, 0) | bit
+        self._longest = max(map(len, self._suffix), default=0)
 
     def lookup(self, name: str) -> Mask:
         mask = self._exact.get(name, 0)
         if self._suffix:
             suffix = self._suffix
-            dot = name.find(".")
+            # only suffixes as long as the longest pattern's can match: a peer's 16 KiB Host of dots
+            # costs as many probes as a real name, not one per dot
+            dot = name.find(".", max(len(name) - self._longest - 1, 0))
             while dot >= 0:
                 mask |= suffix.get(name[dot + 1:], 0)
                 dot = name.find(".", dot + 1)

@@ -136,3 +136,21 @@ def test_address_cases(text: str | None, expected: tuple[int, int] | None) -> No
 def test_names_by_suffix(name: str, routes: set[int]) -> None:
     table = Names([("example.com", 0), ("*.example.com", 1), (".example.com", 2), ("other.test", 3)])
     assert {pos for pos in range(4) if table.lookup(name) >> pos & 1} == routes
+
+
+def test_a_long_name_costs_probes_for_the_longest_pattern_only() -> None:
+    """A peer-chosen name of thousands of labels still matches as str.endswith says, and only suffixes as
+    long as the longest pattern are looked up (counted through a dict that records its probes)."""
+    probes: list[str] = []
+
+    class Counting(dict[str, int]):
+        def get(self, key: str, default: int = 0) -> int:  # type: ignore[override]
+            probes.append(key)
+            return super().get(key, default)
+
+    table = Names([("*.ads.example", 0), (".b.test", 1)])
+    name = "a." * 5000 + "x.ads.example"
+    assert table.lookup(name) == 1
+    table._suffix = Counting(table._suffix)
+    assert table.lookup(name) == 1 and len(probes) <= len("ads.example")
+    assert table.lookup("." * 3000 + "b.test") == 2
