@@ -82,6 +82,21 @@ def _listed(items: list[str], files: tuple[str, ...] = ()) -> str:
     return f"{items[:SHOWN] + more} ({len(items):,} in all{origin})"
 
 
+def _listed_why(match: Match, key: FlowKey) -> str:
+    """For a route with list files: which entry the flow matched (a reader cannot find it by eye)."""
+    if not (match.dst_from or match.host_from):
+        return ""
+    found = []
+    dst = _ip(key.dst_host)
+    if match.dst and dst is not None:
+        net = next(n for n in match.dst if dst in n)
+        found.append(f"dst {key.dst_host} in {net}")
+    if match.host:
+        name = (key.host or (key.dst_host if dst is None else None) or "").lower().rstrip(".")
+        found.append(f"host {name!r} matches {next(p for p in match.host if _host_matches(p, name))!r}")
+    return f" ({', '.join(found)})"
+
+
 def why_not(match: Match, key: FlowKey) -> str | None:
     """None if ``match`` holds for ``key``; else the first failed condition, in words."""
     if match.listener and key.listener not in match.listener:
@@ -242,7 +257,8 @@ class Router:
                 target = f" -> {upstream}" if upstream else f" {route.via}" if route.via else ""
                 if route.action == "resolve" and upstream is None:
                     target = " (no name known: the original destination)"
-                lines.append(f"routes[{route.index}] {route.name}: MATCH: {route.action}{target}")
+                why = _listed_why(route.match, key)
+                lines.append(f"routes[{route.index}] {route.name}: MATCH: {route.action}{target}{why}")
                 if bypass and route in self.bypass:
                     lines.append("bypassed: the capture rules do not capture this flow (address-only route, "
                                  "direct with the client's source); the kernel forwards it and the gate never "

@@ -44,6 +44,8 @@ def test_lists_are_read_relative_to_the_config_file(tmp_path: Path) -> None:
     assert country.dst == tuple(map(ipaddress.ip_network, ("10.9.0.0/16", "10.1.0.0/16", "192.0.2.7/32",
                                                            "2001:db8::/32")))
     router = Router(config.routes)
+    assert router.explain(FlowKey("s", "127.0.0.1", "a.track.test", 443, "A.track.test"))[0] == (
+        "routes[0] ads: MATCH: reject (host 'a.track.test' matches '.track.test')")
     for dst, host, rule in (("a.track.test", "a.track.test", "ads"), ("track.test", "track.test", "ads"),
                             ("inline.test", "inline.test", "ads"), ("192.0.2.7", None, "country"),
                             ("2001:db8::1", None, "country"), ("192.0.2.8", None, "rest")):
@@ -120,7 +122,8 @@ def test_explain_quotes_the_start_of_a_long_list_and_its_file(tmp_path: Path) ->
     assert lines[0] == ("routes[0] country: no: dst 198.51.100.1 not in ['100.64.0.0/24', '100.64.2.0/24', "
                         "'100.64.4.0/24', '100.64.6.0/24', '100.64.8.0/24', '100.64.10.0/24', '100.64.12.0/24', "
                         "'100.64.14.0/24', '...'] (2,001 in all, with country.txt)")
-    assert router.explain(FlowKey("s", "127.0.0.1", "192.0.2.9", 80, None)) == ["routes[0] country: MATCH: direct"]
+    assert router.explain(FlowKey("s", "127.0.0.1", "192.0.2.9", 80, None)) == [
+        "routes[0] country: MATCH: direct (dst 192.0.2.9 in 192.0.2.0/24)"]  # which entry, among 2,001
 
 
 def test_ugate_check_and_route_with_list_files(tmp_path: Path) -> None:
@@ -132,7 +135,8 @@ def test_ugate_check_and_route_with_list_files(tmp_path: Path) -> None:
         return subprocess.run([sys.executable, "-m", "gate", *args], cwd=ROOT, capture_output=True, text=True)
 
     done = ugate("route", "--config", str(good), "--listener", "s", "--dst", "100.64.4.9", "--port", "80")
-    assert done.returncode == 0 and done.stdout.splitlines() == ["routes[0] country: MATCH: reject"], done.stderr
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["routes[0] country: MATCH: reject (dst 100.64.4.9 in 100.64.4.0/24)"]
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"listeners": LISTENERS, "routes": [{"match": {"host_from": "bad.txt"},
                                                                       "action": "reject"}]}))
