@@ -55,7 +55,7 @@ def read_list(path: Path, entry: Callable[[str], T], shown: str | None = None) -
     found: list[T] = []
     problems: list[str] = []
     bad = 0
-    for number, raw in enumerate(text.splitlines(), 1):
+    for number, raw in enumerate(text.split("\n"), 1):  # not splitlines: \f or U+2028 would shift the numbers
         item = raw.split("#", 1)[0].strip()
         if not item:
             continue

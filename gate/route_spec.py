@@ -134,12 +134,18 @@ def _from_files(mm: Mapping[str, Any], key: str, where: str, entry: Callable[[st
     none: tuple[str, ...] = ()
     files = p.get(mm, key, where, names, none)
     found: list[T] = []
+    failed = False
     for name in files:
         try:
             found += read_list(resolve(name, base), entry, name)
         except ListProblems as e:
+            failed = True
             for problem in e.problems:
                 p.add(f"{where}.{key}", problem)
+    if files and not found and not failed and not mm.get(key.removesuffix("_from")):
+        # an empty condition means "any": an empty block list would otherwise block everything
+        p.add(f"{where}.{key}", f"{', '.join(files)}: no entries (the route would match every "
+              f"{'destination' if key == 'dst_from' else 'name'})")
     return files, tuple(found)
 
 

@@ -10,13 +10,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gate import route_lists
 from gate.capture import bypass_of, rules_of
 from gate.config import load_config, parse_config
 from gate.errors import ConfigError
 from gate.router import FlowKey, Router, bypass_routes
+from gate.validate import host_pattern, network
 from tests.conftest import ROOT
+from tests.fuzzing import budget
 from tproxy.offload import SET_ABOVE
 
 LISTENERS = [{"name": "s", "kind": "socks5", "listen": "127.0.0.1:1080"}]
@@ -67,6 +71,17 @@ def test_bad_lines_are_located_by_file_and_line(tmp_path: Path) -> None:
     ]
 
 
+def test_an_empty_list_is_refused_not_read_as_any(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("# nothing yet\n\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(write_config(tmp_path, [{"match": {"host_from": "empty.txt"}, "action": "reject"}]))
+    assert e.value.problems == ["routes[0].match.host_from: empty.txt: no entries (the route would match every name)"]
+    # beside inline entries it only adds nothing
+    config = load_config(write_config(tmp_path, [{"match": {"dst": "10.0.0.0/8", "dst_from": "empty.txt"},
+                                                  "action": "reject"}]))
+    assert config.routes[0].match.dst == (ipaddress.ip_network("10.0.0.0/8"),)
+
+
 def test_a_wrong_file_reports_a_few_lines_and_a_count(tmp_path: Path) -> None:
     (tmp_path / "c.txt").write_text("".join(f"bad{i}\n" for i in range(25)))
     with pytest.raises(ConfigError) as e:
@@ -96,6 +111,25 @@ def test_size_bounds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         load_config(path)
     assert e.value.problems == ["routes[0].match.host_from: h.txt: over 0 MiB (MAX_LIST_BYTES); is this a list of "
                                 "one entry per line?"]
+
+
+LINES = st.sampled_from(["10.0.0.0/8", "fd00::/8", "a.test", "*.b.test", ".c.test", "# c", "", "  ", "x y",
+                          "10.0.0.0/8 # c", "\xff", "*", "..d", "1.2.3.4/33", "\r"])
+
+
+@budget(200)
+@given(st.one_of(st.lists(LINES, max_size=20).map(lambda ls: "\n".join(ls).encode("utf-8", "surrogateescape")),
+                 st.binary(max_size=200)))
+def test_any_file_gives_entries_or_located_problems(tmp_path_factory: pytest.TempPathFactory, data: bytes) -> None:
+    path = tmp_path_factory.mktemp("lists") / "l.txt"
+    path.write_bytes(data)
+    for entry in (network, host_pattern):
+        try:
+            found = route_lists.read_list(path, entry, "l.txt")
+        except route_lists.ListProblems as e:
+            assert e.problems and all(p.startswith("l.txt:") for p in e.problems)
+            continue
+        assert isinstance(found, tuple) and len(found) <= data.count(b"\n") + 1
 
 
 def test_without_a_config_file_lists_are_relative_to_the_working_directory(
