@@ -135,7 +135,8 @@ def _decision(route: Route, key: FlowKey) -> Decision:
 
 
 def _spans(nets: tuple[IPNetwork, ...], version: int) -> list[tuple[int, int]]:
-    return sorted((int(n.network_address), int(n.broadcast_address)) for n in nets if n.version == version)
+    return sorted((first := int(n.network_address), first + (1 << n.max_prefixlen - n.prefixlen) - 1)
+                  for n in nets if n.version == version)
 
 
 def _nets_meet(a: tuple[IPNetwork, ...], b: tuple[IPNetwork, ...]) -> bool:

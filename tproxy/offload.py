@@ -129,17 +129,39 @@ def _set_name(position: int, field: str, version: int) -> str:
     return f"bypass{position}_{field}{version}"
 
 
+def _merged(nets: list[IPNetwork], version: int) -> list[str]:
+    """Non-overlapping, non-adjacent elements covering ``nets``: a CIDR where a merged span is one, else
+    a ``first-last`` range. On integers, as ipaddress.collapse_addresses takes ~0.3 s per 10,000."""
+    bits = 32 if version == 4 else 128
+    spans = sorted((first := int(n.network_address), first + (1 << bits - n.prefixlen) - 1) for n in nets)
+    merged: list[list[int]] = []
+    for lo, hi in spans:
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    text = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+    out = []
+    for lo, hi in merged:
+        size = hi - lo + 1
+        if size & (size - 1) == 0 and lo % size == 0:
+            out.append(f"{text(lo)}/{bits - size.bit_length() + 1}")
+        else:
+            out.append(f"{text(lo)}-{text(hi)}")
+    return out
+
+
 def bypass_sets(bypass: Iterable[Bypass]) -> list[str]:
     """Named interval sets (inside ``table inet ugate``) for the address lists longer than SET_ABOVE.
 
-    Collapsed first: a named interval set refuses overlapping elements ("conflicting intervals"), where
+    Merged first: a named interval set refuses overlapping elements ("conflicting intervals"), where
     an inline one merges them by itself."""
     out = []
     for i, _, version, dst, src in _bypass_plan(bypass):
         for field, nets in (("dst", dst), ("src", src)):
             if len(nets) <= SET_ABOVE:
                 continue
-            merged = [str(n) for n in ipaddress.collapse_addresses(nets)]  # type: ignore[type-var]  # one family per call
+            merged = _merged(nets, version)
             rows = [", ".join(merged[j:j + SET_ELEMENTS_PER_LINE])
                     for j in range(0, len(merged), SET_ELEMENTS_PER_LINE)]
             addr = "ipv4_addr" if version == 4 else "ipv6_addr"
