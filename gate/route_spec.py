@@ -26,6 +26,7 @@ from gate.vocab import PROTOCOLS, Action, Proto, ProxyProtocol
 
 __all__ = ["OFFLOADS", "Match", "Offload", "Route", "check_offload", "parse_match", "parse_route"]
 
+T = TypeVar("T")
 Offload = Literal["kernel", "off"]
 OFFLOADS: tuple[Offload, ...] = ("kernel", "off")
 
@@ -80,7 +81,6 @@ def _protocols(value: Any) -> tuple[Proto, ...]:
 
 
 _MATCH_KEYS = ("listener", "dst", "dst_from", "port", "src", "host", "host_from", "protocol", "sni", "alpn")
-T = TypeVar("T")
 _ROUTE_KEYS = ("name", "match", "action", "upstream", "preserve_source", "proxy_protocol", "via", "offload")
 
 
