@@ -266,8 +266,9 @@ def _check_loopback_upstreams(listeners: list[ListenerSpec], routes: list[Route]
                                                  "client's address (preserve_source): use an interface's address")
 
 
-def parse_config(raw: Any) -> GateConfig:
-    """Validate a parsed YAML document; raise ConfigError listing every problem."""
+def parse_config(raw: Any, base: Path | None = None) -> GateConfig:
+    """Validate a parsed YAML document; raise ConfigError listing every problem. Routes' list files are
+    read relative to ``base`` (the config file's directory; the working directory without one)."""
     p = Problems()
     top = p.mapping(raw, "config", ("listeners", "routes", "timeouts", "log", "workers", "mark", "capture", "mesh",
                                     "peers", "wireguard"))
@@ -294,7 +295,8 @@ def parse_config(raw: Any) -> GateConfig:
     peers = parse_peers(top.get("peers"), mesh, names_, p)
     peer_names = {peer.name for peer in peers}
     names_ |= {peer.name for peer in peers if peer.reverse}  # their flows' listener, for route matches
-    routes = [r for i, item in enumerate(raw_routes) if (r := parse_route(item, i, names_, peer_names, p)) is not None]
+    routes = [r for i, item in enumerate(raw_routes)
+              if (r := parse_route(item, i, names_, peer_names, p, base)) is not None]
     if mesh is None and any(isinstance(spec, H2Spec) for spec in listeners):
         p.add("mesh", "missing: an h2 listener needs this gate's identity (mesh: {identity: DIR})")
     capture = _capture(top.get("capture"), listeners, p)
@@ -322,4 +324,4 @@ def load_config(path: str | Path) -> GateConfig:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
-    return parse_config(raw)
+    return parse_config(raw, Path(path).parent)

@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
 
 from gate.addr import Endpoint, parse_endpoint
 from gate.intercept import Interceptor, load
-from gate.validate import IPNetwork, Problems, boolean, hosts, names, networks, one_of, ports, string
+from gate.route_lists import ListProblems, read_list, resolve
+from gate.validate import (
+    IPNetwork,
+    Problems,
+    boolean,
+    host_pattern,
+    hosts,
+    names,
+    network,
+    networks,
+    one_of,
+    ports,
+    string,
+)
 from gate.vocab import PROTOCOLS, Action, Proto, ProxyProtocol
 
 __all__ = ["OFFLOADS", "Match", "Offload", "Route", "check_offload", "parse_match", "parse_route"]
 
+T = TypeVar("T")
 Offload = Literal["kernel", "off"]
 OFFLOADS: tuple[Offload, ...] = ("kernel", "off")
 
@@ -30,6 +45,9 @@ class Match:
     protocol: tuple[Proto, ...] = ()  # sniffed protocol
     sni: tuple[str, ...] = ()  # TLS server name, exact, "*.suffix" or ".suffix"
     alpn: tuple[str, ...] = ()  # any of these offered by the TLS client
+    # the list files (as the config names them) whose entries ``dst`` / ``host`` include, for ``explain``
+    dst_from: tuple[str, ...] = ()
+    host_from: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -65,18 +83,21 @@ def _protocols(value: Any) -> tuple[Proto, ...]:
     return cast(tuple[Proto, ...], found)
 
 
-_MATCH_KEYS = ("listener", "dst", "port", "src", "host", "protocol", "sni", "alpn")
+_MATCH_KEYS = ("listener", "dst", "dst_from", "port", "src", "host", "host_from", "protocol", "sni", "alpn")
 _ROUTE_KEYS = ("name", "match", "action", "upstream", "preserve_source", "proxy_protocol", "via", "offload",
                "intercept")
 
 
-def parse_route(raw: Any, index: int, listeners: set[str], peers: set[str], p: Problems) -> Route | None:
+def parse_route(raw: Any, index: int, listeners: set[str], peers: set[str], p: Problems,
+                base: Path | None = None) -> Route | None:
+    """One ``routes[]`` item; list files (``dst_from``, ``host_from``) are relative to ``base`` (the
+    config file's directory)."""
     where = f"routes[{index}]"
     if not isinstance(raw, Mapping):
         p.add(where, "expected a mapping with match and an action")
         return None
     m = p.mapping(raw, where, _ROUTE_KEYS)
-    match = parse_match(m.get("match"), f"{where}.match", listeners, p)
+    match = parse_match(m.get("match"), f"{where}.match", listeners, p, base)
     upstream = p.get(m, "upstream", where, parse_endpoint, None)
     via = p.get(m, "via", where, string, None)
     implied = Action.UPSTREAM if "upstream" in m else Action.VIA if "via" in m else None
@@ -120,15 +141,49 @@ def _offload(value: Any) -> Offload:
     return cast(Offload, value)
 
 
-def parse_match(raw: Any, where: str, listeners: set[str], p: Problems) -> Match:
+def _from_files(mm: Mapping[str, Any], key: str, where: str, entry: Callable[[str], T], base: Path | None,
+                p: Problems) -> tuple[tuple[str, ...], tuple[T, ...]]:
+    """(the files as named, their entries) of ``key``: a file or a list of files."""
+    none: tuple[str, ...] = ()
+    files = p.get(mm, key, where, names, none)
+    found: list[T] = []
+    failed = False
+    for name in files:
+        try:
+            found += read_list(resolve(name, base), entry, name)
+        except ListProblems as e:
+            failed = True
+            for problem in e.problems:
+                p.add(f"{where}.{key}", problem)
+    if files and not found and not failed and not mm.get(key.removesuffix("_from")):
+        # an empty condition means "any": an empty block list would otherwise block everything
+        p.add(f"{where}.{key}", f"{', '.join(files)}: no entries (the route would match every "
+              f"{'destination' if key == 'dst_from' else 'name'})")
+    return files, tuple(found)
+
+
+def _listed_host(line: str) -> str:
+    """A host pattern on a list file's line: one word (a hosts-file line, ``0.0.0.0 ads.test``, is not one)."""
+    if len(line.split()) != 1:
+        raise ValueError(f"{line!r} is not a host name, *.suffix or .suffix (one per line)")
+    return host_pattern(line)
+
+
+def parse_match(raw: Any, where: str, listeners: set[str], p: Problems, base: Path | None = None) -> Match:
     mm = p.mapping(raw, where, _MATCH_KEYS)
     w = where
+    dst_from, dst_listed = _from_files(mm, "dst_from", w, network, base, p)
+    host_from, host_listed = _from_files(mm, "host_from", w, _listed_host, base, p)
+    no_nets: tuple[IPNetwork, ...] = ()
+    no_names: tuple[str, ...] = ()
     match = Match(
         listener=p.get(mm, "listener", w, names, ()),
-        dst=p.get(mm, "dst", w, networks, ()),
+        dst=p.get(mm, "dst", w, networks, no_nets) + dst_listed,
+        dst_from=dst_from,
         port=p.get(mm, "port", w, ports, ()),
         src=p.get(mm, "src", w, networks, ()),
-        host=p.get(mm, "host", w, hosts, ()),
+        host=p.get(mm, "host", w, hosts, no_names) + host_listed,
+        host_from=host_from,
         protocol=p.get(mm, "protocol", w, _protocols, ()),
         sni=p.get(mm, "sni", w, hosts, ()),
         alpn=p.get(mm, "alpn", w, names, ()),

@@ -20,10 +20,12 @@ __all__ = [
     "as_list",
     "boolean",
     "gate_id",
+    "host_pattern",
     "hosts",
     "interfaces",
     "mark",
     "names",
+    "network",
     "networks",
     "one_of",
     "port_number",
@@ -115,14 +117,15 @@ def as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def network(item: Any) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(str(item), strict=False)
+    except ValueError:
+        raise ValueError(f"{item!r} is not an IP address or CIDR") from None
+
+
 def networks(value: Any) -> tuple[IPNetwork, ...]:
-    nets = []
-    for item in as_list(value):
-        try:
-            nets.append(ipaddress.ip_network(str(item), strict=False))
-        except ValueError:
-            raise ValueError(f"{item!r} is not an IP address or CIDR") from None
-    return tuple(nets)
+    return tuple(network(item) for item in as_list(value))
 
 
 def ports(value: Any) -> tuple[tuple[int, int], ...]:
@@ -138,14 +141,16 @@ def ports(value: Any) -> tuple[tuple[int, int], ...]:
     return tuple(ranges)
 
 
+def host_pattern(item: Any) -> str:
+    """A name, ``*.suffix`` or ``.suffix``, lower case, without a trailing dot."""
+    if (not isinstance(item, str) or item.strip(".*") == "" or "*" in item.removeprefix("*.")
+            or item.startswith("..")):
+        raise ValueError(f"{item!r} is not a host name, *.suffix or .suffix")
+    return item.lower().rstrip(".")
+
+
 def hosts(value: Any) -> tuple[str, ...]:
-    found = []
-    for item in as_list(value):
-        if (not isinstance(item, str) or item.strip(".*") == "" or "*" in item.removeprefix("*.")
-                or item.startswith("..")):
-            raise ValueError(f"{item!r} is not a host name, *.suffix or .suffix")
-        found.append(item.lower().rstrip("."))
-    return tuple(found)
+    return tuple(host_pattern(item) for item in as_list(value))
 
 
 def boolean(value: Any) -> bool:

@@ -12,7 +12,9 @@ The skip rule matches only when both sets hold the tuple; the gate removes the c
 once it read them for the log. Only the nftables backend has this (iptables: see gate.route_spec).
 
 Bypass: routes that decide on addresses alone, compiled to ``return`` statements before the steering
-ones (see gate.router.bypass_routes for which routes qualify).
+ones (see gate.router.bypass_routes for which routes qualify). A route's addresses of one family go
+inline (an anonymous set) up to SET_ABOVE of them; a longer list (a country's blocks from ``dst_from``)
+becomes a named interval set declared in the table, one lookup in the kernel however long it is.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Bypass", "Counts", "FastpathNft", "Tuple5", "bypass_statements", "canonical", "element_script",
+__all__ = ["Bypass", "Counts", "FastpathNft", "Tuple5", "bypass_sets", "bypass_statements", "canonical",
+           "element_script",
            "fastpath_sets", "fastpath_skip", "parse_counts", "parse_counts_text", "parse_live", "payload_bytes"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -35,6 +38,10 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # is what bounds them, and the gate's record of each (a Flow); an add beyond it fails and that session
 # stays in user space, under the listener's own limits.
 MAX_ELEMENTS = 65536
+# Addresses of one family a bypass statement holds inline; more go into a named set (an inline list of
+# thousands makes one rule line of hundreds of KiB in ``nft list``, and nft checks it element by element)
+SET_ABOVE = 16
+SET_ELEMENTS_PER_LINE = 8  # as ``rules show`` prints a named set's elements
 HEADER = {4: 28, 6: 48}  # IP + UDP header bytes the element counters include and flow byte counts do not
 
 
@@ -107,25 +114,76 @@ def fastpath_skip(version: int) -> str:
             f"update @fp{version} {{ {key} }} accept comment \"kernel fast path\"")
 
 
+def _bypass_plan(bypass: Iterable[Bypass]) -> Iterable[tuple[int, Bypass, int, list[IPNetwork], list[IPNetwork]]]:
+    """(position, route, IP version, its dst and src networks of that version) per statement to write."""
+    for i, b in enumerate(bypass):
+        for version in (4, 6):
+            dst = [n for n in b.dst if n.version == version]
+            src = [n for n in b.src if n.version == version]
+            if (b.dst and not dst) or (b.src and not src):
+                continue  # the route cannot match this family
+            yield i, b, version, dst, src
+
+
+def _set_name(position: int, field: str, version: int) -> str:
+    return f"bypass{position}_{field}{version}"
+
+
+def _merged(nets: list[IPNetwork], version: int) -> list[str]:
+    """Non-overlapping, non-adjacent elements covering ``nets``: a CIDR where a merged span is one, else
+    a ``first-last`` range. On integers, as ipaddress.collapse_addresses takes ~0.3 s per 10,000."""
+    bits = 32 if version == 4 else 128
+    spans = sorted((first := int(n.network_address), first + (1 << bits - n.prefixlen) - 1) for n in nets)
+    merged: list[list[int]] = []
+    for lo, hi in spans:
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    text = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+    out = []
+    for lo, hi in merged:
+        size = hi - lo + 1
+        if size & (size - 1) == 0 and lo % size == 0:
+            out.append(f"{text(lo)}/{bits - size.bit_length() + 1}")
+        else:
+            out.append(f"{text(lo)}-{text(hi)}")
+    return out
+
+
+def bypass_sets(bypass: Iterable[Bypass]) -> list[str]:
+    """Named interval sets (inside ``table inet ugate``) for the address lists longer than SET_ABOVE.
+
+    Merged first: a named interval set refuses overlapping elements ("conflicting intervals"), where
+    an inline one merges them by itself."""
+    out = []
+    for i, _, version, dst, src in _bypass_plan(bypass):
+        for field, nets in (("dst", dst), ("src", src)):
+            if len(nets) <= SET_ABOVE:
+                continue
+            merged = _merged(nets, version)
+            rows = [", ".join(merged[j:j + SET_ELEMENTS_PER_LINE])
+                    for j in range(0, len(merged), SET_ELEMENTS_PER_LINE)]
+            addr = "ipv4_addr" if version == 4 else "ipv6_addr"
+            out += [f"  set {_set_name(i, field, version)} {{", f"    type {addr}; flags interval;",
+                    "    elements = { " + ",\n                 ".join(rows) + " }", "  }"]
+    return out
+
+
 def bypass_statements(bypass: Iterable[Bypass], prefix: str = "") -> list[str]:
     """``return`` statements (not captured) for each bypass route and family it can match."""
     out = []
-    for b in bypass:
-        for version in (4, 6):
-            dst = [str(n) for n in b.dst if n.version == version]
-            src = [str(n) for n in b.src if n.version == version]
-            if (b.dst and not dst) or (b.src and not src):
-                continue  # the route cannot match this family
-            ip = "ip" if version == 4 else "ip6"
-            parts = [f"meta nfproto ipv{version} meta l4proto {{ tcp, udp }}"]
-            if dst:
-                parts.append(f"{ip} daddr {_set(dst)}")
-            if src:
-                parts.append(f"{ip} saddr {_set(src)}")
-            if b.ports:
-                parts.append("th dport " + _set(f"{lo}-{hi}" if lo != hi else str(lo) for lo, hi in b.ports))
-            name = b.name.replace('"', "'")
-            out.append(f'{prefix}{" ".join(parts)} return comment "bypass: route {name}"')
+    for i, b, version, dst, src in _bypass_plan(bypass):
+        ip = "ip" if version == 4 else "ip6"
+        parts = [f"meta nfproto ipv{version} meta l4proto {{ tcp, udp }}"]
+        for field, nets, where in (("dst", dst, "daddr"), ("src", src, "saddr")):
+            if nets:
+                named = f"@{_set_name(i, field, version)}" if len(nets) > SET_ABOVE else None
+                parts.append(f"{ip} {where} {named or _set(str(n) for n in nets)}")
+        if b.ports:
+            parts.append("th dport " + _set(f"{lo}-{hi}" if lo != hi else str(lo) for lo, hi in b.ports))
+        name = b.name.replace('"', "'")
+        out.append(f'{prefix}{" ".join(parts)} return comment "bypass: route {name}"')
     return out
 
 

@@ -32,7 +32,7 @@ from typing import Any, ParamSpec, TypeVar
 from tproxy.capture import Capture
 from tproxy.ingress import owned_rule, return_chain, return_iptables
 from tproxy.iptables import build_iptables, clear_iptables
-from tproxy.offload import bypass_statements, fastpath_sets, fastpath_skip
+from tproxy.offload import bypass_sets, bypass_statements, fastpath_sets, fastpath_skip
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -201,6 +201,8 @@ def build(cap: Capture) -> RuleSet:
     held = cap.on_failure == "open"
     owner = ["  flags owner"] if held else []
     sets = fastpath_sets(dict(cap.fastpath)) if cap.mode == "tproxy" and cap.role == "router" else []
+    if cap.mode == "tproxy" and cap.role in ("router", "egress"):  # where bypass_statements are written
+        sets += bypass_sets(cap.bypass)
     nft = f"table inet {NFT_TABLE} {{\n" + "\n".join([*owner, *sets, *chains]) + "\n}\n"
     return RuleSet(nft=nft, ip_rules=rules, routes=routes, held=held)
 
