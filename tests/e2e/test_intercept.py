@@ -90,12 +90,12 @@ def test_a_failing_or_wrong_interceptor_resets_the_flow_and_the_gate_serves_on(s
     port = free_port()
     gate = start_gate(forward(port, hash_echo), routes=intercepted(function))
     for _ in range(3):
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            try:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
                 s.sendall(b"data")
                 assert answer(s) == b""
-            except ConnectionResetError:
-                pass  # the reset arrives as an error on a busy machine: either way nothing got through
+        except ConnectionResetError:
+            pass  # the reset may come as an error (even in connect): either way nothing got through
     records = gate.wait_records(3)
     assert all(r["close"] == "intercept error" for r in records), records
     assert gate.alive()
