@@ -284,7 +284,7 @@ def test_a_ping_flood_from_a_peer_that_never_reads_is_bounded(gate_b: Target, up
     sent, started = 0, time.monotonic()
     peer.tls.settimeout(2)
     try:
-        while sent < 3_000_000 and time.monotonic() - started < 6:  # 51 MB: more than the kernel buffers hold
+        while sent < 3_000_000 and time.monotonic() - started < 30:  # 51 MB: more than the kernel buffers hold
             peer.tls.sendall(burst)
             sent += 60000
     except TimeoutError:
