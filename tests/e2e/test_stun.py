@@ -5,6 +5,7 @@ growth."""
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 from typing import Any
@@ -75,11 +76,15 @@ def test_anything_else_gets_no_answer_and_the_gate_serves_on(start_gate: Any) ->
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         for i in range(2000):
             s.sendto(bytes([i % 256]) * (i % 64), ("127.0.0.1", port))
-    assert ask("127.0.0.1", port) is not None
+    # a request right behind the burst may find the socket's queue full (a loaded machine): as a STUN
+    # client does, ask again
+    answered = next((i + 1 for i in range(5) if ask("127.0.0.1", port, timeout=1) is not None), None)
+    assert answered is not None
     assert gate.fd_count() == before
     assert gate.stop() == 0
     deadline = time.monotonic() + 3
     while "Binding requests answered" not in gate.stderr() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert "stun4: 2 Binding requests answered" in gate.stderr(), gate.stderr()
+    counted = re.search(r"stun4: (\d+) Binding requests answered", gate.stderr())
+    assert counted is not None and 2 <= int(counted.group(1)) <= 1 + answered, gate.stderr()
     assert "Traceback" not in gate.stderr()
