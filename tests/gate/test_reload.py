@@ -165,7 +165,8 @@ def test_sighup_reloads_without_dropping_flows(start_gate: Any, http_origin: int
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = taken.getsockname()[1]
-        _rewrite(gate, **{**good, "listeners": [*new_listeners[:3], {**new_listeners[3], "listen": f"127.0.0.1:{busy}"}]})
+        moved = {**new_listeners[3], "listen": f"127.0.0.1:{busy}"}
+        _rewrite(gate, **{**good, "listeners": [*new_listeners[:3], moved]})
         assert "reload refused" in _reload(gate)
     assert _get(added, b"/kept").endswith(b"/kept\n")
     assert gate.alive() and gate.proc.pid == pid
