@@ -17,6 +17,7 @@ import asyncio
 import logging
 import signal
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -224,12 +225,14 @@ class Gateway:
     def reload(self) -> tuple[bool, str]:
         """Re-read the config file and apply it; (False, why) leaves the running config as it was."""
         self.notifier.reloading()
+        began = time.perf_counter()
         try:
             ok, message = self._reload()
         except OSError as e:  # binding, nft, netlink: nothing of the new config was applied
             ok, message = False, f"reload failed: {e}"
         if ok:
             self.reloads += 1
+            message += f" in {(time.perf_counter() - began) * 1000:.0f} ms"
             log.info("reloaded: %s", message)
         else:
             self.failed_reloads += 1
