@@ -88,8 +88,12 @@ def nft_ruleset(topo: netns.Topology) -> str:
     return topo.run("gateway", "nft", "list", "ruleset")
 
 
-def test_capture_rules_replaced_in_one_transaction(start_gate: Any, router: netns.Topology) -> None:
-    gate = start_gate(TPROXY, netns=router.ns["gateway"], capture=CAPTURE)
+@pytest.mark.parametrize("on_failure", ["closed", "open"])
+def test_capture_rules_replaced_in_one_transaction(start_gate: Any, router: netns.Topology, on_failure: str) -> None:
+    """``open``: the table is owned by the gate's netlink socket (it dies with the gate); the replacement is
+    sent through that socket, and the new table is owned by it too."""
+    capture = {**CAPTURE, "on_failure": on_failure}
+    gate = start_gate(TPROXY, netns=router.ns["gateway"], capture=capture)
     assert curl(router, f"http://{SERVER}:{WEB}/").stdout == "you are 10.77.2.1\n"  # captured: from the gate
     before = nft_ruleset(router)
     assert "10.77.2.2" not in before
@@ -100,7 +104,7 @@ def test_capture_rules_replaced_in_one_transaction(start_gate: Any, router: netn
         wait_for(lambda: (router.run("gateway", "nft", "add table inet ugrl_marker; delete table inet ugrl_marker")
                           or True) and "ugrl_marker" in monitor_out.read_text(), "nft monitor never started", 10)
         start = len(monitor_out.read_text())
-        gate.config["capture"] = {**CAPTURE, "exclude": [f"{SERVER}/32"]}  # the server is no longer captured
+        gate.config["capture"] = {**capture, "exclude": [f"{SERVER}/32"]}  # the server is no longer captured
         gate.stderr_path.with_suffix(".yaml").write_text(yaml.safe_dump(gate.config))
         gate.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "reloaded:" in gate.stderr(), gate.stderr()[-2000:])
@@ -119,6 +123,14 @@ def test_capture_rules_replaced_in_one_transaction(start_gate: Any, router: netn
     assert curl(router, f"http://{SERVER}:{WEB}/").stdout == "you are 10.77.1.2\n"
     # ... while IPv6 is still captured
     assert curl(router, f"http://[fd77:2::2]:{WEB}/").stdout == "you are fd77:2::1\n"
+    if on_failure == "open":
+        assert "flags owner" in after
+        gate.proc.kill()  # kill -9: the kernel deletes the table its socket owned
+        gate.proc.wait()
+        wait_for(lambda: "ugate" not in nft_ruleset(router), "the owned table outlived its gate", 5)
+        router.run("gateway", sys.executable, "-m", "gate", "--config", str(gate.stderr_path.with_suffix(".yaml")),
+                   "rules", "clear")  # the policy routing it leaves is inert, but the test leaves nothing
+        return
     assert gate.stop() == 0
     assert "ugate" not in nft_ruleset(router)  # cleared at exit, with the replaced table's own spec
 
