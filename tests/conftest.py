@@ -119,7 +119,7 @@ def start_gate(tmp_path: Path) -> Iterator[Any]:
         gate = Gate(proc, config, access, err)
         gates.append(gate)
         # Wait for the ready line rather than probing the ports: a probe would be a flow of its own.
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 20  # python-iptables takes ~9 s to apply a rule set on a loaded machine
         while "ugate ready" not in gate.stderr():
             if not gate.alive() or time.monotonic() > deadline:
                 raise AssertionError(f"ugate did not start:\n{gate.stderr()}")
