@@ -179,9 +179,10 @@ def _supervise(config: GateConfig, inherited: Iterable[int] = (), life: Lifecycl
             from gate.reload import supervisor_reload
 
             new = supervisor_reload(life, config)
-            if new is None:
-                return  # refused: the workers keep the running config
-            config = new
+            if new is None:  # refused: the workers keep the running config, and only re-open the log
+                signum = signal.SIGUSR1
+            else:
+                config = new
         for pid in workers:
             try:
                 os.kill(pid, signum)
@@ -254,7 +255,8 @@ def run(config: GateConfig, source: str | None = None, handoff: str | None = Non
         adopted = from_systemd(LISTENING)
         if adopted:
             log.info("socket activation: %d listening sockets from the service manager", adopted)
-        predecessor = take_over(handoff, LISTENING) if handoff is not None else None
+        # (a supervisor never serves the handoff path: taking a predecessor's sockets would never release it)
+        predecessor = take_over(handoff, LISTENING) if handoff is not None and config.workers == 1 else None
         with applied(config) as captured:
             life = Lifecycle(source=source, captured=captured, notifier=Notifier())
             if config.workers == 1:

@@ -94,12 +94,12 @@ class Captured:
     def replace(self, config: GateConfig) -> None:
         """Swap the rules for ``config``'s in one nftables transaction (OSError: the old ones stay)."""
         found = rules_of(config)
-        if found is None:  # the capture section is gone
-            if self.owned is not None:
+        if found is None or config.capture is None or config.capture.apply != "auto":
+            if self.owned is not None:  # the section is gone, or its rules are no longer the gate's to apply
                 self.owned.close()
                 self.owned = None
             clear(self.cap)
-            log.info("capture rules cleared (no capture section any more)")
+            log.info("capture rules cleared (the config no longer has the gate apply them)")
             return
         cap, rules = found
         self.owned = replace(self.cap, rules, cap, self.owned)
