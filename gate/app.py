@@ -261,7 +261,13 @@ def run(config: GateConfig, source: str | None = None, handoff: str | None = Non
             life = Lifecycle(source=source, captured=captured, notifier=Notifier())
             if config.workers == 1:
                 life.handoff, life.predecessor = handoff, predecessor
-                return _run_loop(config, reuse_port=False, life=life)
+                try:
+                    return _run_loop(config, reuse_port=False, life=life)
+                finally:
+                    if life.predecessor is not None:  # we failed before taking over: the old gate goes on,
+                        life.predecessor.close()  # with the capture rules it relies on
+                        if captured is not None:
+                            captured.keep = True
             if handoff is not None:
                 log.warning("--handoff passes sockets between single-process gates; workers: %d ignores it",
                             config.workers)

@@ -247,3 +247,39 @@ def test_from_systemd_matches_by_address_and_ignores_others() -> None:
     assert from_systemd(pool, {"LISTEN_PID": "1", "LISTEN_FDS": "1"}, pid=2) == 0  # for another process
     assert from_systemd(pool, {}, pid=2) == 0
     assert len(pool) == 0
+
+
+def test_handoff_to_a_gate_that_fails_leaves_the_old_one_serving(tmp_path: Path, http_origin: int,
+                                                                 procs: list[subprocess.Popen[bytes]]) -> None:
+    port = free_port()
+    handoff = str(tmp_path / "handoff.sock")
+    busy = socket.create_server(("127.0.0.1", 0))  # the new gate's extra listener cannot bind here
+
+    def launch(gen: int, config: dict[str, Any]) -> tuple[subprocess.Popen[bytes], Path]:
+        path = _write_config(tmp_path / f"gate{gen}.yaml", config)
+        err = tmp_path / f"stderr{gen}"
+        proc = subprocess.Popen([sys.executable, "-m", "gate", "--config", str(path), "run", "--handoff", handoff],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err.open("wb"))
+        procs.append(proc)
+        return proc, err
+
+    old, err = launch(0, _config(port, http_origin, tmp_path / "access0.log"))
+    _wait_line(err, "ugate ready", old)
+    broken = _config(port, http_origin, tmp_path / "access1.log")
+    broken["listeners"].append({"name": "busy", "kind": "forward", "listen": f"127.0.0.1:{busy.getsockname()[1]}",
+                                "to": f"127.0.0.1:{http_origin}"})
+    with ConnectLoop(port, clients=4) as loop:
+        loop.wait_for(20)
+        new, new_err = launch(1, broken)
+        assert new.wait(15) == 1 and "took 1 listening sockets over" in new_err.read_text()
+        loop.wait_for(20)
+        assert old.poll() is None and "did not start" in err.read_text()
+        # the old gate still serves the handoff path: a sound successor takes over
+        again, again_err = launch(2, _config(port, http_origin, tmp_path / "access2.log"))
+        _wait_line(again_err, "ugate ready", again)
+        assert old.wait(15) == 0
+        loop.wait_for(20)
+    assert loop.failures == []
+    again.send_signal(signal.SIGTERM)
+    assert again.wait(15) == 0
+    busy.close()
