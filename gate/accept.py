@@ -19,6 +19,7 @@ from gate.addr import Endpoint
 from gate.config import ListenerSpec
 from gate.deadlines import Sweeper, sweep_interval
 from gate.flow import Close, Flow, FlowState
+from gate.handoff import LISTENING
 from gate.sniffing import ProxyHeaderReader
 from tproxy.sockopts import set_transparent, unmap
 
@@ -96,9 +97,25 @@ class AcceptLoop:
         self._header_sweeper = Sweeper(self.loop, sweep_interval(spec.timeouts.handshake))
 
     def start(self) -> None:
-        self.sock = bind_listening_socket(self.spec.listen, reuse_port=self._reuse_port,
-                                          transparent=self._transparent)
+        """Listen: on a socket already listening on the address (socket activation, the gate we replace,
+        the listener a reload rebuilt: gate.handoff), else on a new one."""
+        self.sock = LISTENING.take(self.spec.listen)
+        if self.sock is None:
+            self.sock = bind_listening_socket(self.spec.listen, reuse_port=self._reuse_port,
+                                              transparent=self._transparent)
+        elif self._transparent:
+            set_transparent(self.sock)  # a socket unit without Transparent=yes would never see TPROXYed flows
         self.resume()
+
+    def release(self) -> socket.socket | None:
+        """Stop accepting and give up the listening socket without closing it (its backlog stays queued)
+        for a successor: the listener a reload rebuilds, or the process an upgrade starts."""
+        self._pause()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        sock, self.sock = self.sock, None
+        return sock
 
     def resume(self) -> None:
         """Accept again if we stopped for max_flows (a flow ended) and are not backing off."""

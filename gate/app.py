@@ -1,10 +1,12 @@
 """The gateway process: builds listeners from the config, runs until SIGTERM/SIGINT, drains, exits.
 
-SIGHUP and SIGUSR1 re-open the access log file (what logrotate needs); they never stop the gate.
-With ``workers: N > 1`` a supervisor forks N workers, each an independent event loop with its own
-SO_REUSEPORT listening sockets (Python runs one core per loop); the supervisor forwards signals,
-restarts a worker that dies, and exits when all have drained. A worker whose supervisor dies (even
-by kill -9) is sent SIGTERM by the kernel (PR_SET_PDEATHSIG), so no worker serves on unsupervised.
+SIGHUP reloads the config without dropping flows (gate.reload); SIGUSR1 re-opens the access log file
+(what logrotate needs); neither ever stops the gate. With ``workers: N > 1`` a supervisor forks N
+workers, each an independent event loop with its own SO_REUSEPORT listening sockets (Python runs one
+core per loop); the supervisor forwards signals, restarts a worker that dies, and exits when all have
+drained (on SIGHUP it validates the config and replaces the capture rules it owns, then signals the
+workers, which reload in place). A worker whose supervisor dies (even by kill -9) is sent SIGTERM by
+the kernel (PR_SET_PDEATHSIG), so no worker serves on unsupervised.
 """
 
 from __future__ import annotations
@@ -22,15 +24,15 @@ import uvloop
 
 from gate.accept import bind_listening_socket
 from gate.accesslog import AccessLog
-from gate.capture import applied
+from gate.capture import Captured, applied
 from gate.config import GateConfig
 from gate.context import Context
 from gate.errors import ConfigError
-from gate.listeners import Server, make_listener
 from gate.mesh.dialer import Mesh
 from gate.mesh.h2_streams import Serve
 from gate.mesh.inbound import Inbound
 from gate.mesh.trust import Trust
+from gate.reload import Gateway, Lifecycle
 from gate.router import Router
 from splice import PIPE_POOL
 
@@ -39,11 +41,12 @@ __all__ = ["run", "serve"]
 log = logging.getLogger("ugate")
 RESTART_DELAY = 1.0  # seconds before a crashed worker is replaced, so a crash loop cannot spin
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-REOPEN_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)  # logrotate's postrotate sends one of these
+REOPEN_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)  # reload, re-open the log (logrotate): never fatal
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent thread ends
 
 
-async def serve(config: GateConfig, stop: asyncio.Event, access_log: AccessLog, *, reuse_port: bool = False) -> None:
+async def serve(config: GateConfig, stop: asyncio.Event, access_log: AccessLog, *, reuse_port: bool = False,
+                life: Lifecycle | None = None) -> None:
     """Run the listeners until ``stop`` is set, then stop accepting and drain within ``timeouts.drain``."""
     mesh = Mesh(Trust(config.mesh, config.peers), config.mark) if config.mesh is not None else None
     webrtc = None
@@ -59,7 +62,12 @@ async def serve(config: GateConfig, stop: asyncio.Event, access_log: AccessLog, 
             ids={peer.name: mesh.trust.policy.id_of(peer) for peer in config.peers})
     ctx = Context(router=Router(config.routes), access_log=access_log, reuse_port=reuse_port, mark=config.mark,
                   own=frozenset(spec.listen for spec in config.listeners), mesh=mesh, config=config)
-    listeners: list[Server] = []
+    gateway = Gateway(config, ctx, life)
+    if any(spec.kind == "admin" for spec in config.listeners):
+        from gate.admin import set_reload
+        from gate.reload import admin_reload
+
+        set_reload(admin_reload)  # POST /reload
     reverse: list[Inbound] = []  # flows arriving over our reverse tunnels (we are behind NAT)
     wireguard = None
     if mesh is not None and config.wireguard is not None:
@@ -76,19 +84,19 @@ async def serve(config: GateConfig, stop: asyncio.Event, access_log: AccessLog, 
     try:
         if wireguard is not None:
             await wireguard.start()
-        for spec in config.listeners:
-            listener = make_listener(spec, ctx)
-            listener.start()
-            listeners.append(listener)
+        gateway.start()
+        gateway.begin(stop)
         # Everything allocated so far lives as long as the process: keep the collector off it.
         gc.freeze()
-        log.info("ugate ready: %d listeners, %d routes (pid %d)", len(listeners), len(config.routes), os.getpid())
+        log.info("ugate ready: %d listeners, %d routes (pid %d)", len(gateway.listeners), len(config.routes),
+                 os.getpid())
+        gateway.ready(f"{len(gateway.listeners)} listeners, {len(config.routes)} routes")
         await stop.wait()
+        config = gateway.config  # the last one reloaded
         log.info("stopping: no new flows; draining open ones for up to %gs", config.timeouts.drain)
     finally:
-        for listener in listeners:
-            listener.stop_accepting()
-        await asyncio.gather(*(listener.drain(config.timeouts.drain) for listener in listeners))
+        gateway.stop_accepting()
+        await gateway.drain(config.timeouts.drain)
         await asyncio.gather(*(inbound.drain(config.timeouts.drain) for inbound in reverse))
         if wireguard is not None:
             await wireguard.aclose()
@@ -99,28 +107,17 @@ async def serve(config: GateConfig, stop: asyncio.Event, access_log: AccessLog, 
         if ctx.sniff_outcomes:
             outcomes = " ".join(f"{k}={v}" for k, v in sorted(ctx.sniff_outcomes.items()))
             log.info("sniff outcomes: %s", outcomes)
-        access_log.close()
+        ctx.access_log.close()
         PIPE_POOL.clear()
 
 
-async def _main(config: GateConfig, reuse_port: bool) -> None:
+async def _main(config: GateConfig, reuse_port: bool, life: Lifecycle) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
-    access_log = AccessLog(config.log.access)
-
-    def reopen() -> None:
-        try:
-            access_log.reopen()
-        except OSError as e:  # e.g. the directory is gone: keep serving, writing to the old file
-            log.error("cannot re-open the access log: %s", e)
-        else:
-            log.info("access log re-opened")
-
-    for sig in REOPEN_SIGNALS:
-        loop.add_signal_handler(sig, reopen)
-    await serve(config, stop, access_log, reuse_port=reuse_port)
+    # SIGHUP (reload) and SIGUSR1 (re-open the log) are the gateway's, from when its listeners run
+    await serve(config, stop, AccessLog(config.log.access), reuse_port=reuse_port, life=life)
 
 
 def _ignore(_signum: int, _frame: object) -> None:
@@ -128,9 +125,9 @@ def _ignore(_signum: int, _frame: object) -> None:
     unlike SIG_IGN, is not inherited by the programs we run (nft, iptables helpers)."""
 
 
-def _run_loop(config: GateConfig, reuse_port: bool) -> int:
+def _run_loop(config: GateConfig, reuse_port: bool, life: Lifecycle) -> int:
     try:
-        uvloop.run(_main(config, reuse_port))
+        uvloop.run(_main(config, reuse_port, life))
     except OSError as e:
         log.error("cannot start: %s", e)
         return 1
@@ -150,7 +147,7 @@ def _die_with(parent: int) -> bool:
     return os.getppid() == parent
 
 
-def _fork_worker(config: GateConfig, inherited: Iterable[int]) -> int:
+def _fork_worker(config: GateConfig, inherited: Iterable[int], source: str | None) -> int:
     supervisor = os.getpid()
     pid = os.fork()
     if pid == 0:
@@ -162,22 +159,29 @@ def _fork_worker(config: GateConfig, inherited: Iterable[int]) -> int:
                 signal.signal(sig, _ignore)
             for fd in inherited:  # the supervisor's alone (the socket owning the capture table)
                 os.close(fd)
+            os.environ.pop("NOTIFY_SOCKET", None)  # the supervisor alone speaks to the service manager
             if _die_with(supervisor):
-                code = _run_loop(config, reuse_port=True)
+                code = _run_loop(config, reuse_port=True, life=Lifecycle(source=source))
         finally:
             os._exit(code)
     return pid
 
 
-def _supervise(config: GateConfig, inherited: Iterable[int] = ()) -> int:
+def _supervise(config: GateConfig, inherited: Iterable[int] = (), life: Lifecycle | None = None) -> int:
     """Fork the workers, forward signals to them, replace any that die, exit when all have ended.
 
-    SIGTERM/SIGINT stop the workers (and the supervisor once they have); SIGHUP/SIGUSR1 only pass on.
+    SIGTERM/SIGINT stop the workers (and the supervisor once they have); SIGUSR1 only passes on; SIGHUP
+    passes on once the supervisor accepted the new config (gate.reload.supervisor_reload).
     ``inherited`` are descriptors a worker closes after the fork.
     """
+    from gate.handoff import LISTENING
+
+    life = life or Lifecycle()
     for spec in config.listeners:  # fail here, once and clearly, if a port cannot be bound
         if spec.listen.port == 0:  # an admin unix socket: each worker puts its own in place
             continue
+        if spec.listen in LISTENING:
+            continue  # inherited (socket activation): the workers share it
         try:
             bind_listening_socket(spec.listen, reuse_port=True).close()
         except OSError as e:
@@ -186,9 +190,19 @@ def _supervise(config: GateConfig, inherited: Iterable[int] = ()) -> int:
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
+        nonlocal stopping, config
         if signum in STOP_SIGNALS:
             stopping = True
+            if life.notifier is not None:
+                life.notifier.stopping()
+        if signum == signal.SIGHUP:
+            from gate.reload import supervisor_reload
+
+            new = supervisor_reload(life, config)
+            if new is None:  # refused: the workers keep the running config, and only re-open the log
+                signum = signal.SIGUSR1
+            else:
+                config = new
         for pid in workers:
             try:
                 os.kill(pid, signum)
@@ -199,8 +213,9 @@ def _supervise(config: GateConfig, inherited: Iterable[int] = ()) -> int:
     for sig in (*STOP_SIGNALS, *REOPEN_SIGNALS):
         signal.signal(sig, forward)
     for _ in range(config.workers):
-        workers.add(_fork_worker(config, inherited))
+        workers.add(_fork_worker(config, inherited, life.source))
     log.info("supervisor %d: %d workers %s", os.getpid(), len(workers), sorted(workers))
+    _supervisor_notify(life)
     failed = False
     while workers:
         try:
@@ -213,15 +228,40 @@ def _supervise(config: GateConfig, inherited: Iterable[int] = ()) -> int:
             log.error("worker %d ended unexpectedly (exit %d); restarting it", pid, code)
             time.sleep(RESTART_DELAY)
             if not stopping:
-                workers.add(_fork_worker(config, inherited))
+                workers.add(_fork_worker(config, inherited, life.source))
         elif code != 0:
             failed = True
     return 1 if failed else 0
 
 
-def run(config: GateConfig) -> int:
-    """Run the gateway; 0 after a signal-initiated stop, 1 if it could not start, 2 on bad trust material."""
+def _fds(captured: Captured | None) -> frozenset[int]:
+    return captured.fds if captured is not None else frozenset()
+
+
+def _supervisor_notify(life: Lifecycle) -> None:
+    """READY once the workers are forked (their ports were test-bound), and the watchdog from a timer
+    signal, since the supervisor sleeps in wait() rather than in an event loop."""
+    from gate.sdnotify import watchdog_interval
+
+    notifier = life.notifier
+    if notifier is None:
+        return
+    notifier.ready("supervising workers")
+    interval = watchdog_interval()
+    if interval is not None:
+        signal.signal(signal.SIGALRM, lambda _s, _f: notifier.watchdog())
+        signal.setitimer(signal.ITIMER_REAL, interval, interval)
+
+
+def run(config: GateConfig, source: str | None = None, handoff: str | None = None) -> int:
+    """Run the gateway; 0 after a signal-initiated stop, 1 if it could not start, 2 on bad trust material.
+
+    ``source``: the config file SIGHUP re-reads. ``handoff``: the unix socket path where the gate being
+    replaced (if any) passes its listening sockets, and where this one passes them on (gate.upgrade)."""
+    from gate.handoff import LISTENING, from_systemd
     from gate.preflight import check_ready
+    from gate.sdnotify import Notifier
+    from gate.upgrade import take_over
 
     for sig in REOPEN_SIGNALS:  # from the start: a SIGHUP while the rules are applied must not kill
         signal.signal(sig, _ignore)
@@ -232,10 +272,26 @@ def run(config: GateConfig) -> int:
             log.error("cannot start: %s", problem)
         return 2
     try:
-        with applied(config) as owned:
+        adopted = from_systemd(LISTENING)
+        if adopted:
+            log.info("socket activation: %d listening sockets from the service manager", adopted)
+        # (a supervisor never serves the handoff path: taking a predecessor's sockets would never release it)
+        predecessor = take_over(handoff, LISTENING) if handoff is not None and config.workers == 1 else None
+        with applied(config) as captured:
+            life = Lifecycle(source=source, captured=captured, notifier=Notifier())
             if config.workers == 1:
-                return _run_loop(config, reuse_port=False)
-            return _supervise(config, owned.fds if owned is not None else ())
+                life.handoff, life.predecessor = handoff, predecessor
+                try:
+                    return _run_loop(config, reuse_port=False, life=life)
+                finally:
+                    if life.predecessor is not None:  # we failed before taking over: the old gate goes on,
+                        life.predecessor.close()  # with the capture rules it relies on
+                        if captured is not None:
+                            captured.keep = True
+            if handoff is not None:
+                log.warning("--handoff passes sockets between single-process gates; workers: %d ignores it",
+                            config.workers)
+            return _supervise(config, _fds(captured), life)
     except OSError as e:
         log.error("cannot start: %s", e)
         return 1

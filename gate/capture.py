@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from gate.config import GateConfig, TproxyUdpSpec
 from gate.router import bypass_routes
 from tproxy.offload import Bypass
-from tproxy.rules import Capture, OwnedTable, RuleSet, apply, build, clear
+from tproxy.rules import Capture, OwnedTable, RuleSet, apply, build, clear, replace
 
-__all__ = ["applied", "bypass_of", "capture_of", "fastpath_of", "rules_of"]
+__all__ = ["Captured", "applied", "bypass_of", "capture_of", "fastpath_of", "rules_of"]
 
 _CAPTURED_KINDS = ("tproxy", "tproxy_udp")
 
@@ -77,12 +77,51 @@ def rules_of(config: GateConfig) -> tuple[Capture, RuleSet] | None:
     return None if cap is None else (cap, build(cap))
 
 
-@contextlib.contextmanager
-def applied(config: GateConfig) -> Iterator[OwnedTable | None]:
-    """With ``capture.apply: auto``: install the rules for the run, and clear them however it ends.
+class Captured:
+    """The capture rules a run applied: replaced by a reload, cleared at exit (unless a successor that
+    took our listening sockets over keeps them: ``keep``)."""
 
-    Yields the OwnedTable holding the rules with ``on_failure: open`` (forked workers close its sockets).
-    """
+    def __init__(self, cap: Capture, owned: OwnedTable | None) -> None:
+        self.cap = cap
+        self.owned = owned
+        self.keep = False
+
+    @property
+    def fds(self) -> frozenset[int]:
+        """Descriptors a forked worker closes (the socket owning a held table)."""
+        return self.owned.fds if self.owned is not None else frozenset()
+
+    def replace(self, config: GateConfig) -> None:
+        """Swap the rules for ``config``'s in one nftables transaction (OSError: the old ones stay)."""
+        found = rules_of(config)
+        if found is None or config.capture is None or config.capture.apply != "auto":
+            if self.owned is not None:  # the section is gone, or its rules are no longer the gate's to apply
+                self.owned.close()
+                self.owned = None
+            clear(self.cap)
+            log.info("capture rules cleared (the config no longer has the gate apply them)")
+            return
+        cap, rules = found
+        self.owned = replace(self.cap, rules, cap, self.owned)
+        self.cap = cap
+        log.info("capture rules replaced in one transaction (%s, %s, on_failure %s)", cap.mode, cap.role,
+                 cap.on_failure)
+
+    def clear(self) -> None:
+        if self.keep:
+            if self.owned is not None:  # a held table dies with us anyway; the successor re-applies it
+                self.owned.release()
+            log.info("capture rules left in place for the gate that took over")
+            return
+        if self.owned is not None:
+            self.owned.close()
+        clear(self.cap)
+        log.info("capture rules cleared")
+
+
+@contextlib.contextmanager
+def applied(config: GateConfig) -> Iterator[Captured | None]:
+    """With ``capture.apply: auto``: install the rules for the run, and clear them however it ends."""
     found = rules_of(config)
     if found is None or config.capture is None or config.capture.apply != "auto":
         yield None
@@ -90,10 +129,8 @@ def applied(config: GateConfig) -> Iterator[OwnedTable | None]:
     cap, rules = found
     owned = apply(rules, cap)
     log.info("capture rules applied (%s, %s, on_failure %s)", cap.mode, cap.role, cap.on_failure)
+    captured = Captured(cap, owned)
     try:
-        yield owned
+        yield captured
     finally:
-        if owned is not None:
-            owned.close()
-        clear(cap)
-        log.info("capture rules cleared")
+        captured.clear()

@@ -41,13 +41,20 @@ def _options(defaults: bool) -> argparse.ArgumentParser:
     return common
 
 
+def _handoff_option(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    parser.add_argument("--handoff", metavar="PATH", default=None if defaults else argparse.SUPPRESS,
+                        help="zero-downtime upgrades: take the listening sockets over from the gate serving this "
+                             "unix socket (if one does), and serve them here to the next")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ugate", parents=[_options(defaults=True)],
                                      description="Transparent TCP gateway: SOCKS5/4a, HTTP proxy, forwards.")
     parser.add_argument("--version", action="version", version=f"ugate {version()}")
+    _handoff_option(parser, defaults=True)
     common = _options(defaults=False)
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("run", parents=[common], help="run the gateway (the default)")
+    _handoff_option(sub.add_parser("run", parents=[common], help="run the gateway (the default)"), defaults=False)
     sub.add_parser("check", parents=[common], help="validate the config; exit 2 listing every problem")
     route = sub.add_parser("route", parents=[common], help="explain which route a flow would take")
     route.add_argument("--listener", required=True, help="name of the listener the flow arrives on")
@@ -241,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         return _rules(config, args.action)
     from gate.app import run  # uvloop is only needed to run
 
-    return run(config)
+    return run(config, source=args.config, handoff=args.handoff)
 
 
 if __name__ == "__main__":

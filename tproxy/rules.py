@@ -38,7 +38,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 __all__ = ["NFT_TABLE", "RT_PROTO", "Capture", "IpRule", "LocalRoute", "OwnedTable", "RuleSet", "apply", "build",
-           "clear"]
+           "clear", "replace", "replace_script"]
 
 NFT_TABLE = "ugate"  # `table inet ugate`: ours alone, created and deleted whole
 RT_PROTO = 117  # rtm_protocol of our routes and ip rules (ASCII "u"): how clear() knows them
@@ -262,6 +262,12 @@ class OwnedTable:
             error = (self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode(errors="replace")
             raise OSError(f"nft failed: {error.strip()}")
 
+    def release(self) -> None:
+        """Free the socket, leaving the table (no longer ``flags owner``) in place."""
+        if self._ctx is not None:
+            self._lib.nft_ctx_free(self._ctx)
+            self._ctx = None
+
     def close(self) -> None:
         """Delete the table (if it was created) and release the socket."""
         if self._ctx is None:
@@ -312,6 +318,11 @@ def clear(cap: Capture) -> None:
     else:
         # "add" then "delete" is nft's idiom for "delete if it exists".
         _nft(f"add table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n")
+    _clear_routing(cap)
+
+
+def _clear_routing(cap: Capture) -> None:
+    """Our ip rules and the local routes of ``cap.table`` (ours by RT_PROTO)."""
     from pyroute2 import IPRoute  # imported here: only apply/clear need netlink
 
     with IPRoute() as ipr:
@@ -348,6 +359,11 @@ def apply(rules: RuleSet, cap: Capture) -> OwnedTable | None:
             raise
     else:
         _nft(rules.nft)
+    _add_routing(rules)
+    return owned
+
+
+def _add_routing(rules: RuleSet) -> None:
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
@@ -357,4 +373,44 @@ def apply(rules: RuleSet, cap: Capture) -> OwnedTable | None:
                      protocol=RT_PROTO)
         for route in rules.routes:
             ipr.route("add", **_local_route(route.family, route.table, lo))
-    return owned
+
+
+def replace_script(rules: RuleSet, created: bool = True) -> str:
+    """One nft script that swaps ugate's table for ``rules``' in one transaction: the kernel applies the
+    delete and the new table together or not at all, so no packet sees the ruleset half-changed or empty.
+    ``created``: the table exists for sure (else it is created first, nft's "delete if it exists")."""
+    return ("" if created else f"add table inet {NFT_TABLE}\n") + f"delete table inet {NFT_TABLE}\n" + rules.nft
+
+
+@_netlink_errors_as_oserror
+def replace(old: Capture, rules: RuleSet, cap: Capture, owned: OwnedTable | None) -> OwnedTable | None:
+    """Swap the applied rules of ``old`` for ``rules`` (a reload); returns the OwnedTable now holding them.
+
+    nftables: one transaction (``replace_script``), through the socket that owns a held table. The ip
+    rules and local routes change only if they differ (removed, then added: marked packets routed in
+    between take the main table). The iptables backend has no transaction spanning its tables: cleared,
+    then applied."""
+    if old.backend == "iptables" or cap.backend == "iptables":
+        if owned is not None:
+            owned.close()
+        clear(old)
+        return apply(rules, cap)
+    holder = owned
+    if rules.held and holder is None:
+        holder = OwnedTable()
+    try:
+        if holder is not None:
+            holder.run(replace_script(rules, created=owned is not None))
+        else:
+            _nft(replace_script(rules, created=False))
+    except OSError:
+        if holder is not owned and holder is not None:
+            holder.close()
+        raise
+    if holder is not None and not rules.held:  # the table is no longer held: release the owner socket
+        holder.release()
+        holder = None
+    if build(old).ip_rules != rules.ip_rules or build(old).routes != rules.routes:
+        _clear_routing(old)
+        _add_routing(rules)
+    return holder

@@ -342,6 +342,30 @@ class Mesh:
             out.append((name, peer.spec.address, up, len(session.bridges) if up and session else 0, peer.last_error))
         return out
 
+    def update_peers(self, trust: Trust) -> tuple[list[str], list[str], list[str]]:
+        """A reload's peers: (added, removed, re-keyed). New peers are dialled when a flow first needs them;
+        removed and re-keyed ones (another address, ID, certificate or transport) lose their connection, so
+        no flow goes on under keys the config no longer trusts; unchanged ones keep theirs and their flows."""
+        added: list[str] = []
+        removed: list[str] = []
+        rekeyed: list[str] = []
+        new = {p.name: p for p in trust.peers}
+        for name, peer in list(self.peers.items()):
+            spec = new.get(name)
+            if spec == peer.spec and trust.cert_pem(name) == self.trust.cert_pem(name):
+                continue
+            (removed if spec is None else rekeyed).append(name)
+            del self.peers[name]
+            if peer.session is not None:
+                peer.session.close()
+        for name, spec in new.items():
+            if name not in self.peers:
+                self.peers[name] = _Peer(spec)
+                if name not in rekeyed:
+                    added.append(name)
+        self.trust = trust
+        return added, removed, rekeyed
+
     def start_reverse(self, serve_for: Callable[[str], Serve]) -> None:
         """Keep a reverse tunnel open to every peer marked ``reverse`` (we are behind NAT): dial it,
         serve the flows it sends, and dial again with backoff whenever the connection ends."""

@@ -114,6 +114,10 @@ class Trust:
             return tls.client_context(self.identity, anchors, alpn), PeerCheck(peer, self.policy)
         return tls.client_context(self.identity, None, alpn), PeerCheck(peer, self.policy)
 
+    def cert_pem(self, peer: str) -> str:
+        """The pinned certificate of ``peer`` as read at load ("" without one): a reload compares it."""
+        return self._certs.get(peer, "")
+
     def inbound_peer(self, der: bytes | None) -> tuple[str, PeerSpec | None]:
         """The ID of a gate that passed the TLS handshake, and the configured peer it is (if any)."""
         return self.policy.identify(der)

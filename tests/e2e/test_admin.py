@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.conftest import PAYLOAD, ROOT, curl, free_port
 
@@ -200,7 +201,24 @@ def test_config_is_shown_with_secrets_redacted(start_gate: Any, tmp_path: Path) 
     assert config["listeners"][0]["users"] == {"alice": "<redacted>"}
     assert config["listeners"][1] ["kind"] == "admin" and config["listeners"][0]["listen"].endswith(
         str(gate.port("socks")))
-    assert _request(admin, "/reload", "POST", token=None)[0] == 501
+
+
+def test_post_reload_applies_a_new_config_and_refuses_a_bad_one(start_gate: Any, tmp_path: Path) -> None:
+    """POST /reload is the hot reload (gate.reload): the file's new routes are in force and shown at once;
+    a config that fails validation is refused with its problems (409) and the running one stays."""
+    admin = free_port()
+    start_gate([{"name": "adm", "kind": "admin", "listen": f"127.0.0.1:{admin}", "auth": "none"}])
+    path = tmp_path / "gate0.yaml"
+    config = yaml.safe_load(path.read_text())
+    config["routes"] = [{"name": "after-reload", "action": "reject"}]
+    path.write_text(yaml.safe_dump(config))
+    status, body = _request(admin, "/reload", "POST", token=None)
+    assert status == 200 and "1 routes" in json.loads(body)["reloaded"], body
+    assert json.loads(_request(admin, "/config", token=None)[1])["routes"][0]["name"] == "after-reload"
+    path.write_text(yaml.safe_dump({**config, "routes": [{"action": "fly"}]}))
+    status, body = _request(admin, "/reload", "POST", token=None)
+    assert status == 409 and "routes[0].action" in json.loads(body)["problems"][0], body
+    assert json.loads(_request(admin, "/config", token=None)[1])["routes"][0]["name"] == "after-reload"
 
 
 @pytest.mark.parametrize("header", [None, "Bearer wrong-token-0123456789", f"Basic {TOKEN}", f"Bearer {TOKEN}x",
