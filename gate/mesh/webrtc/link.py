@@ -176,7 +176,7 @@ class Link:
         await self._opened(datagrams.channel, datagrams.abort, deadline)
         if datagrams.closed:
             raise TransportDown(f"webrtc to {self.peer}: the channel closed as it opened")
-        datagrams.on_closed = lambda d: on_end(end_error(self.peer, d))
+        datagrams.on_closed = lambda d: None if d.local_close else on_end(end_error(self.peer, d))
         return datagrams
 
     def _check_room(self) -> None:

@@ -53,7 +53,7 @@ class DatagramChannel:
     """One UDP flow's data channel, either gate: datagrams as binary messages (``Datagrams``)."""
 
     __slots__ = ("answer", "bytes_in", "bytes_out", "channel", "closed", "dropped", "early", "early_bytes", "error",
-                 "last_active", "loop", "on_abort", "on_closed", "on_datagram", "on_released")
+                 "last_active", "local_close", "loop", "on_abort", "on_closed", "on_datagram", "on_released")
 
     def __init__(self, channel: RTCDataChannel) -> None:
         self.channel = channel
@@ -67,6 +67,7 @@ class DatagramChannel:
         self.last_active = self.loop.time()
         self.error: str | None = None  # why it ended, if not cleanly
         self.closed = False
+        self.local_close = False  # ended by our ``close``
         self.on_closed: Callable[[DatagramChannel], None] | None = None
         self.on_released: Callable[[DatagramChannel], None] | None = None  # the link stops counting it
         self.on_abort: Callable[[], None] | None = None  # serving: gives up a setup not done yet
@@ -99,6 +100,8 @@ class DatagramChannel:
 
     def close(self) -> None:
         """End it cleanly (the channel is reset; the peer sees it closed)."""
+        if not self.closed:
+            self.local_close = True
         self._finished()
 
     # -- the channel ------------------------------------------------------------------------------
@@ -140,7 +143,11 @@ class DatagramChannel:
             self.answer = control
 
     def _channel_closed(self) -> None:
-        """The peer closed the channel: the end of a UDP flow (it has no half-close), or its refusal."""
+        """The peer closed the channel: the end of a UDP flow (it has no half-close), or its refusal; or
+        the whole connection went (aiortc closes every channel as its SCTP association ends)."""
+        if self.channel.transport.state == "closed":
+            self.abort("connection closed")
+            return
         self._give_up()
         self._finished()
 
