@@ -208,3 +208,29 @@ def test_descriptors_return_to_baseline(start_gate: Any, tmp_path: Path, echo: t
     assert a.stderr().count("webrtc: connected to b") == 1
     assert a.stop() == 0 and b.stop() == 0
     assert "Task was destroyed" not in a.stderr() + b.stderr() and "Traceback" not in a.stderr() + b.stderr()
+
+
+def test_udp_falls_back_to_connect_udp_when_the_webrtc_link_is_dead(start_gate: Any, tmp_path: Path,
+                                                                   echo: tuple[str, int]) -> None:
+    """B dies without a word (SIGKILL) and comes back: A's peer connection does not know; the next UDP
+    session's channel is not acknowledged, so it goes as CONNECT-UDP, and the one after over WebRTC again."""
+    g = udp_gates(start_gate, tmp_path, [echo[1]], ["webrtc", "h2"])
+    a, b = g["a"], g["b"]
+    s = pysocks(g["socks"])
+    s.sendto(b"before", echo)
+    assert s.recvfrom(100) == (b"before", echo)
+    s.close()
+    b.proc.kill()
+    b.proc.wait()
+    config = b.config
+    b2 = start_gate(config["listeners"], routes=config["routes"], mesh=config["mesh"], peers=config["peers"],
+                    timeouts=config["timeouts"])
+    for count, word in enumerate((b"fallback", b"again"), 1):
+        s = pysocks(g["socks"])
+        s.settimeout(15)  # the dead channel's 3 s, then the HTTP/2 tunnel dialled again
+        s.sendto(word, echo)
+        assert s.recvfrom(100) == (word, echo)
+        s.close()
+        wait_for(lambda n=count: len(b2.records()) == n)  # type: ignore[misc]
+    assert [r["path"] for r in b2.records()] == ["udp", "webrtc-udp"]
+    assert "the connection does not answer" in a.stderr()
