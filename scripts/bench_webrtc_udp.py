@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,22 +61,6 @@ def _configs(d: Path, py: str) -> list[tuple[Path, int]]:
     for name, config, _ in configs:
         (d / f"{name}.yaml").write_text(json.dumps(config))
     return [(d / f"{name}.yaml", port) for name, _, port in configs]
-
-
-def paced(seconds: float, socks_port: int, pps: int) -> None:
-    """bench_socks_udp.send at ``pps`` datagrams a second (in bursts of 10 ms)."""
-    original = bench_socks_udp.socket.socket.send
-    burst, state = max(1, pps // 100), {"n": 0, "next": time.monotonic()}
-
-    def send(sock: socket.socket, data: bytes) -> int:
-        state["n"] += 1
-        if state["n"] % burst == 0:
-            state["next"] += 0.01
-            time.sleep(max(0.0, state["next"] - time.monotonic()))
-        return original(sock, data)
-
-    bench_socks_udp.socket.socket = type("Paced", (socket.socket,), {"send": send})  # type: ignore[misc]
-    bench_socks_udp.send(seconds, socks_port)
 
 
 def _one(seconds: int, port: int, pps: int) -> tuple[float, float]:
@@ -137,7 +119,7 @@ def main() -> int:
     parser.add_argument("--via", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.paced:
-        paced(args.paced, args.via, args.pps)
+        bench_socks_udp.send(args.paced, args.via, args.pps)
         return 0
     samples = run(args.seconds, args.repeat, lambda line: print(line, file=sys.stderr, flush=True), pps=args.pps)
     for row in ROWS:
