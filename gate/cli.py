@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("--alpn", default="", help="sniffed ALPN offers, comma-separated")
     rules = sub.add_parser("rules", parents=[common], help="firewall/routing rules of the capture section")
     rules.add_argument("action", choices=["show", "apply", "clear"])
+    imports = sub.add_parser("import", help="turn other tools' configs into ugate's (prints YAML)")
+    imports.add_argument("format", choices=["gateway-api"], help="Kubernetes Gateway API resources (YAML)")
+    imports.add_argument("files", nargs="+", help="YAML files, multi-document allowed")
+    imports.add_argument("--cluster-domain", default="cluster.local", help="Service DNS suffix (default: %(default)s)")
+    imports.add_argument("--listen-host", default="0.0.0.0", help="address the listeners bind (default: %(default)s)")
+    imports.add_argument("--backend", action="append", default=[], metavar="SERVICE=HOST",
+                         help="dial HOST for Service SERVICE (name or namespace/name) instead of its DNS name")
     keygen = sub.add_parser("keygen", help="write a gate identity (key.pem 0600, cert.pem) and print its ID")
     keygen.add_argument("--dir", required=True, help="directory to write key.pem and cert.pem into")
     keygen.add_argument("--namespace", default="default", help="mesh namespace (default: %(default)s)")
@@ -70,6 +77,32 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--ca", action="store_true", help="write a mesh CA instead of a gate identity")
     keygen.add_argument("--force", action="store_true", help="replace an existing key")
     return parser
+
+
+def _import(args: argparse.Namespace) -> int:
+    """Print the converted config (YAML) on stdout and, on stderr, what could not be expressed."""
+    import yaml
+
+    from gate.gateway_api import convert
+
+    documents: list[object] = []
+    for name in args.files:
+        try:
+            with open(name, encoding="utf-8") as f:
+                documents += list(yaml.safe_load_all(f))
+        except (OSError, yaml.YAMLError) as e:
+            print(f"import: {name}: {e}", file=sys.stderr)
+            return 1
+    backends = dict(b.split("=", 1) for b in args.backend if "=" in b)
+    done = convert(documents, args.cluster_domain, args.listen_host, backends)
+    for line in done.reports:
+        print(f"# {line}", file=sys.stderr)
+    if not done.listeners:
+        print("import: nothing ugate can serve was found", file=sys.stderr)
+        return 1
+    print(f"# imported from {', '.join(args.files)} by ugate import gateway-api")
+    print(yaml.safe_dump(done.config(), sort_keys=False), end="")
+    return 0
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -157,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "keygen":  # needs no config
         return _keygen(args)
+    if args.command == "import":  # nor does this
+        return _import(args)
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG

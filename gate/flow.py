@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,7 @@ class Close(enum.StrEnum):
     UPSTREAM_ERROR = "upstream error"  # the upstream could not be reached
     SHUTDOWN = "shutdown"
     INTERNAL = "internal error"  # a bug; logged with its traceback
+    INTERCEPT_ERROR = "intercept error"  # the route's interceptor raised: that flow is reset (gate.intercept)
 
 
 @dataclass(slots=True, eq=False)
@@ -87,6 +89,7 @@ class Flow:
     relay: Relay | None = None  # set while a relay owns the sockets; its counters are live
     counted_as: str | None = None  # the client address its listener counts it under (max_flows_per_source)
     pending: bool = False  # also counted among that address's pending handshakes, until routed or ended
+    intercept: Callable[..., Any] | None = None  # the route's interceptor (gate.intercept), set when routed
     id: int = field(default_factory=_ids.__next__)
 
     def closing(self, close: Close, detail: str | None = None) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from gate.addr import Endpoint, parse_endpoint
+from gate.intercept import Interceptor, load
 from gate.validate import IPNetwork, Problems, boolean, hosts, names, networks, one_of, ports, string
 from gate.vocab import PROTOCOLS, Action, Proto, ProxyProtocol
 
@@ -44,6 +45,8 @@ class Route:
     # "kernel": hand the route's flows to the kernel where semantics allow (address-only bypass, UDP fast
     # path); "off": never; None (not given): the same as "kernel" (see gate.router.bypass_routes)
     offload: Offload | None = None
+    # the function ``intercept: module:function`` names (gate.intercept): sees and may change each chunk
+    intercept: Interceptor | None = None
 
     @property
     def offloadable(self) -> bool:
@@ -63,7 +66,8 @@ def _protocols(value: Any) -> tuple[Proto, ...]:
 
 
 _MATCH_KEYS = ("listener", "dst", "port", "src", "host", "protocol", "sni", "alpn")
-_ROUTE_KEYS = ("name", "match", "action", "upstream", "preserve_source", "proxy_protocol", "via", "offload")
+_ROUTE_KEYS = ("name", "match", "action", "upstream", "preserve_source", "proxy_protocol", "via", "offload",
+               "intercept")
 
 
 def parse_route(raw: Any, index: int, listeners: set[str], peers: set[str], p: Problems) -> Route | None:
@@ -92,13 +96,22 @@ def parse_route(raw: Any, index: int, listeners: set[str], peers: set[str], p: P
     if offload == "kernel" and not (action == Action.DIRECT and p.get(m, "preserve_source", where, boolean, False)):
         p.add(f"{where}.offload", "kernel needs action direct and preserve_source: true (only then does the "
               "server see the same whether the gate or the kernel forwards)")
+    intercept = p.get(m, "intercept", where, _interceptor, None)
+    if intercept is not None and action in (Action.REJECT, Action.VIA):
+        p.add(f"{where}.intercept", f"not with action {action}: it needs the flow's bytes relayed here")
     if via is not None and via not in peers:
         p.add(f"{where}.via", f"no peer is named {via!r}" + ("" if peers else " (peers: is empty)"))
     return Route(index=index, name=p.get(m, "name", where, string, f"#{index}"), match=match,
                  action=action or Action.REJECT, upstream=upstream,
                  preserve_source=p.get(m, "preserve_source", where, boolean, False),
                  proxy_protocol=p.get(m, "proxy_protocol", where, one_of(ProxyProtocol), None), via=via,
-                 offload=offload)
+                 offload=offload, intercept=intercept)
+
+
+def _interceptor(value: Any) -> Interceptor:
+    if not isinstance(value, str):
+        raise ValueError("expected module:function")
+    return load(value)
 
 
 def _offload(value: Any) -> Offload:

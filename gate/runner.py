@@ -24,6 +24,7 @@ from gate.deadlines import Sweeper, sweep_interval
 from gate.dial import Connect
 from gate.errors import ClientProtocolError, GateError
 from gate.flow import Close, Flow, FlowState
+from gate.intercept import Event, FlowView, transform_for
 from gate.sniffing import FirstBytes, sniff_at_once
 from gate.upstream import Opener, Upstream
 from splice import Relay
@@ -59,6 +60,8 @@ def relay_close(reason: str) -> tuple[Close, str | None]:
     if known is not None:
         return known, None
     side, _, what = reason.partition(" ")
+    if side == "intercept":
+        return Close.INTERCEPT_ERROR, what
     close = Close.CLIENT_RESET if side == "client" else Close.UPSTREAM_RESET
     return close, None if what == "reset" else what
 
@@ -245,9 +248,22 @@ class FlowRunner:
         self._handed.add(conn)  # the task that called us must not close it (see _serve)
 
     def _start_relay(self, conn: socket.socket, flow: Flow, upstream: socket.socket) -> None:
+        transform = None
+        if flow.intercept is not None:
+            try:
+                transform = transform_for(flow.intercept, flow)
+            except Exception as e:  # the interceptor's open event: this flow only is reset
+                log.warning("%s: interceptor of route %s failed on open: %r", self.spec.name, flow.rule, e)
+                flow.intercept = None  # no close event for a flow it never opened
+                flow.closing(Close.INTERCEPT_ERROR, f"{type(e).__name__}: {e}")
+                for sock in (conn, upstream):
+                    reset(sock)
+                upstream.close()
+                self._end(conn, flow)
+                return
         relay = Relay(conn, upstream, mode=self.spec.relay, idle_timeout=self.spec.timeouts.idle,
                       on_done=lambda r: self._relay_done(flow, r), loop=self.loop,
-                      sweeper=self._idle_sweeper)
+                      sweeper=self._idle_sweeper, transform=transform)
         flow.state = FlowState.RELAYING
         flow.path = relay.path
         flow.relay = relay
@@ -273,7 +289,13 @@ class FlowRunner:
         flow.relay = None  # the relay's on_done refers to the flow: no cycle left behind
         flow.bytes_up += relay.bytes_up
         flow.bytes_down += relay.bytes_down
-        self._finished(flow, *relay_close(relay.close_reason))
+        close, detail = relay_close(relay.close_reason)
+        if flow.intercept is not None:
+            try:
+                flow.intercept(Event("close", FlowView.of(flow), reason=close + (f": {detail}" if detail else "")))
+            except Exception as e:
+                log.warning("%s: interceptor of route %s failed on close: %r", self.spec.name, flow.rule, e)
+        self._finished(flow, close, detail)
 
     # -- DONE ------------------------------------------------------------------------------------
 

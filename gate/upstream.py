@@ -172,6 +172,7 @@ class Opener:
                 flow.host = None
         decision = self.ctx.router.decide(self.key(flow))
         flow.rule, flow.action, flow.upstream = decision.rule, decision.action, decision.upstream
+        flow.intercept = decision.route.intercept if decision.route is not None else None
         flow.state = FlowState.ROUTED
         if flow.pending:
             self.on_routed(flow)

@@ -246,6 +246,9 @@ class _CopyPump(_Pump):
             return
         self.count += n
         self.relay.last_active = self.loop.time()
+        if self.relay.transform is not None:
+            self._send_transformed(bytes(_COPY_VIEW[:n]))
+            return
         try:
             sent = self.dst.send(_COPY_VIEW[:n])
         except (BlockingIOError, InterruptedError):
@@ -258,6 +261,28 @@ class _CopyPump(_Pump):
             self._wait_writable()
         elif n >= SPLICE_AUTO_THRESHOLD and self.may_upgrade:
             self.relay.upgrade(self)
+
+    def _send_transformed(self, chunk: bytes) -> None:
+        """The relay's transform (an interceptor) decides what goes on: the chunk, other bytes, or
+        nothing; if it raises, the flow is reset (``intercept ...`` is the close reason)."""
+        assert self.relay.transform is not None
+        try:
+            out = self.relay.transform("up" if self.src_name == "client" else "down", chunk)
+        except Exception as e:
+            self.relay.abort(f"intercept {type(e).__name__}: {e}")
+            return
+        if not out:
+            return
+        try:
+            sent = self.dst.send(out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as e:
+            self.relay.fail(self.dst_name, e)
+            return
+        if sent < len(out):
+            self.pending = out[sent:]
+            self._wait_writable()
 
     def on_writable(self) -> None:
         try:
@@ -289,11 +314,15 @@ class Relay:
         on_done: Callable[[Relay], None],
         loop: asyncio.AbstractEventLoop | None = None,
         sweeper: Deadlines,
+        transform: Callable[[str, bytes], bytes] | None = None,
     ) -> None:
+        """``transform(direction, chunk)``: what to send for each chunk read ("up": from the client);
+        with one, both directions copy (the bytes must reach Python)."""
         self.loop = loop or asyncio.get_running_loop()
         self.client = client
         self.upstream = upstream
-        splice = mode != "copy" and can_splice(client, upstream)
+        self.transform = transform
+        splice = mode != "copy" and transform is None and can_splice(client, upstream)
         pump: type[_SplicePump | _CopyPump] = _SplicePump if splice and mode == "splice" else _CopyPump
         self.up: _SplicePump | _CopyPump = pump(self, client, upstream, "client", "upstream")
         self.down: _SplicePump | _CopyPump = pump(self, upstream, client, "upstream", "client")

@@ -46,14 +46,15 @@ BATCH_SIZE = 32  # x MAX_DATAGRAM bytes: 2 MiB, allocated once per process on fi
 
 _buffer = bytearray(MAX_DATAGRAM)
 _view = memoryview(_buffer)
-_batches: list[mmsg.DatagramBatch] = []
+_batches: dict[bool, mmsg.DatagramBatch] = {}
 
 
-def _batch() -> mmsg.DatagramBatch | None:
-    """The process's one batch (the loop is single-threaded), or None without recvmmsg."""
-    if not _batches and mmsg.available():
-        _batches.append(mmsg.DatagramBatch(BATCH_SIZE, MAX_DATAGRAM, segments=True))
-    return _batches[0] if _batches else None
+def _batch(sources: bool = False) -> mmsg.DatagramBatch:
+    """The process's batch (the loop is single-threaded) for connected sockets, or with ``sources`` the
+    one for upstream sockets, which answer from several remotes."""
+    if sources not in _batches:
+        _batches[sources] = mmsg.DatagramBatch(BATCH_SIZE, MAX_DATAGRAM, segments=True, sources=sources)
+    return _batches[sources]
 
 
 def _addr(e: Endpoint) -> tuple[str, int]:
@@ -63,7 +64,8 @@ def _addr(e: Endpoint) -> tuple[str, int]:
 class _Session:
     """One client's (or client and destination's) sockets and flow record; the table keeps its state."""
 
-    __slots__ = ("by_remote", "client", "dst", "flow", "key", "replies", "sockaddrs", "target", "upstream", "via")
+    __slots__ = ("by_remote", "by_sockaddr", "client", "coalesce", "dst", "flow", "key", "replies", "sockaddrs",
+                 "target", "upstream", "via")
 
     def __init__(self, key: Key, flow: Flow, target: Endpoint | None, upstream: socket.socket | None,
                  via: ViaUdp | None = None):
@@ -79,7 +81,9 @@ class _Session:
         # the same, by raw recvfrom() address: a cache, filled up to max_remotes_per_session entries (a
         # fixed upstream answers through one socket, but from as many addresses as write to its port)
         self.by_remote: dict[tuple[str, int], socket.socket] = {}
+        self.by_sockaddr: dict[bytes, socket.socket] = {}  # the same by raw sockaddr, for batched answers
         self.sockaddrs: dict[Endpoint, bytes] = {}  # packed destinations for sendmmsg
+        self.coalesce = True  # equal-sized datagrams leave as one segmented send, until the path refuses it
 
     @property
     def bytes_up(self) -> int:
@@ -110,6 +114,8 @@ class TproxyUdpListener:
                                   ctx.finish)
 
     def start(self) -> None:
+        if not mmsg.available():  # glibc and musl have them; the relay's hot paths are built on them
+            raise OSError(f"{self.spec.name}: tproxy_udp needs recvmmsg/sendmmsg, which this C library lacks")
         sock = socket.socket(self.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -204,6 +210,7 @@ class TproxyUdpListener:
             self._open_via(o, flow, upstream)
             return
         session = _Session(o.key, flow, flow.upstream, upstream.sock)
+        mmsg.enable_gro(upstream.sock)  # read only through the batch, which keeps coalesced answers whole
         late = self.table.opened(o.key, session, self.loop.time())
         self.loop.add_reader(upstream.sock.fileno(), self._on_upstream, session, o.key)
         # before the first datagrams go: the first answer may come back sooner than an nft commit takes
@@ -240,26 +247,39 @@ class TproxyUdpListener:
     # -- upstream -> client ----------------------------------------------------------------------
 
     def _on_upstream(self, session: _Session, key: Key) -> None:
-        """Answers for the client; the hot loop knows each remote's reply socket by its raw address."""
-        upstream, by_remote, total = session.upstream, session.by_remote, 0
-        assert upstream is not None  # read only for direct sessions
-        for _ in range(DATAGRAMS_PER_WAKEUP):
+        """Answers for the client, in batches: each run of answers from one remote goes to that remote's
+        reply socket in one sendmmsg (coalesced as the client's datagrams are: a QUIC download's packets
+        leave in segmented runs)."""
+        batch = _batch(sources=True)
+        assert session.upstream is not None  # read only for direct sessions
+        upstream_fd, by_sockaddr, total = session.upstream.fileno(), session.by_sockaddr, 0
+        for _ in range(BATCHES_PER_WAKEUP):
             try:
-                n, remote = upstream.recvfrom_into(_buffer)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as e:  # ICMP port unreachable and the like
+                n = batch.recv(upstream_fd)
+            except OSError as e:  # ICMP port unreachable and the like; the datagrams behind it wait
                 log.debug("%s: upstream recv: %s", self.spec.name, e)
                 continue
-            reply = by_remote.get(remote[:2]) or self._reply_for(session, key, remote[:2])
-            if reply is None:
-                continue
-            try:
-                reply.send(_view[:n])
-            except OSError as e:
-                log.debug("%s: reply to %s: %s", self.spec.name, session.client, e)
-                continue
-            total += n
+            if not n:
+                break
+            i = 0
+            while i < n:
+                source, j = batch.source(i), i + 1
+                while j < n and batch.source(j) == source:
+                    j += 1
+                reply = by_sockaddr.get(source)
+                if reply is None:
+                    reply = self._reply_for(session, key, mmsg.address(source))
+                    if reply is not None and len(by_sockaddr) < self.table.max_remotes_per_session:
+                        by_sockaddr[source] = reply
+                if reply is not None:
+                    try:
+                        batch.send(reply.fileno(), j, None, coalesce=session.coalesce, start=i)
+                        total += batch.size(j, i)
+                    except OSError as e:
+                        log.debug("%s: reply to %s: %s", self.spec.name, session.client, e)
+                    if batch.gso_refused:
+                        session.coalesce = False
+                i = j
         session.flow.bytes_down += total
 
     def _from_tunnel(self, session: _Session, remote: Endpoint, payload: bytes) -> None:
@@ -321,8 +341,7 @@ class TproxyUdpListener:
                 set_mark(sock, self.ctx.mark)
             sock.bind(_addr(source))
             sock.connect(_addr(session.client))
-            if _batch() is not None:  # read only through the batch, which keeps coalesced datagrams whole
-                mmsg.enable_gro(sock)
+            mmsg.enable_gro(sock)  # read only through the batch, which keeps coalesced datagrams whole
         except OSError as e:
             sock.close()
             log.warning("%s: cannot answer %s as %s: %s", self.spec.name, session.client, source, e)
@@ -338,9 +357,6 @@ class TproxyUdpListener:
             self._relay_via(session, source, sock)
             return
         batch = _batch()
-        if batch is None:
-            self._relay_one_by_one(session, source, sock)
-            return
         target = session.target or source
         dest = session.sockaddrs.get(target) or session.sockaddrs.setdefault(target, mmsg.sockaddr(*_addr(target)))
         assert session.upstream is not None
@@ -354,26 +370,11 @@ class TproxyUdpListener:
                 break
             total += batch.size(n)
             try:
-                batch.send(dst_fd, n, dest)
+                batch.send(dst_fd, n, dest, coalesce=session.coalesce)
             except OSError:
                 pass  # refused or unroutable: dropped, as a router would
-        session.flow.bytes_up += total
-
-    def _relay_one_by_one(self, session: _Session, source: Endpoint, sock: socket.socket) -> None:
-        upstream, to, total = session.upstream, _addr(session.target or source), 0
-        assert upstream is not None
-        for _ in range(DATAGRAMS_PER_WAKEUP):
-            try:
-                n = sock.recv_into(_buffer)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                continue
-            try:
-                upstream.sendto(_view[:n], to)
-            except OSError:
-                continue  # full or refused: dropped, as a router would
-            total += n
+            if batch.gso_refused:
+                session.coalesce = False
         session.flow.bytes_up += total
 
     def _relay_via(self, session: _Session, source: Endpoint, sock: socket.socket) -> None:
