@@ -131,8 +131,9 @@ class Mesh:
 
     def open_datagrams(self, peer_name: str, flow: Flow, dst: Endpoint, on_datagram: Callable[[bytes], None],
                        on_end: Callable[[GateError | None], None], timeout: float) -> DatagramFlow:
-        """Datagrams of ``flow`` to ``dst`` through ``peer_name`` on a CONNECT-UDP stream, usable at once:
-        they queue (bounded) while the stream is set up in a task (see ``Transport.open_datagrams``)."""
+        """Datagrams of ``flow`` to ``dst`` through ``peer_name`` on a CONNECT-UDP stream (or the
+        alternative's channel: WebRTC), usable at once: they queue (bounded) while the stream is set up
+        in a task (see ``Transport.open_datagrams``)."""
         handle = DatagramFlow()
         task = asyncio.get_running_loop().create_task(
             self._open_datagrams(handle, peer_name, FlowMeta.of(flow, dst), on_datagram, on_end, timeout))
