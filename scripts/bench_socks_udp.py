@@ -50,9 +50,9 @@ def sink(port: int) -> None:
     print(count, flush=True)
 
 
-def send(seconds: float, socks_port: int) -> None:
+def send(seconds: float, socks_port: int, pps: int = 0) -> None:
     """Send SIZE-byte datagrams to the sink for ``seconds``, through SOCKS5 UDP ASSOCIATE at
-    ``socks_port`` (0: direct); print how many were sent."""
+    ``socks_port`` (0: direct), as fast as it can or ``pps`` a second; print how many were sent."""
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
     udp.bind(("127.0.0.1", 0))
@@ -71,8 +71,12 @@ def send(seconds: float, socks_port: int) -> None:
     else:
         udp.connect(("127.0.0.1", SINK))
     sent, deadline = 0, time.monotonic() + seconds
+    burst, due = (max(1, pps // 100), time.monotonic()) if pps else (256, 0.0)  # paced: a burst per 10 ms
     while time.monotonic() < deadline:
-        for _ in range(256):
+        if pps:
+            due += burst / pps
+            time.sleep(max(0.0, due - time.monotonic()))
+        for _ in range(burst):
             try:
                 udp.send(payload)
                 sent += 1

@@ -18,6 +18,7 @@ import h2.errors
 from gate.mesh.bridge import Bridge, Tunnel
 from gate.mesh.capsules import CapsuleError, CapsuleReader, datagram_capsule, datagram_header
 from gate.mesh.h2_limits import MAX_PENDING
+from gate.mesh.transport import Datagrams
 
 __all__ = ["MAX_QUEUED_BYTES", "MAX_STREAM_PENDING", "Channel", "DatagramFlow"]
 
@@ -159,7 +160,7 @@ class DatagramFlow:
     __slots__ = ("_cancel", "channel", "closed", "queue", "queued_bytes")
 
     def __init__(self) -> None:
-        self.channel: Channel | None = None
+        self.channel: Datagrams | None = None  # a CONNECT-UDP stream's Channel, or a WebRTC channel
         self.queue: list[bytes] = []
         self.queued_bytes = 0
         self.closed = False
@@ -179,8 +180,8 @@ class DatagramFlow:
     def setup(self, cancel: Callable[[], object]) -> None:
         self._cancel = cancel
 
-    def attach(self, channel: Channel) -> None:
-        """The stream is answered: what was queued leaves now, in order."""
+    def attach(self, channel: Datagrams) -> None:
+        """The stream is answered (or, WebRTC, open): what was queued leaves now, in order."""
         self.channel = channel
         queue, self.queue, self.queued_bytes = self.queue, [], 0
         for payload in queue:

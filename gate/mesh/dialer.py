@@ -24,7 +24,7 @@ from gate.flow import Flow
 from gate.mesh.datagrams import DatagramFlow
 from gate.mesh.h2_exchange import RELAY, Relay, request
 from gate.mesh.h2_streams import ERROR_HEADER, Serve, error_for_status, meta_headers, request_handler, udp_headers
-from gate.mesh.session import Bridge, Channel, Session
+from gate.mesh.session import Channel, Session
 from gate.mesh.transport import Alternative, Exchange, FlowMeta, ServeStream
 from gate.mesh.trust import Trust
 
@@ -133,8 +133,9 @@ class Mesh:
 
     def open_datagrams(self, peer_name: str, flow: Flow, dst: Endpoint, on_datagram: Callable[[bytes], None],
                        on_end: Callable[[GateError | None], None], timeout: float) -> DatagramFlow:
-        """Datagrams of ``flow`` to ``dst`` through ``peer_name`` on a CONNECT-UDP stream, usable at once:
-        they queue (bounded) while the stream is set up in a task (see ``Transport.open_datagrams``)."""
+        """Datagrams of ``flow`` to ``dst`` through ``peer_name`` on a CONNECT-UDP stream (or the
+        alternative's channel: WebRTC), usable at once: they queue (bounded) while the stream is set up
+        in a task (see ``Transport.open_datagrams``)."""
         handle = DatagramFlow()
         task = asyncio.get_running_loop().create_task(
             self._open_datagrams(handle, peer_name, FlowMeta.of(flow, dst), on_datagram, on_end, timeout))
@@ -146,25 +147,32 @@ class Mesh:
     async def _open_datagrams(self, handle: DatagramFlow, peer_name: str, meta: FlowMeta,
                               on_datagram: Callable[[bytes], None], on_end: Callable[[GateError | None], None],
                               timeout: float) -> None:
-        try:
-            channel = await self._datagram_stream(peer_name, meta, timeout)
-        except GateError as e:
+        """The alternative's (WebRTC) first where the peer lists it, else a CONNECT-UDP stream."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+
+        def ended(error: GateError | None) -> None:
             if not handle.closed:
                 handle.closed = True
-                on_end(e)
+                on_end(error)
+
+        channel: Channel | None = None
+        try:
+            tunnel = None if self.alternative is None else await self.alternative.open_datagrams(
+                peer_name, meta, on_datagram, ended, deadline)
+            if tunnel is None:
+                tunnel = channel = await self._datagram_stream(peer_name, meta, deadline - loop.time())
+        except GateError as e:
+            ended(e)
             return
         if handle.closed:  # given up on while the stream was set up
-            channel.close()
+            tunnel.close()
             return
-
-        def ended(c: Bridge) -> None:
-            if not handle.closed:
-                handle.closed = True
-                on_end(None if c.error is None else UpstreamUnreachable(f"via {peer_name}: {c.error}"))
-
-        channel.on_closed = ended
-        channel.open(on_datagram)
-        handle.attach(channel)
+        if channel is not None:
+            channel.on_closed = lambda c: ended(None if c.error is None
+                                                else UpstreamUnreachable(f"via {peer_name}: {c.error}"))
+            channel.open(on_datagram)
+        handle.attach(tunnel)
 
     async def _datagram_stream(self, peer_name: str, meta: FlowMeta, timeout: float) -> Channel:
         peer = self._peer(peer_name)

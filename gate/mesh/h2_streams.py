@@ -28,7 +28,7 @@ from gate.errors import (
 from gate.flow import Close
 from gate.mesh.h2_exchange import EXCHANGE_HEADER, serve_exchange
 from gate.mesh.session import CONNECT_UDP, Bridge, Channel, RequestHandler, Session
-from gate.mesh.transport import Datagrams, Exchange, FlowMeta, Stream, StreamEnd, stream_end
+from gate.mesh.transport import Datagrams, DatagramStream, Exchange, FlowMeta, Stream, StreamEnd, stream_end
 from gate.mesh.trust import Trust
 
 __all__ = ["ERROR_HEADER", "Abandon", "H2DatagramStream", "H2Stream", "Serve", "answer_for", "error_for_status",
@@ -181,6 +181,7 @@ class H2DatagramStream:
     """One CONNECT-UDP stream of a session where we are the HTTP/2 server (``transport.DatagramStream``)."""
 
     __slots__ = ("_channel", "session", "stream_id")
+    path = "udp"
 
     def __init__(self, session: Session, stream_id: int) -> None:
         self.session = session
@@ -235,7 +236,7 @@ class H2DatagramStream:
 # returns how to give up on it: called with the reason when the stream is reset or its tunnel lost
 # before it was bridged, so no upstream is dialled (or kept) for a stream nobody waits for.
 Abandon = Callable[[str], None]
-Serve = Callable[[str, PeerSpec | None, FlowMeta | GateError, Stream | H2DatagramStream], Abandon]
+Serve = Callable[[str, PeerSpec | None, FlowMeta | GateError, Stream | DatagramStream], Abandon]
 
 
 def _abandoned(bridge: Bridge, abandon: Abandon) -> None:

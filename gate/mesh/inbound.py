@@ -114,7 +114,7 @@ class Inbound:
             self._refuse(stream, self.ctx.begin(Flow(listener=self.name, client=NOBODY)), meta)
             return
         flow = self.ctx.begin(meta.flow(self.name))
-        flow.path = "udp"
+        flow.path = stream.path
         relay: UdpRelay | None = None
         try:
             self._admit(ident, peer, flow)

@@ -119,7 +119,9 @@ class Datagrams(Protocol):
 
 @runtime_checkable
 class DatagramStream(Protocol):
-    """A UDP stream a peer opened to us (CONNECT-UDP), as the serving side sees it."""
+    """A UDP stream a peer opened to us (CONNECT-UDP, or a WebRTC channel), as the serving side sees it."""
+
+    path: str  # the access log's path of the flows it carries ("udp": CONNECT-UDP, "webrtc-udp")
 
     @property
     def last_active(self) -> float: ...
@@ -155,7 +157,9 @@ class Transport(Protocol):
 
 # Serving a stream whatever carried it (gate.mesh.inbound.Inbound.serve): who sent it, its peer entry,
 # the flow or why it cannot be read, the stream; returns what to call (with why) if the stream ends first.
-ServeStream = Callable[[str, PeerSpec | None, "FlowMeta | GateError", Stream], Callable[[str], None]]
+ServeStream = Callable[[str, PeerSpec | None, "FlowMeta | GateError", Stream | DatagramStream], Callable[[str], None]]
+
+
 @dataclass(frozen=True, slots=True)
 class Exchanged:
     """Who sent an exchange (WebRTC signaling), as the transport authenticated it."""
@@ -180,6 +184,12 @@ class Alternative(Protocol):
 
     async def open_stream(self, peer: str, flow: Flow, deadline: float) -> socket.socket | None:
         """As ``Transport.open_stream``; None: not used for this peer now (HTTP/2 carries the flow)."""
+        ...
+
+    async def open_datagrams(self, peer: str, meta: FlowMeta, on_datagram: Callable[[bytes], None],
+                             on_end: Callable[[GateError | None], None], deadline: float) -> Datagrams | None:
+        """Datagrams to ``meta.dst`` through ``peer``, ready to send; ``on_end`` as for
+        ``Transport.open_datagrams``. None: not used for this peer now (CONNECT-UDP carries them)."""
         ...
 
     def exchange_for(self, serve: ServeStream) -> Exchange:

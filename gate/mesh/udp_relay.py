@@ -1,6 +1,7 @@
-"""The serving side of one CONNECT-UDP stream's upstream: a UDP socket opened through the Opener (routes,
-loop guard, hop limit, mark), connected to the one destination the stream names, so only that
-destination's answers come back (RFC 9298's proxy is "connected" to its target)."""
+"""The serving side of one tunnelled UDP flow's upstream, whatever carried it (a CONNECT-UDP stream, a
+WebRTC channel: gate.mesh.inbound serves both through ``transport.DatagramStream``): a UDP socket opened
+through the Opener (routes, loop guard, hop limit, mark), connected to the one destination the flow names,
+so only that destination's answers come back (RFC 9298's proxy is "connected" to its target)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ DATAGRAMS_PER_WAKEUP = 64  # fairness between streams sharing the loop
 
 
 class UdpRelay:
-    """Datagrams between a connected UDP socket and a CONNECT-UDP stream; counts them in the flow."""
+    """Datagrams between a connected UDP socket and a tunnel (``Datagrams``); counts them in the flow."""
 
     __slots__ = ("_buffer", "flow", "loop", "sock", "tunnel")
 

@@ -1,5 +1,7 @@
-"""A UDP session routed ``via`` a mesh peer, for any UDP listener: one CONNECT-UDP stream per destination
-it sends to (a full-cone session sends to many), opened on the first datagram to it.
+"""A UDP session routed ``via`` a mesh peer, for any UDP listener: one tunnel per destination it sends to
+(a full-cone session sends to many), opened on the first datagram to it: an unordered WebRTC data channel
+where the peer's transports start with webrtc, else (or when WebRTC is down) a CONNECT-UDP stream; the
+transport (gate.mesh.dialer.Mesh.open_datagrams) chooses, this session only sees ``Datagrams``.
 
 The listener sets ``on_datagram`` (answers, with the destination they come from: the stream's) and
 ``on_end`` (a stream failed or its tunnel broke: the whole session ends, so the client's next datagram
@@ -24,7 +26,7 @@ MAX_DESTINATIONS = 64
 
 
 class ViaUdp:
-    """A UDP session's datagrams through ``peer``, one stream per destination."""
+    """A UDP session's datagrams through ``peer``, one tunnel per destination."""
 
     __slots__ = ("closed", "dropped", "flow", "max_destinations", "on_datagram", "on_end", "peer", "streams",
                  "timeout", "transport")

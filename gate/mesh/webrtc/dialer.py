@@ -16,6 +16,7 @@ import functools
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
 
 from aiortc import RTCDataChannel, RTCSessionDescription
 
@@ -23,7 +24,7 @@ from gate.addr import Endpoint
 from gate.config import PeerSpec
 from gate.errors import GateError
 from gate.flow import Flow
-from gate.mesh.transport import Exchange, FlowMeta, ServeStream
+from gate.mesh.transport import Datagrams, Exchange, FlowMeta, ServeStream
 from gate.mesh.webrtc.answerer import Answerer
 from gate.mesh.webrtc.link import CONTROL_LABEL, Link, TransportDown, closed_all, new_peer_connection
 from gate.mesh.webrtc.seal import Seal, Sealer, check_seal
@@ -35,6 +36,8 @@ log = logging.getLogger("ugate")
 
 ICE_TIMEOUT = 5.0  # seconds for signaling + ICE + DTLS before a flow falls back (at most half its budget)
 BACKOFF_FIRST, BACKOFF_MAX = 2.0, 60.0  # seconds before WebRTC to a failed peer is tried again
+
+_T = TypeVar("_T")
 
 # (peer name, kind, body, deadline) -> the peer's answer: gate.mesh.dialer.Mesh.exchange
 Send = Callable[[str, str, bytes, float], Awaitable[bytes]]
@@ -71,6 +74,16 @@ class WebrtcMesh:
         return self.answerer.exchange_for(serve)
 
     async def open_stream(self, peer: str, flow: Flow, deadline: float) -> socket.socket | None:
+        return await self._over_link(peer, deadline, lambda link: link.open_flow(FlowMeta.of(flow), deadline))
+
+    async def open_datagrams(self, peer: str, meta: FlowMeta, on_datagram: Callable[[bytes], None],
+                             on_end: Callable[[GateError | None], None], deadline: float) -> Datagrams | None:
+        return await self._over_link(peer, deadline,
+                                     lambda link: link.open_datagrams(meta, on_datagram, on_end, deadline))
+
+    async def _over_link(self, peer: str, deadline: float, use: Callable[[Link], Awaitable[_T]]) -> _T | None:
+        """``use`` the connection to ``peer`` (made now if need be); None where HTTP/2 carries the flow
+        instead: WebRTC is not first for this peer, or failed and ``h2`` follows it."""
         state = self.state.get(peer)
         if state is None:
             return None  # HTTP/2 first (or only) for this peer
@@ -82,7 +95,7 @@ class WebrtcMesh:
         try:
             link = await self._link(peer, state, min(deadline, loop.time() + min(self.ice_timeout,
                                                                                   (deadline - loop.time()) / 2)))
-            return await link.open_flow(FlowMeta.of(flow), deadline)
+            return await use(link)
         except TransportDown as e:
             if not fallback:
                 raise

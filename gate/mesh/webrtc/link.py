@@ -1,5 +1,6 @@
 """One RTCPeerConnection to a peer gate (in one direction: the offering gate opens the flows' channels,
-the answering gate serves them), its flow channels, and the bound on how many it carries.
+the answering gate serves them), its flow channels (TCP flows' and UDP flows': gate.mesh.webrtc.udp), and
+the bound on how many it carries.
 
 aiortc's objects stay in this package: the rest of the gate sees sockets (dialling) and
 ``transport.Stream`` (serving), as with the HTTP/2 transport.
@@ -12,6 +13,7 @@ import functools
 import logging
 import socket
 from collections.abc import Callable
+from typing import TypeVar
 
 from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection
 
@@ -23,15 +25,17 @@ from gate.mesh.dialer import reset_on_close
 from gate.mesh.h2_streams import answer_for, error_for_status
 from gate.mesh.transport import FlowMeta, ServeStream, StreamEnd
 from gate.mesh.webrtc.channel import ChannelBridge, ChannelGone
-from gate.mesh.webrtc.wire import Ok, label_of, meta_of_label
+from gate.mesh.webrtc.udp import UDP_CHANNEL, ChannelDatagramStream, DatagramChannel, end_error
+from gate.mesh.webrtc.wire import Ok, label_of, parse_label
 
 __all__ = ["CONTROL_LABEL", "MAX_CHANNELS", "ChannelStream", "Link", "TransportDown", "closed_all",
            "new_peer_connection"]
 
 log = logging.getLogger("ugate")
 
-# Flow channels one peer connection carries at once, as the HTTP/2 transport's MAX_STREAMS: a peer that
-# opens more has them closed at once (each open channel holds a bridge, and an upstream once served).
+# Flow channels one peer connection carries at once, TCP and UDP together, as the HTTP/2 transport's
+# MAX_STREAMS: a peer that opens more has them closed at once (each open channel holds a bridge, and an
+# upstream once served).
 MAX_CHANNELS = 1000
 # A channel is open once the peer's SCTP stack acknowledged it (one round trip): a connection where that
 # takes longer is taken for dead (a peer that restarted leaves ours unaware until ICE consent lapses,
@@ -47,6 +51,9 @@ def new_peer_connection(stun: tuple[Endpoint, ...] = ()) -> RTCPeerConnection:
     servers = [RTCIceServer(urls=f"stun:{s.host}:{s.port}" if ":" not in s.host else f"stun:[{s.host}]:{s.port}")
                for s in stun]
     return RTCPeerConnection(RTCConfiguration(iceServers=servers))
+
+
+_Tracked = TypeVar("_Tracked", ChannelBridge, DatagramChannel)
 
 
 class TransportDown(UpstreamUnreachable):
@@ -97,7 +104,7 @@ class Link:
         self.peer = peer
         self.pc = pc
         self.loop = asyncio.get_running_loop()
-        self.bridges: set[ChannelBridge] = set()
+        self.bridges: set[ChannelBridge | DatagramChannel] = set()
         self.connected: asyncio.Future[None] = self.loop.create_future()
         self.closed = False
         self.refused_channels = 0  # channels closed at once for MAX_CHANNELS
@@ -128,21 +135,10 @@ class Link:
     async def open_flow(self, meta: FlowMeta, deadline: float) -> socket.socket:
         """A socket carrying the flow ``meta`` over a new channel; GateError (TransportDown if the
         connection itself is gone) if not."""
-        if self.closed:
-            raise TransportDown(f"webrtc to {self.peer}: connection closed")
-        if len(self.bridges) >= MAX_CHANNELS:
-            raise TransportDown(f"webrtc to {self.peer}: {MAX_CHANNELS} flows open")
+        self._check_room()
         channel = self.pc.createDataChannel(label_of(meta), ordered=True)
-        opened = asyncio.Event()
-        channel.on("open", opened.set)
         bridge = self._track(ChannelBridge(channel))
-        try:
-            async with asyncio.timeout(min(CHANNEL_OPEN_TIMEOUT, (deadline - self.loop.time()) / 2)):
-                await opened.wait()
-        except TimeoutError:
-            bridge.abort("not opened")
-            self.close("a channel was not acknowledged in time")
-            raise TransportDown(f"webrtc to {self.peer}: the connection does not answer") from None
+        await self._opened(channel, bridge.abort, deadline)
         try:
             async with asyncio.timeout_at(deadline):
                 answer = await bridge.answered
@@ -168,6 +164,39 @@ class Link:
             raise
         return ours
 
+    async def open_datagrams(self, meta: FlowMeta, on_datagram: Callable[[bytes], None],
+                             on_end: Callable[[GateError | None], None], deadline: float) -> DatagramChannel:
+        """An open channel (unordered, no retransmissions) for the UDP flow ``meta``, its datagrams going
+        to ``on_datagram``; ``on_end`` is called once when it ends (not after its ``close``).
+        TransportDown if the connection cannot carry it. Nothing waits for the far gate's answer: see
+        gate.mesh.webrtc.udp."""
+        self._check_room()
+        datagrams = self._track(DatagramChannel(self.pc.createDataChannel(label_of(meta, udp=True), **UDP_CHANNEL)))
+        datagrams.on_datagram = on_datagram
+        await self._opened(datagrams.channel, datagrams.abort, deadline)
+        if datagrams.closed:
+            raise TransportDown(f"webrtc to {self.peer}: the channel closed as it opened")
+        datagrams.on_closed = lambda d: None if d.local_close else on_end(end_error(self.peer, d))
+        return datagrams
+
+    def _check_room(self) -> None:
+        if self.closed:
+            raise TransportDown(f"webrtc to {self.peer}: connection closed")
+        if len(self.bridges) >= MAX_CHANNELS:
+            raise TransportDown(f"webrtc to {self.peer}: {MAX_CHANNELS} flows open")
+
+    async def _opened(self, channel: RTCDataChannel, abort: Callable[[str], None], deadline: float) -> None:
+        """Until the peer acknowledged ``channel`` (``abort``: its flow's end if not)."""
+        opened = asyncio.Event()
+        channel.on("open", opened.set)
+        try:
+            async with asyncio.timeout(min(CHANNEL_OPEN_TIMEOUT, (deadline - self.loop.time()) / 2)):
+                await opened.wait()
+        except TimeoutError:
+            abort("not opened")
+            self.close("a channel was not acknowledged in time")
+            raise TransportDown(f"webrtc to {self.peer}: the connection does not answer") from None
+
     # -- serving: channels the peer opens ----------------------------------------------------------
 
     def serve_with(self, ident: str, peer: PeerSpec, serve: ServeStream) -> None:
@@ -184,17 +213,24 @@ class Link:
                 log.warning("webrtc: peer %s opened over %d channels: closing the new ones", self.peer, MAX_CHANNELS)
             channel.close()
             return
-        bridge = self._track(ChannelBridge(channel))
         meta: FlowMeta | GateError
+        udp = False
         try:
-            meta = meta_of_label(channel.label)
+            meta, udp = parse_label(channel.label)
         except GateError as e:
             meta = e
+        if udp:
+            datagrams = self._track(DatagramChannel(channel))
+            abandon = serve(ident, peer, meta, ChannelDatagramStream(datagrams))
+            if not datagrams.closed:
+                datagrams.on_abort = functools.partial(abandon, "channel reset")
+            return
+        bridge = self._track(ChannelBridge(channel))
         abandon = serve(ident, peer, meta, ChannelStream(bridge))
         if not bridge.closed:
             bridge.on_abort = functools.partial(abandon, "channel reset")
 
-    def _track(self, bridge: ChannelBridge) -> ChannelBridge:
+    def _track(self, bridge: _Tracked) -> _Tracked:
         self.bridges.add(bridge)
         bridge.on_released = self.bridges.discard
         return bridge

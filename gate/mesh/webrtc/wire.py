@@ -10,7 +10,9 @@ one also carries ``key`` and ``sig``, the sender's seal (gate.mesh.webrtc.seal).
 A flow's channel carries binary messages (the bytes) and text messages (control):
 ``ok`` (the far gate connected the flow), ``err STATUS REASON`` (it could not: the HTTP/2 transport's
 status and reason, so errors map back the same way), ``eof`` (the sender half-closed), ``ack N`` (the
-receiver wrote N more bytes to its socket: the sender's window opens by N).
+receiver wrote N more bytes to its socket: the sender's window opens by N). A UDP flow's channel
+(gate.mesh.webrtc.udp) carries one datagram per binary message and only ``ok`` / ``err``; its label is
+marked as the HTTP/2 transport marks CONNECT-UDP (``:protocol connect-udp``, the destination in ``:path``).
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ import re
 from dataclasses import dataclass
 
 from gate.errors import ClientProtocolError
-from gate.mesh.h2_streams import meta_headers, meta_of
+from gate.mesh.h2_streams import meta_headers, meta_of, udp_path
+from gate.mesh.session import CONNECT_UDP
 from gate.mesh.transport import FlowMeta
 
 __all__ = ["MAX_CANDIDATES", "MAX_CONTROL", "MAX_LABEL", "MAX_SIGNAL", "Ack", "Control", "Eof", "Ok", "Refused",
            "Sdp", "SignalError", "SignalMessage", "check_sdp", "decode_signal", "encode_signal", "label_of",
-           "meta_of_label", "parse_control"]
+           "meta_of_label", "parse_control", "parse_label"]
 
 # An offer with host candidates of a few interfaces is 1-2 KB; 16 KB leaves room for many candidates
 # and is what the answerer reads at most before it refuses (an exchange cannot make it buffer more).
@@ -131,14 +134,18 @@ def check_sdp(sdp: str) -> Sdp:
     return Sdp(fingerprints[0], candidates)
 
 
-def label_of(meta: FlowMeta) -> str:
-    """The channel label carrying ``meta``: the HTTP/2 transport's CONNECT headers, as a JSON object."""
-    return json.dumps({":method": "CONNECT", ":authority": str(meta.dst), **dict(meta_headers(meta))},
-                      separators=(",", ":"))
+def label_of(meta: FlowMeta, udp: bool = False) -> str:
+    """The channel label carrying ``meta``: the HTTP/2 transport's CONNECT headers, as a JSON object
+    (``udp``: its CONNECT-UDP headers, for a UDP flow's channel)."""
+    head = {":method": "CONNECT", ":authority": str(meta.dst)}
+    if udp:
+        head.update({":protocol": CONNECT_UDP, ":path": udp_path(meta.dst)})
+    return json.dumps({**head, **dict(meta_headers(meta))}, separators=(",", ":"))
 
 
-def meta_of_label(label: str) -> FlowMeta:
-    """The flow a channel label carries; ClientProtocolError when it carries none we serve."""
+def parse_label(label: str) -> tuple[FlowMeta, bool]:
+    """The flow a channel label carries, and whether it is a UDP flow; ClientProtocolError when it
+    carries none we serve."""
     if len(label) > MAX_LABEL:
         raise ClientProtocolError(f"channel label over {MAX_LABEL} characters")
     try:
@@ -147,7 +154,12 @@ def meta_of_label(label: str) -> FlowMeta:
         raise ClientProtocolError("channel label is not JSON") from None
     if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
         raise ClientProtocolError("channel label is not an object of strings")
-    return meta_of(headers)
+    return meta_of(headers), headers.get(":protocol") == CONNECT_UDP
+
+
+def meta_of_label(label: str) -> FlowMeta:
+    """The flow a channel label carries; ClientProtocolError when it carries none we serve."""
+    return parse_label(label)[0]
 
 
 @dataclass(frozen=True, slots=True)
