@@ -58,7 +58,10 @@ PATH_OVERHEAD = 96
 # 1,500 or less may cross smaller links further on (PPPoE, tunnels), so larger packets are only used on
 # routes that are larger to begin with (loopback, jumbo frames), where the peers chose that path.
 ETHERNET_MTU = 1500
-SACK_EVERY = 2  # DATA packets per SACK (RFC 9260 6.2: "at least every second packet")
+# DATA packets per SACK. RFC 9260 6.2 says a receiver SHOULD SACK at least every second packet; 4 (with the
+# batch-end SACK, no SACK waits past one turn of the event loop) measured faster on loopback than 2 (and 2
+# than 1), and matches aiortc's sending burst of 4 packets per SACK, so a stock sender is never starved.
+SACK_EVERY = 4
 _SCTP_HEADERS = sctp_module.SCTP_COMMON_HEADER_LENGTH + sctp_module.SCTP_DATA_CHUNK_HEADER_LENGTH if PATCHED else 28
 
 
