@@ -110,7 +110,7 @@ def test_another_aiortc_version_is_left_stock(monkeypatch: pytest.MonkeyPatch, c
     finally:
         monkeypatch.undo()
         importlib.reload(sctp_tuning)
-    assert sctp_tuning.PATCHED == (aiortc.__version__ == sctp_tuning.AIORTC_VERSION)
+    assert (aiortc.__version__ == sctp_tuning.AIORTC_VERSION) == sctp_tuning.PATCHED
 
 
 # -- real peer connections ----------------------------------------------------------------------------
