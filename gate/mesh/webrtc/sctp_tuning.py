@@ -51,9 +51,9 @@ STANDARD_PACKET = sctp_module.SCTP_MAX_PACKET_LENGTH if PATCHED else 1189  # aio
 # One SCTP packet is one DTLS record, whose plaintext is at most 2^14 bytes (RFC 6347 4.1): the largest
 # packet that can be negotiated, whatever a peer announces.
 MAX_PACKET = 1 << 14
-# IPv6 (40) + UDP (8) + DTLS 1.2 record header (13) + AES-GCM explicit nonce and tag (24) or ChaCha tag (16):
-# what a packet costs on top of its SCTP bytes, rounded up.
-PATH_OVERHEAD = 96
+# What a packet costs on the wire on top of its SCTP bytes, at worst: IPv6 (40) + UDP (8) + a DTLS 1.2 record
+# header (13) + a CBC cipher's IV (16), HMAC-SHA384 (48) and padding (16) = 141, rounded up (AES-GCM costs 24).
+PATH_OVERHEAD = 160
 # The kernel knows the first hop's MTU (and lowers it only after an ICMP, i.e. after a loss): a route of
 # 1,500 or less may cross smaller links further on (PPPoE, tunnels), so larger packets are only used on
 # routes that are larger to begin with (loopback, jumbo frames), where the peers chose that path.
