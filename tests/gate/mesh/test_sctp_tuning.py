@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from typing import Any
 
 import aiortc
 import pytest
@@ -122,11 +123,15 @@ async def _wait(condition: Callable[[], bool], seconds: float = 10) -> None:
             await asyncio.sleep(0.02)
 
 
-async def _bytes_per_datagram(pc: RTCPeerConnection) -> float:
-    """What the DTLS transport sent, per datagram (its stats: getStats leaves out a data-only connection's)."""
+def _dtls_stats(pc: RTCPeerConnection) -> Any:
+    """The DTLS transport's counters (getStats leaves out a data-only connection's)."""
     assert pc.sctp is not None
-    stats = [s for s in pc.sctp.transport._get_stats().values() if s.type == "transport"]
-    return float(stats[0].bytesSent / max(stats[0].packetsSent, 1))
+    return next(s for s in pc.sctp.transport._get_stats().values() if s.type == "transport")
+
+
+async def _bytes_per_datagram(pc: RTCPeerConnection) -> float:
+    stats = _dtls_stats(pc)
+    return float(stats.bytesSent / max(stats.packetsSent, 1))
 
 
 def test_two_ugate_links_agree_on_large_packets_and_move_bytes_exactly() -> None:
@@ -144,6 +149,15 @@ def test_two_ugate_links_agree_on_large_packets_and_move_bytes_exactly() -> None
         blob = os.urandom(8 << 20)
         assert (await _upload(sock, blob)).decode() == f"{hashlib.sha256(blob).hexdigest()} {len(blob)}"
         assert await _bytes_per_datagram(offering.pc) > 8000  # the upload went in large datagrams
+        before = _dtls_stats(answering.pc)
+        blob = os.urandom(8 << 20)
+        sock2 = await mesh.open_stream("b", _flow(port), loop.time() + 10)
+        assert sock2 is not None
+        assert (await _upload(sock2, blob)).decode() == f"{hashlib.sha256(blob).hexdigest()} {len(blob)}"
+        after = _dtls_stats(answering.pc)
+        received, sent = after.packetsReceived - before.packetsReceived, after.packetsSent - before.packetsSent
+        assert received > 500 and sent < received / 3, (received, sent)  # stock aiortc: a SACK per packet
+        sock2.close()
         sock.close()
         await _close(mesh)
         server.close()
