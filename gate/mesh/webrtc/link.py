@@ -106,6 +106,7 @@ class Link:
         self.refused_channels = 0  # channels closed at once for MAX_CHANNELS
         self.control: RTCDataChannel | None = None  # the offer's channel (one; more are closed)
         self.announced = False  # we told the peer the packet size we receive
+        self.peer_announced = False  # the peer told us its (later announcements are ignored)
         self.message_size = sctp_tuning.message_size(sctp_tuning.STANDARD_PACKET)  # per flow message
         self.on_lost: Callable[[Link], None] | None = None
         pc.on("connectionstatechange", self._state_changed)
@@ -161,6 +162,9 @@ class Link:
             log.warning("webrtc: peer %s: %s", self.peer, e)
             self.close(f"control channel: {e}")
             return
+        if self.peer_announced:
+            return  # once per connection: a peer repeating itself changes nothing (nor fills the log)
+        self.peer_announced = True
         packet = sctp_tuning.use_packet(self.pc, announced.packet)
         self.message_size = sctp_tuning.message_size(packet)
         for bridge in self.bridges:

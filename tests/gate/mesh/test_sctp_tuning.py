@@ -188,6 +188,7 @@ class StockPeer:
             self.control = channel
             if self.announce is not None:
                 channel.send(self.announce)
+                channel.send("packet 1")  # a second announcement is ignored
             return
         meta_of_label(channel.label)
         channel.send("ok")
