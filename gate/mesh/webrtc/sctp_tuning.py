@@ -14,7 +14,7 @@ peer connection, never process-wide:
   ``size``-byte packets: only a ugate peer does): packets grow to ``size`` bounded by clamp_packet (the
   route's MTU, only above Ethernet's; the DTLS record), SACKs go to every SACK_EVERY_UGATE packets and
   the sending burst to BURST. aiortc keeps the packet size in a module constant (``USERDATA_MAX_LENGTH``)
-  that six methods read: the association's class is swapped for a subclass whose copies of exactly
+  that four methods read: the association's class is swapped for a subclass whose copies of exactly
   those methods (aiortc's own code objects, not copied source) read it from an overlay of the module's
   globals. Other connections are untouched.
 
@@ -232,7 +232,8 @@ def _sized(packet: int) -> type[_TunedSctp]:
     burst = dict(vars(sctp_module), USERDATA_MAX_LENGTH=userdata * BURST // 4)
     methods: dict[str, object] = {"_ugate_packet": packet}
     for name, value in vars(RTCSctpTransport).items():
-        if isinstance(value, types.FunctionType) and "USERDATA_MAX_LENGTH" in value.__code__.co_names:
+        if (isinstance(value, types.FunctionType) and "USERDATA_MAX_LENGTH" in value.__code__.co_names
+                and name != "__init__"):  # (the swapped instance is built already)
             methods[name] = types.FunctionType(value.__code__, burst if name == "_transmit" else overlay,
                                                value.__name__, value.__defaults__, value.__closure__)
     return type(f"_TunedSctp{packet}", (_TunedSctp,), methods)

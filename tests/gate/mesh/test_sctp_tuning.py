@@ -88,6 +88,14 @@ def test_messages_are_whole_chunks() -> None:
     assert message_size(MAX_PACKET) < MAX_PACKET  # one packet's DATA chunk
 
 
+def test_a_sized_association_replaces_exactly_the_methods_that_read_the_packet_size() -> None:
+    sized = sctp_tuning._sized(8192)
+    assert sctp_tuning._sized(8192) is sized  # one class per size
+    replaced = {k for k, v in vars(sized).items() if callable(v) and not k.startswith("__")}
+    assert replaced == {"_receive_sack_chunk", "_send", "_t3_expired", "_transmit"}
+    assert sized._ugate_packet == 8192
+
+
 # -- the version pin --------------------------------------------------------------------------------
 
 
