@@ -7,9 +7,10 @@ peer connection, never process-wide:
 
 - ``tune(pc)`` (every ugate peer connection, once connected): the association SACKs every SACK_EVERY
   DATA packets, or SACK_DELAY after the first unacknowledged one, whichever comes first (a gap or a
-  duplicate is still SACKed at once); and the DTLS layer reads and writes whole records up
-  to MAX_PACKET, so this end can receive large packets. A browser or plain aiortc peer sees an ordinary
-  association (aiortc's own sending, a SACK per 4 packets at most): the standard path interoperates.
+  duplicate is still SACKed at once); and, when the route to the peer could carry larger packets, the
+  DTLS layer reads and writes whole records up to MAX_PACKET, so this end can receive them. A browser
+  or plain aiortc peer sees an ordinary association (aiortc's own sending, a SACK per 4 packets at
+  most): the standard path interoperates.
 - ``use_packet(pc, size)`` (once the far end announced, on the link's control channel, that it receives
   ``size``-byte packets: only a ugate peer does): packets grow to ``size`` bounded by clamp_packet (the
   route's MTU, only above Ethernet's; the DTLS record), SACKs go to every SACK_EVERY_UGATE packets and
@@ -151,9 +152,13 @@ def path_mtu(pc: RTCPeerConnection) -> int:
 def receive_limit(pc: RTCPeerConnection) -> int:
     """The largest SCTP packet this end accepts from the peer (what it announces): the path's bound,
     MAX_PACKET, or the standard size when the connection is not tuned."""
-    if not tuned(pc):
+    if not _large_records(pc):
         return STANDARD_PACKET
     return clamp_packet(MAX_PACKET, path_mtu(pc))
+
+
+def _large_records(pc: RTCPeerConnection) -> bool:
+    return tuned(pc) and isinstance(getattr(pc.sctp.transport, "_ssl", None), _LargeRecords)  # type: ignore[union-attr]
 
 
 class _LargeRecords:
@@ -244,15 +249,16 @@ def tuned(pc: RTCPeerConnection) -> bool:
 
 
 def tune(pc: RTCPeerConnection) -> bool:
-    """Delayed SACKs and large DTLS records on ``pc`` (connected: DTLS is up). Safe toward any peer; does
-    nothing (False) on another aiortc version or when the connection is not there."""
+    """Delayed SACKs on ``pc`` (connected: DTLS is up), and large DTLS records when the route to the peer
+    could carry large packets (elsewhere they would only cost a call per record). Safe toward any peer;
+    does nothing (False) on another aiortc version or when the connection is not there."""
     if not PATCHED or pc.sctp is None or tuned(pc):
         return tuned(pc)
     dtls = pc.sctp.transport
     ssl = getattr(dtls, "_ssl", None)
     if ssl is None:
         return False
-    if not isinstance(ssl, _LargeRecords):
+    if clamp_packet(MAX_PACKET, path_mtu(pc)) > STANDARD_PACKET and not isinstance(ssl, _LargeRecords):
         dtls._ssl = _LargeRecords(ssl)  # type: ignore[assignment]
     pc.sctp.__class__ = _sized(STANDARD_PACKET)
     return True
@@ -264,7 +270,9 @@ def use_packet(pc: RTCPeerConnection, size: int) -> int:
     if not tuned(pc):
         return STANDARD_PACKET
     assert pc.sctp is not None
-    packet = clamp_packet(size, path_mtu(pc))
+    # (without large records, as on a route that could not carry them at tune(), a large packet would
+    # leave truncated: aiortc's own reads of the DTLS output are 1,500 bytes)
+    packet = clamp_packet(size, path_mtu(pc)) if _large_records(pc) else STANDARD_PACKET
     pc.sctp._ugate_sack_every = SACK_EVERY_UGATE  # type: ignore[attr-defined]  # (tuned)
     old = packet_size(pc)
     if packet != old:
