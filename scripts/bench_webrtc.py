@@ -1,8 +1,10 @@
 """The webrtc part of scripts/bench: one bulk TCP stream through gate A -> WebRTC data channel -> gate B,
 on loopback, against stock aiortc and the HTTP/2 transport, in the same run.
 
-Rows (MB/s, one stream, ``--mb`` MiB each): ugate over WebRTC (A's forward listener routed ``via`` B with
-``transports: [webrtc]``); stock aiortc (two plain aiortc processes, this script in ``--stock-answer`` and
+Rows (MB/s, one stream, ``--mb`` MiB each): ugate over WebRTC with large SCTP packets (A's forward listener
+routed ``via`` B with ``transports: [webrtc]``: on loopback the two gates agree on 16 KiB packets); ugate over
+WebRTC at the standard packet size (a gate A3 started with UGATE_WEBRTC_MAX_PACKET=1189, so neither side
+sends larger packets); stock aiortc (two plain aiortc processes, this script in ``--stock-answer`` and
 ``--stock-offer`` modes, one data channel, 16 KiB messages, signalled over a local TCP connection); ugate
 over HTTP/2 (a second gate A2 with ``transports: [h2]``). Also the setup time of a new flow over a warm
 peer connection (connect through A, one byte echoed by a server behind B, close; median ms) against the
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -30,8 +33,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_mesh import wait_listening  # noqa: E402
 
 SINK, ECHO, H2 = 15401, 15402, 16308
-A_SINK, A_ECHO, A2_SINK, A2_ECHO = 16301, 16302, 16311, 16312
+A_SINK, A_ECHO, A2_SINK, A2_ECHO, A3_SINK, A3_ECHO = 16301, 16302, 16311, 16312, 16321, 16322
 STOCK_SIGNAL = 16320
+STANDARD_PACKET = 1189  # aiortc's SCTP packet size (gate.mesh.webrtc.sctp_tuning.STANDARD_PACKET)
+# The issue's targets, against stock aiortc measured in the same run.
+TARGET_STANDARD, TARGET_LARGE = 2.0, 5.0
 LATENCY_SAMPLES = 100
 MESSAGE = 16 << 10  # stock aiortc's sender: 16 KiB messages, paced by bufferedAmount
 
@@ -94,7 +100,7 @@ def _latency_ms(port: int) -> float:
     return statistics.median(samples)
 
 
-def _configs(d: Path, py: str) -> tuple[Path, Path, Path]:
+def _configs(d: Path, py: str) -> tuple[Path, Path, Path, Path]:
     def keygen(name: str) -> str:
         out = subprocess.run([py, "-m", "gate", "keygen", "--dir", str(d / name)], cwd=ROOT, check=True,
                              capture_output=True, text=True).stdout
@@ -102,12 +108,14 @@ def _configs(d: Path, py: str) -> tuple[Path, Path, Path]:
 
     keygen("a")
     keygen("a2")
+    keygen("a3")
     id_b = keygen("b")
     quiet = {"level": "warning", "access": "off"}
     allow = [{"port": [SINK, ECHO]}]
     b = {"log": quiet, "mesh": {"identity": str(d / "b")},
          "peers": [{"name": "a", "cert": str(d / "a" / "cert.pem"), "allow": allow, "transports": ["webrtc"]},
-                   {"name": "a2", "cert": str(d / "a2" / "cert.pem"), "allow": allow}],
+                   {"name": "a2", "cert": str(d / "a2" / "cert.pem"), "allow": allow},
+                   {"name": "a3", "cert": str(d / "a3" / "cert.pem"), "allow": allow, "transports": ["webrtc"]}],
          "listeners": [{"name": "mesh", "kind": "h2", "listen": f"127.0.0.1:{H2}"}], "routes": [{"action": "direct"}]}
 
     def gate_a(name: str, sink: int, echo: int, transports: list[str]) -> dict[str, object]:
@@ -119,9 +127,10 @@ def _configs(d: Path, py: str) -> tuple[Path, Path, Path]:
                 "routes": [{"via": "b"}]}
 
     for name, config in (("b", b), ("a", gate_a("a", A_SINK, A_ECHO, ["webrtc"])),
-                         ("a2", gate_a("a2", A2_SINK, A2_ECHO, ["h2"]))):
+                         ("a2", gate_a("a2", A2_SINK, A2_ECHO, ["h2"])),
+                         ("a3", gate_a("a3", A3_SINK, A3_ECHO, ["webrtc"]))):
         (d / f"{name}.yaml").write_text(json.dumps(config))
-    return d / "a.yaml", d / "a2.yaml", d / "b.yaml"
+    return d / "a.yaml", d / "a2.yaml", d / "a3.yaml", d / "b.yaml"
 
 
 # -- stock aiortc: two plain processes, one channel ----------------------------------------------------
@@ -212,26 +221,30 @@ def run(mb: int, repeat: int, report: Callable[[str], None], ugate_cmd: list[str
     py = sys.executable
     gate_cmd = ugate_cmd or [py, "-m", "gate"]
     size = mb << 20
-    rows = ("ugate webrtc", "stock aiortc", "ugate h2", "setup webrtc ms", "setup h2 ms")
+    rows = ("ugate webrtc large", "ugate webrtc", "stock aiortc", "ugate h2", "setup webrtc ms", "setup h2 ms")
     samples: dict[str, list[float]] = {k: [] for k in rows}
     procs: list[subprocess.Popen[bytes]] = []
     servers = _servers()
     with tempfile.TemporaryDirectory(prefix="ugate-bench-webrtc-") as tmp:
         try:
-            a_cfg, a2_cfg, b_cfg = _configs(Path(tmp), py)
+            a_cfg, a2_cfg, a3_cfg, b_cfg = _configs(Path(tmp), py)
 
-            def start(argv: list[str], port: int) -> None:
-                proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            def start(argv: list[str], port: int, env: dict[str, str] | None = None) -> None:
+                proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        env=None if env is None else {**os.environ, **env})
                 procs.append(proc)
                 wait_listening(port, proc, timeout=20)
 
             start([*gate_cmd, "--config", str(b_cfg)], H2)
             start([*gate_cmd, "--config", str(a_cfg)], A_SINK)
             start([*gate_cmd, "--config", str(a2_cfg)], A2_SINK)
-            _latency_ms(A_ECHO)  # the peer connection up, and the tunnel
+            start([*gate_cmd, "--config", str(a3_cfg)], A3_SINK, {"UGATE_WEBRTC_MAX_PACKET": str(STANDARD_PACKET)})
+            _latency_ms(A_ECHO)  # the peer connections up, and the tunnel
             _latency_ms(A2_ECHO)
+            _latency_ms(A3_ECHO)
             for r in range(repeat):
-                for name, measure in (("ugate webrtc", lambda: _bulk_mbps(A_SINK, size)),
+                for name, measure in (("ugate webrtc large", lambda: _bulk_mbps(A_SINK, size)),
+                                      ("ugate webrtc", lambda: _bulk_mbps(A3_SINK, size)),
                                       ("stock aiortc", lambda: _stock_mbps(size)),
                                       ("ugate h2", lambda: _bulk_mbps(A2_SINK, size))):
                     got = measure()
@@ -272,8 +285,30 @@ def main() -> int:
     samples = run(args.mb, args.repeat, lambda line: print(line, file=sys.stderr, flush=True))
     for row, values in samples.items():
         unit = "ms" if row.endswith("ms") else "MB/s"
-        print(f"{row:<16} {statistics.median(values) if values else float('nan'):>10.2f} {unit}  ({len(values)} runs)")
+        print(f"{row:<18} {statistics.median(values) if values else float('nan'):>10.2f} {unit}  ({len(values)} runs)")
+    print("targets:")
+    for line in target_lines(samples):
+        print(line)
     return 0
+
+
+def target_lines(samples: dict[str, list[float]]) -> list[str]:
+    """The issue's two targets as PASS/FAIL lines (scripts/bench prints the same)."""
+    def med(row: str) -> float | None:
+        return statistics.median(samples[row]) if samples.get(row) else None
+
+    stock = med("stock aiortc")
+    lines = []
+    for row, target, what in (("ugate webrtc", TARGET_STANDARD, "standard packet size"),
+                              ("ugate webrtc large", TARGET_LARGE, "large packets negotiated, loopback")):
+        ours = med(row)
+        label = f"webrtc, one stream >= {target:g}x stock aiortc ({what})"
+        if ours and stock:
+            lines.append(f"  {'PASS' if ours / stock >= target else 'FAIL'}  {label}: {ours:.1f} / {stock:.1f} MB/s"
+                         f" = {ours / stock:.2f}x")
+        else:
+            lines.append(f"  n/a   {label}: not measured")
+    return lines
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ __all__ = ["BUFFER_HIGH", "CHUNK", "WINDOW", "ChannelBridge", "ChannelGone"]
 WINDOW = 4 << 20
 ACK_EVERY = WINDOW // 4  # acknowledgements are batched: one control message per MiB
 BUFFER_HIGH = 1 << 20  # aiortc's queued bytes for the channel above this pause reading the socket
-CHUNK = 16 << 10  # bytes per message: under every stack's default maximum message size (64 KiB)
+CHUNK = 16 << 10  # bytes per message (until the link sets its own): under every stack's default maximum (64 KiB)
 SOCKET_WRITE_HIGH = 1 << 20  # the socket's write buffer above this holds back acknowledgements
 
 
@@ -62,6 +62,7 @@ class ChannelBridge(asyncio.Protocol):
         self.on_closed: Callable[[ChannelBridge], None] | None = None
         self.on_abort: Callable[[], None] | None = None  # makes the socket's far end see a reset
         self.on_released: Callable[[ChannelBridge], None] | None = None  # the link stops counting it
+        self.chunk = CHUNK  # bytes per message: the link's fit to its SCTP packets (sctp_tuning.message_size)
         channel.bufferedAmountLowThreshold = BUFFER_HIGH // 2
         channel.on("message", self._message)
         channel.on("close", self._channel_closed)
@@ -160,8 +161,9 @@ class ChannelBridge(asyncio.Protocol):
         total = min(WINDOW - (self.sent - self.acked), len(self.held))
         if total > 0:
             with memoryview(self.held) as view:
-                for i in range(0, total, CHUNK):
-                    if not self._send(bytes(view[i:min(i + CHUNK, total)])):
+                chunk = self.chunk
+                for i in range(0, total, chunk):
+                    if not self._send(bytes(view[i:min(i + chunk, total)])):
                         return  # aborted (held is cleared)
             del self.held[:total]
             self.sent += total

@@ -26,7 +26,7 @@ from gate.errors import GateError
 from gate.flow import Flow
 from gate.mesh.transport import Datagrams, Exchange, FlowMeta, ServeStream
 from gate.mesh.webrtc.answerer import Answerer
-from gate.mesh.webrtc.link import CONTROL_LABEL, Link, TransportDown, closed_all, new_peer_connection
+from gate.mesh.webrtc.link import Link, TransportDown, closed_all, new_peer_connection
 from gate.mesh.webrtc.seal import Seal, Sealer, check_seal
 from gate.mesh.webrtc.wire import SignalError, SignalMessage, check_sdp, decode_signal, encode_signal
 
@@ -143,7 +143,7 @@ class WebrtcMesh:
         """A connected peer connection to ``spec``: offer, the answer over the mesh, ICE and DTLS."""
         link = Link(spec.name, new_peer_connection(self.stun))
         link.pc.on("datachannel", _close_channel)  # the answering gate opens none
-        link.pc.createDataChannel(CONTROL_LABEL)
+        link.offer_control()
         loop = asyncio.get_running_loop()
         try:
             await link.pc.setLocalDescription(await link.pc.createOffer())  # gathers the host candidates

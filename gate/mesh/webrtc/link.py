@@ -24,6 +24,7 @@ from gate.flow import Close
 from gate.mesh.dialer import reset_on_close
 from gate.mesh.h2_streams import answer_for, error_for_status
 from gate.mesh.transport import FlowMeta, ServeStream, StreamEnd
+from gate.mesh.webrtc import sctp_tuning
 from gate.mesh.webrtc.channel import ChannelBridge, ChannelGone
 from gate.mesh.webrtc.udp import UDP_CHANNEL, ChannelDatagramStream, DatagramChannel, end_error
 from gate.mesh.webrtc.wire import Ok, label_of, parse_label
@@ -41,7 +42,9 @@ MAX_CHANNELS = 1000
 # takes longer is taken for dead (a peer that restarted leaves ours unaware until ICE consent lapses,
 # about 30 s), closed, and the flow falls back. At most half the flow's budget, so the fallback has time.
 CHANNEL_OPEN_TIMEOUT = 3.0
-CONTROL_LABEL = "ugate"  # the channel an offer opens so that it has a data section; never carries a flow
+# The channel an offer opens so that it has a data section; never carries a flow. Both gates announce on it
+# the largest SCTP packet they receive (gate.mesh.webrtc.sctp_tuning): large packets need both announcements.
+CONTROL_LABEL = "ugate"
 
 
 def new_peer_connection(stun: tuple[Endpoint, ...] = ()) -> RTCPeerConnection:
@@ -109,12 +112,17 @@ class Link:
         self.closed = False
         self.refused_channels = 0  # channels closed at once for MAX_CHANNELS
         self.control: RTCDataChannel | None = None  # the offer's channel (one; more are closed)
+        self.announced = False  # we told the peer the packet size we receive
+        self.peer_announced = False  # the peer told us its (later announcements are ignored)
+        self.message_size = sctp_tuning.message_size(sctp_tuning.STANDARD_PACKET)  # per flow message
         self.on_lost: Callable[[Link], None] | None = None
         pc.on("connectionstatechange", self._state_changed)
 
     def _state_changed(self) -> None:
         state = self.pc.connectionState
         if state == "connected" and not self.connected.done():
+            sctp_tuning.tune(self.pc)  # before the announcement: from then on we receive large packets
+            self._announce()
             self.connected.set_result(None)
         elif state in ("failed", "closed"):
             self.close(f"peer connection {state}")
@@ -129,6 +137,47 @@ class Link:
             raise TransportDown(f"webrtc to {self.peer}: not connected within {timeout:g}s") from None
         except ConnectionError as e:
             raise TransportDown(f"webrtc to {self.peer}: {e}") from None
+
+    # -- the control channel: packet sizes ---------------------------------------------------------
+
+    def offer_control(self) -> None:
+        """Open the control channel (the offering gate, before its offer: it gives the offer its data section)."""
+        channel = self.pc.createDataChannel(CONTROL_LABEL)
+        channel.on("open", functools.partial(self._control_open, channel))
+
+    def _control_open(self, channel: RTCDataChannel) -> None:
+        if self.control is not None:
+            channel.close()
+            return
+        self.control = channel  # kept open (closing it would be a stream reset for nothing)
+        channel.on("message", self._control_message)
+        self._announce()
+
+    def _announce(self) -> None:
+        control = self.control
+        if self.announced or control is None or control.readyState != "open" or not sctp_tuning.tuned(self.pc):
+            return
+        self.announced = True
+        control.send(sctp_tuning.announcement(sctp_tuning.receive_limit(self.pc)))
+
+    def _control_message(self, message: bytes | str) -> None:
+        try:
+            if not isinstance(message, str):
+                raise sctp_tuning.BadAnnouncement("binary message on the control channel")
+            announced = sctp_tuning.parse_announcement(message)
+        except sctp_tuning.BadAnnouncement as e:
+            log.warning("webrtc: peer %s: %s", self.peer, e)
+            self.close(f"control channel: {e}")
+            return
+        if self.peer_announced:
+            return  # once per connection: a peer repeating itself changes nothing (nor fills the log)
+        self.peer_announced = True
+        packet = sctp_tuning.use_packet(self.pc, announced.packet)
+        self.message_size = sctp_tuning.message_size(packet)
+        for bridge in self.bridges:
+            bridge.chunk = self.message_size
+        log.info("webrtc: peer %s receives %d-byte SCTP packets: sending %d-byte packets", self.peer,
+                 announced.packet, packet)
 
     # -- dialling: a flow over a new channel -----------------------------------------------------
 
@@ -205,7 +254,7 @@ class Link:
 
     def _arrived(self, ident: str, peer: PeerSpec, serve: ServeStream, channel: RTCDataChannel) -> None:
         if channel.label == CONTROL_LABEL and self.control is None:
-            self.control = channel  # kept open (closing it would be a stream reset for nothing)
+            self._control_open(channel)
             return
         if len(self.bridges) >= MAX_CHANNELS:
             self.refused_channels += 1
@@ -231,6 +280,8 @@ class Link:
             bridge.on_abort = functools.partial(abandon, "channel reset")
 
     def _track(self, bridge: _Tracked) -> _Tracked:
+        if isinstance(bridge, ChannelBridge):
+            bridge.chunk = self.message_size
         self.bridges.add(bridge)
         bridge.on_released = self.bridges.discard
         return bridge
