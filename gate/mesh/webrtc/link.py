@@ -175,7 +175,8 @@ class Link:
         packet = sctp_tuning.use_packet(self.pc, announced.packet)
         self.message_size = sctp_tuning.message_size(packet)
         for bridge in self.bridges:
-            bridge.chunk = self.message_size
+            if isinstance(bridge, ChannelBridge):  # (a UDP channel sends each datagram as it is)
+                bridge.chunk = self.message_size
         log.info("webrtc: peer %s receives %d-byte SCTP packets: sending %d-byte packets", self.peer,
                  announced.packet, packet)
 
