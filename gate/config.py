@@ -17,11 +17,11 @@ from typing import Any
 
 import yaml
 
+from gate.control_specs import AdminSpec  # (registers those kinds too)
 from gate.errors import ConfigError
 from gate.mesh_spec import MeshSpec, PeerSpec, parse_mesh, parse_peers
 from gate.route_spec import Match, Route, check_offload, parse_route
 from gate.specs import (
-    AdminSpec,
     ForwardSpec,
     H2Spec,
     HttpSpec,

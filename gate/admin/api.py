@@ -18,37 +18,24 @@ from gate.admin.http import Request, Response, error
 from gate.admin.siblings import Siblings
 from gate.admin.views import config_view, flow_view, merge_peers, peer_rows, totals
 from gate.context import Context
+from gate.control_specs import AdminAuth, AdminSpec, read_token
 from gate.errors import ConfigError
 from gate.flow import Close
 from gate.metrics import Snapshot, merge, render
-from gate.specs import AdminAuth, AdminSpec
 
 __all__ = ["AdminApi", "Reload", "load_token"]
 
 # POST /reload's work (hot reload): returns what changed, raises ConfigError when the new config is refused.
 Reload = Callable[[], Awaitable[str]]
-# A token shorter than this is refused by ``ugate check``: it is all that guards the API over TCP.
-MIN_TOKEN = 16
-
-
 def load_token(spec: AdminSpec) -> bytes | None:
     """The bearer token of ``spec`` (None: no token asked); ConfigError when it cannot be had."""
-    where = f"listener {spec.name}"
-    if spec.token_file is not None:
-        try:
-            with open(spec.token_file, "rb") as f:
-                token = f.readline(4096).strip()
-        except OSError as e:
-            raise ConfigError([f"{where}: token_file {spec.token_file}: {e.strerror}"]) from None
-    elif spec.token_env is not None:
-        token = os.environb.get(spec.token_env.encode(), b"").strip()
-        if not token:
-            raise ConfigError([f"{where}: token_env {spec.token_env} is not set"])
-    else:
+    if spec.token_file is None and spec.token_env is None:
         return None
-    if len(token) < MIN_TOKEN:
-        raise ConfigError([f"{where}: the token must have at least {MIN_TOKEN} characters"])
-    return token
+    try:
+        return read_token(spec.token_file, spec.token_env).encode()
+    except ValueError as e:
+        key = "token_file" if spec.token_file is not None else "token_env"
+        raise ConfigError([f"listener {spec.name}: {key}: {e}"]) from None
 
 
 def _json(value: Any, status: int = 200) -> Response:

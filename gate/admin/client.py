@@ -11,8 +11,8 @@ import time
 from typing import Any, TextIO
 
 from gate.config import GateConfig
+from gate.control_specs import AdminSpec
 from gate.errors import ConfigError
-from gate.specs import AdminSpec
 
 __all__ = ["AdminClient", "print_flows", "print_peers"]
 

@@ -13,7 +13,7 @@ from gate.admin.http import HttpServer
 from gate.admin.siblings import Siblings, bind_unix, unlink_if_ours
 from gate.config import GateConfig
 from gate.context import Context
-from gate.specs import AdminSpec
+from gate.control_specs import AdminSpec
 
 __all__ = ["AdminListener"]
 

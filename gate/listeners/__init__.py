@@ -21,6 +21,7 @@ from gate.config import (
     TproxyUdpSpec,
 )
 from gate.context import Context
+from gate.control_specs import WebrtcSignalSpec
 from gate.listeners.forward import ForwardListener
 from gate.listeners.h2 import H2Listener
 from gate.listeners.http_proxy import HttpListener
@@ -32,7 +33,6 @@ from gate.listeners.tcp import Server, TcpListener
 from gate.listeners.tproxy_udp import TproxyUdpListener
 from gate.listeners.transparent import RedirectListener, TproxyListener
 from gate.listeners.webrtc_signal import WebrtcSignalListener
-from gate.specs import WebrtcSignalSpec
 
 __all__ = ["SERVERS", "Server", "TcpListener", "make_listener"]
 

@@ -23,12 +23,12 @@ import h11
 
 from gate.addr import Endpoint
 from gate.context import Context
+from gate.control_specs import WebrtcSignalSpec
 from gate.errors import ClientProtocolError, HandshakeTimeout
 from gate.flow import Close, Flow
 from gate.listeners.tcp import TcpListener
 from gate.proto.http import readable
 from gate.runner import FlowRunner
-from gate.specs import WebrtcSignalSpec
 from tproxy.sockopts import unmap
 
 if TYPE_CHECKING:

@@ -13,8 +13,8 @@ import yaml
 
 from gate.addr import Endpoint
 from gate.config import AdminSpec, parse_config
+from gate.control_specs import AdminAuth
 from gate.errors import ConfigError
-from gate.specs import AdminAuth
 from tests.conftest import ROOT
 
 
