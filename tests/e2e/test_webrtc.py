@@ -99,6 +99,7 @@ def test_descriptors_return_to_baseline_and_gates_stop_cleanly(webrtc_gates: dic
     a, b, socks = webrtc_gates["a"], webrtc_gates["b"], webrtc_gates["socks"]
     url = f"http://127.0.0.1:{http_origin}/n"
     assert curl("-x", f"socks5h://127.0.0.1:{socks}", url).returncode == 0  # the peer connection is up
+    a.wait_records(1)  # the first flow ended on both gates: its sockets are not in the baseline
     b.wait_records(1)
     baseline = a.fd_count(), b.fd_count()
     for i in range(20):
