@@ -8,6 +8,7 @@ B (B's route ``via: c`` sends them on over C's reverse tunnel) within the ICE ti
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,10 +22,11 @@ from tests import netns
 from tests.e2e.test_capture import spawn, wait_listening
 from tests.e2e.test_mesh import keygen
 from tests.e2e.test_webrtc_netns import CLIENT, ECHO, ECHO_PORT
+from tests.e2e.test_webrtc_udp import by_path, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
-H2_PORT, STUN_PORT = 15008, 3478
+H2_PORT, STUN_PORT, DNS_PORT = 15008, 3478, 5353
 # In C's NAT: no UDP between the two sites (STUN to B still passes; the flows must fall back)
 NO_UDP_BETWEEN_SITES = """
 table inet ugrr_no_udp {
@@ -75,15 +77,15 @@ def start_three(start_gate: Any, tmp_path: Path, topo: netns.Topology, relay: li
                 {"action": "reject"}],
         netns=topo.ns["b"], mesh={"identity": str(tmp_path / "b")},
         peers=[{"name": "a", "cert": str(tmp_path / "a" / "cert.pem"), "relay": ["c"] if relay is None else relay,
-                "allow": [{"dst": [target], "port": [ECHO_PORT]}]},
+                "allow": [{"dst": [target], "port": [ECHO_PORT, DNS_PORT]}]},
                {"name": "c", "cert": str(tmp_path / "c" / "cert.pem")}],
     )
     c = start_gate(
         [], netns=topo.ns["c"], mesh={"identity": str(tmp_path / "c"), "stun": stun},
         peers=[{"name": "b", "address": public, "id": id_b, "reverse": True,
-                "allow": [{"dst": [target], "port": [ECHO_PORT]}]},
+                "allow": [{"dst": [target], "port": [ECHO_PORT, DNS_PORT]}]},
                {"name": "a", "cert": str(tmp_path / "a" / "cert.pem"), "via_gate": "b",
-                "transports": ["webrtc", "h2"], "allow": [{"dst": [target], "port": [ECHO_PORT]}]}],
+                "transports": ["webrtc", "h2"], "allow": [{"dst": [target], "port": [ECHO_PORT, DNS_PORT]}]}],
     )
     gate_a = start_gate(
         [{"name": "socks", "kind": "socks5", "listen": "127.0.0.1:1080"}],
@@ -146,3 +148,32 @@ def test_udp_blocked_between_the_nats_falls_back_to_h2_through_b(start_gate: Any
         ("mesh", "via", "c", "a-to-c")]
     assert "falls back to h2" in gates["a"].stderr()
     assert "relayed a webrtc exchange from a to c" in gates["b"].stderr()  # signaling worked, ICE did not
+
+
+def test_dns_from_a_reaches_dnsmasq_behind_c_over_an_unordered_channel(start_gate: Any, tmp_path: Path,
+                                                                      sites: netns.Topology) -> None:
+    """UDP across the two NATs: socksify drill on A (SOCKS5 UDP ASSOCIATE to A's listener, routed via c)
+    asks a dnsmasq behind C; the datagrams cross an unordered channel of the WebRTC connection straight
+    between A and C (C's record: path webrtc-udp), and B carries no flow."""
+    if not all(shutil.which(tool) for tool in ("socksify", "drill", "dnsmasq")):
+        pytest.skip("socksify (dante-client), drill (ldnsutils) or dnsmasq (dnsmasq-base) is not installed")
+    c4 = sites.addr["c4"]
+    dns = spawn(sites, "c", "dnsmasq", "-k", "--no-resolv", "--no-hosts", "--conf-file=/dev/null",
+                "-p", str(DNS_PORT), f"--listen-address={c4}", "--bind-interfaces",
+                "--address=/example.test/192.0.2.7", f"--pid-file={tmp_path / 'dnsmasq.pid'}")
+    try:
+        gates = start_three(start_gate, tmp_path, sites)
+        assert echo_from_a(sites, 1 << 10) == f"OK {1 << 10}", gates["a"].stderr()[-3000:]  # connects WebRTC
+        conf = tmp_path / "socks.conf"
+        conf.write_text("route {\n  from: 0.0.0.0/0 to: 0.0.0.0/0 via: 127.0.0.1 port = 1080\n"
+                        "  proxyprotocol: socks_v5\n  command: udpassociate connect\n  method: none\n}\n")
+        got = subprocess.run(sites.cmd("a", "env", f"SOCKS_CONF={conf}", "SOCKS_AUTOADD_LANROUTES=no", "socksify",
+                                       "drill", "-p", str(DNS_PORT), f"@{c4}", "example.test"),
+                             capture_output=True, text=True, timeout=60)
+        assert "192.0.2.7" in got.stdout, (got.stdout, got.stderr, gates["a"].stderr()[-3000:])
+        (inner,) = wait_for(lambda: by_path(gates["c"], "webrtc-udp"))
+        assert (inner["protocol"], inner["dst"], inner["host"]) == ("dns", f"{c4}:{DNS_PORT}", "example.test")
+        assert gates["b"].records() == []  # B relayed the signaling, no flow
+    finally:
+        dns.terminate()
+        dns.wait()
